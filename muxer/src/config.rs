@@ -1,0 +1,472 @@
+//! The TOML configuration: serde types with their defaults, and validation that names the failing
+//! key. A config is parsed and validated once, then shared read-only.
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use muxer_common::DEFAULT_LISTEN_PORT;
+use serde::Deserialize;
+
+/// A config file that could not be used. Displays as one line naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config error in {}: line {line}: {problem}", path.display())]
+    Syntax {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// What the TOML parser said.
+        problem: String,
+    },
+    /// A key has a bad value, is unknown, or is missing.
+    #[error("config error in {}: {key}: {problem}", path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Dotted path of the key, e.g. `sniff.timeout`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the daemon accepts connections.
+    #[serde(default)]
+    pub listen: Listen,
+    /// How connections are classified.
+    #[serde(default)]
+    pub sniff: Sniff,
+    /// Connection limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Layer-4 forwarding settings.
+    #[serde(default)]
+    pub splice: Splice,
+    /// Where SSH connections go; without it they are closed.
+    pub ssh: Option<Backend>,
+    /// Where HTTP connections go; without it they are closed.
+    pub http: Option<Backend>,
+    /// Where TLS connections go; without it they are closed.
+    pub tls: Option<Backend>,
+    /// Where connections that no probe recognises go; without it they are closed.
+    pub fallback: Option<Backend>,
+}
+
+/// `[listen]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Addresses to accept on; an IPv6 wildcard accepts IPv6 only, so list both families.
+    #[serde(default = "Listen::default_addresses")]
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl Listen {
+    fn default_addresses() -> Vec<SocketAddr> {
+        vec![
+            SocketAddr::from(([0, 0, 0, 0], DEFAULT_LISTEN_PORT)),
+            SocketAddr::from(([0u16; 8], DEFAULT_LISTEN_PORT)),
+        ]
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            addresses: Self::default_addresses(),
+        }
+    }
+}
+
+/// `[sniff]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sniff {
+    /// How long a connection may stay undecided; then it goes to `on_timeout`.
+    #[serde(default = "Sniff::default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Where silent clients go (SSH clients wait for the server's banner).
+    #[serde(default = "Sniff::default_on_timeout")]
+    pub on_timeout: Target,
+    /// Most bytes buffered while probing; a probe still undecided then sends the connection to
+    /// the fallback.
+    #[serde(default = "Sniff::default_max_bytes")]
+    pub max_bytes: usize,
+}
+
+impl Sniff {
+    fn default_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    fn default_on_timeout() -> Target {
+        Target::Ssh
+    }
+    fn default_max_bytes() -> usize {
+        16 * 1024
+    }
+}
+
+impl Default for Sniff {
+    fn default() -> Self {
+        Sniff {
+            timeout: Self::default_timeout(),
+            on_timeout: Self::default_on_timeout(),
+            max_bytes: Self::default_max_bytes(),
+        }
+    }
+}
+
+/// A route a connection can be sent to when no probe named its protocol.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The `[ssh]` backend.
+    Ssh,
+    /// The `[http]` backend.
+    Http,
+    /// The `[tls]` backend.
+    Tls,
+    /// The `[fallback]` backend.
+    Fallback,
+    /// Close the connection.
+    Close,
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Connections open at once; at the limit the accept loop waits.
+    #[serde(default = "Limits::default_max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once from one client address; more are closed at accept.
+    #[serde(default = "Limits::default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+}
+
+impl Limits {
+    fn default_max_connections() -> usize {
+        20_000
+    }
+    fn default_max_connections_per_ip() -> usize {
+        1_000
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: Self::default_max_connections(),
+            max_connections_per_ip: Self::default_max_connections_per_ip(),
+        }
+    }
+}
+
+/// `[splice]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Splice {
+    /// A spliced connection with no bytes in either direction for this long is closed.
+    #[serde(default = "Splice::default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Idle time before TCP keepalive probes start, on both sockets.
+    #[serde(default = "Splice::default_tcp_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// How long connecting to a backend may take.
+    #[serde(default = "Splice::default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Splice {
+    fn default_idle_timeout() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    fn default_tcp_keepalive() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl Default for Splice {
+    fn default() -> Self {
+        Splice {
+            idle_timeout: Self::default_idle_timeout(),
+            tcp_keepalive: Self::default_tcp_keepalive(),
+            connect_timeout: Self::default_connect_timeout(),
+        }
+    }
+}
+
+/// A backend section: `[ssh]`, `[http]`, `[tls]`, `[fallback]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `host:port` to forward to.
+    pub upstream: Upstream,
+}
+
+/// A `host:port` (`[v6]:port` for IPv6 literals). Host names are resolved at connect time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream(String);
+
+impl Upstream {
+    /// The address as written, suitable for `TcpStream::connect`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.parse::<SocketAddr>().is_ok() {
+            return Ok(Upstream(s.to_owned()));
+        }
+        let invalid = || format!("{s:?} is not host:port");
+        let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+        port.parse::<u16>().map_err(|_| invalid())?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !host_ok {
+            return Err(invalid());
+        }
+        Ok(Upstream(s.to_owned()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|error| ConfigError::Syntax {
+                path: path.to_owned(),
+                line: line_of(text, error.span()),
+                problem: error.message().to_owned(),
+            })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let key = error.path().to_string();
+            let inner = error.into_inner();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                problem: inner.message().to_owned(),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.into(),
+                problem,
+            })?;
+        Ok(config)
+    }
+
+    /// The backend a [`Target`] names, if configured.
+    pub fn backend(&self, target: Target) -> Option<&Backend> {
+        match target {
+            Target::Ssh => self.ssh.as_ref(),
+            Target::Http => self.http.as_ref(),
+            Target::Tls => self.tls.as_ref(),
+            Target::Fallback => self.fallback.as_ref(),
+            Target::Close => None,
+        }
+    }
+
+    /// Checks relations and ranges serde cannot express.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.listen.addresses.is_empty() {
+            return Err(("listen.addresses", "must list at least one address".into()));
+        }
+        for (index, address) in self.listen.addresses.iter().enumerate() {
+            if self.listen.addresses[..index].contains(address) {
+                return Err(("listen.addresses", format!("{address} is listed twice")));
+            }
+        }
+        if self.sniff.timeout.is_zero() {
+            return Err(("sniff.timeout", "must be greater than 0".into()));
+        }
+        if !(64..=1 << 20).contains(&self.sniff.max_bytes) {
+            return Err(("sniff.max_bytes", "must be between 64 and 1048576".into()));
+        }
+        let target = self.sniff.on_timeout;
+        if target != Target::Close && self.backend(target).is_none() {
+            return Err((
+                "sniff.on_timeout",
+                format!(
+                    "names {target:?} but the config has no [{}] section",
+                    format!("{target:?}").to_lowercase()
+                ),
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(("limits.max_connections", "must be greater than 0".into()));
+        }
+        if self.limits.max_connections_per_ip == 0 {
+            return Err((
+                "limits.max_connections_per_ip",
+                "must be greater than 0".into(),
+            ));
+        }
+        for (key, value) in [
+            ("splice.idle_timeout", self.splice.idle_timeout),
+            ("splice.tcp_keepalive", self.splice.tcp_keepalive),
+            ("splice.connect_timeout", self.splice.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err((key, "must be greater than 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> usize {
+    let offset = span.map_or(0, |span| span.start.min(text.len()));
+    text[..offset].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bundled_config_is_valid_and_mirrors_the_seed() {
+        let text = include_str!("../../muxer.toml");
+        let config = parse(text).unwrap();
+        assert_eq!(config.ssh.unwrap().upstream.as_str(), "127.0.0.1:22");
+        assert_eq!(config.http.unwrap().upstream.as_str(), "127.0.0.1:30000");
+        let addresses: Vec<String> = config
+            .listen
+            .addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(addresses, ["0.0.0.0:2222", "[::]:2222"]);
+        assert_eq!(config.sniff.timeout, Duration::from_secs(2));
+        assert_eq!(config.sniff.on_timeout, Target::Ssh);
+    }
+
+    #[test]
+    fn errors_are_one_line_naming_file_and_key() {
+        let cases = [
+            (
+                "[sniff]\ntimeout = \"2x\"\n[ssh]\nupstream=\"127.0.0.1:22\"",
+                "sniff.timeout",
+            ),
+            ("[ssh]\nupstream = \"nowhere\"", "ssh.upstream"),
+            ("[ssh]\nupstream = \"127.0.0.1:99999\"", "ssh.upstream"),
+            (
+                "[listen]\naddresses = [\"1.2.3.4\"]\n[ssh]\nupstream=\"a:1\"",
+                "listen.addresses[0]",
+            ),
+            ("[listen]\nadresses = []", "listen.adresses"),
+            (
+                "[sniff]\non_timeout = \"http\"\n[ssh]\nupstream=\"a:1\"",
+                "sniff.on_timeout",
+            ),
+            ("[sniff]\non_timeout = \"smtp\"", "sniff.on_timeout"),
+            ("[sniff]\nmax_bytes = 1", "sniff.max_bytes"),
+            (
+                "[limits]\nmax_connections = 0\n[ssh]\nupstream=\"a:1\"",
+                "limits.max_connections",
+            ),
+            ("[limits]\nmax_connections = -1", "limits.max_connections"),
+        ];
+        for (text, key) in cases {
+            let message = parse(text).expect_err(text);
+            assert!(
+                message.starts_with("config error in test.toml: "),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!(": {key}: ")),
+                "{key} not named in: {message}"
+            );
+            assert!(!message.contains('\n'), "not one line: {message}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let message = parse("[sniff]\ntimeout = \n").unwrap_err();
+        assert!(
+            message.starts_with("config error in test.toml: line 2: "),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_file() {
+        let config = parse("[ssh]\nupstream = \"localhost:22\"").unwrap();
+        assert_eq!(config.listen.addresses.len(), 2);
+        assert_eq!(config.sniff.max_bytes, 16 * 1024);
+        assert!(config.http.is_none());
+    }
+
+    #[test]
+    fn upstream_forms() {
+        for ok in [
+            "127.0.0.1:22",
+            "[::1]:22",
+            "localhost:22",
+            "node-2.internal:2222",
+        ] {
+            assert!(ok.parse::<Upstream>().is_ok(), "{ok}");
+        }
+        for bad in ["", ":22", "host", "host:", "host:x", "a b:1", "[::1]"] {
+            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! muxer: one public port for SSH, HTTP and TLS.
+//!
+//! The data path in the order a connection meets it: [`listener`] (accept, [`limits`]) →
+//! [`sniff`] (probes over the first bytes) → [`connection`] (route decision and dispatch) →
+//! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
+
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod ebpf;
+pub mod limits;
+pub mod listener;
+pub mod sniff;
+pub mod splice;
+pub mod stats;

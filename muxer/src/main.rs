@@ -1,0 +1,87 @@
+//! The `muxer` command line.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use muxer::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a config file that cannot be used.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "muxer",
+    version,
+    about = "One public port for SSH, HTTP and TLS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the multiplexer.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short, default_value = "/etc/muxer/muxer.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 2 when not.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short, default_value = "/etc/muxer/muxer.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("muxer: {error}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("muxer: {error}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            init_logging();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("muxer: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(muxer::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("muxer: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}

@@ -1,0 +1,80 @@
+//! Child processes that are killed and reaped when their guard drops.
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A running child process, killed on drop. Its stderr goes to a log file shown on failure.
+pub struct Running {
+    child: Option<Child>,
+    name: String,
+    log: PathBuf,
+}
+
+impl Running {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Running {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
+        Running {
+            child: Some(child),
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    pub fn signal_and_wait(&mut self, signal: rustix::process::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, signal);
+        child.wait().expect("wait")
+    }
+
+    /// Returns the exit status if the process has already exited.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Panics with the process's log unless it is still running.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_exit_status() {
+            panic!(
+                "{} exited with {status}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("---- log of {} ----\n{}", self.name, self.log());
+            }
+        }
+    }
+}

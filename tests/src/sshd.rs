@@ -1,0 +1,113 @@
+//! A real OpenSSH server with a generated host key and a generated client key, and the matching
+//! `ssh`/`scp` command lines.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::netns::Netns;
+use crate::process::Running;
+
+/// A running sshd (as root, key authentication only) and its client key.
+pub struct Sshd {
+    _process: Running,
+    dir: tempfile::TempDir,
+}
+
+fn keygen(path: &Path) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("run ssh-keygen (install openssh-client)");
+    assert!(status.success(), "ssh-keygen failed");
+}
+
+impl Sshd {
+    /// Starts sshd in `netns`, listening on each of `listen` (`address:port`).
+    pub fn start(netns: &Netns, listen: &[&str]) -> Sshd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        keygen(&path("host_key"));
+        keygen(&path("client_key"));
+        std::fs::copy(path("client_key.pub"), path("authorized_keys")).expect("authorized_keys");
+        // sshd insists on its privilege-separation directory.
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let mut config = format!(
+            "HostKey {host}\nAuthorizedKeysFile {auth}\nPidFile none\nUsePAM no\nStrictModes no\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             LogLevel VERBOSE\nSubsystem sftp internal-sftp\n",
+            host = path("host_key").display(),
+            auth = path("authorized_keys").display(),
+        );
+        for address in listen {
+            config.push_str(&format!("ListenAddress {address}\n"));
+        }
+        std::fs::write(path("sshd_config"), config).expect("write sshd_config");
+        let sshd = which_sshd();
+        let mut command = netns.command(&sshd);
+        command.args(["-D", "-e", "-f"]).arg(path("sshd_config"));
+        let mut process = Running::spawn("sshd", command, path("sshd.log"));
+        for address in listen {
+            let socket: std::net::SocketAddr = address.parse().expect("sshd listen address");
+            crate::wait_for(
+                &format!("sshd on {address}"),
+                Duration::from_secs(10),
+                || {
+                    process.assert_running();
+                    netns
+                        .enter(|| std::net::TcpStream::connect(socket).ok())
+                        .map(drop)
+                },
+            );
+        }
+        Sshd {
+            _process: process,
+            dir,
+        }
+    }
+
+    /// The client's private key.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
+    }
+
+    /// Options every `ssh`/`scp` invocation needs: the key, batch mode, no host-key prompts.
+    pub fn client_options(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.client_key().display().to_string(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+        ]
+    }
+
+    /// `ssh` arguments running `remote_command` as root on `host` port `port`.
+    pub fn ssh_args(&self, host: &str, port: u16, remote_command: &str) -> Vec<String> {
+        let mut args = self.client_options();
+        args.extend([
+            "-p".into(),
+            port.to_string(),
+            format!("root@{host}"),
+            remote_command.into(),
+        ]);
+        args
+    }
+}
+
+/// sshd must be started by absolute path.
+fn which_sshd() -> String {
+    for candidate in ["/usr/sbin/sshd", "/usr/bin/sshd"] {
+        if Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    panic!("sshd not found: install openssh-server (cargo xtask setup does)");
+}

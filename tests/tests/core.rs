@@ -1,0 +1,386 @@
+//! The userspace multiplexer end to end: real OpenSSH, curl and HTTP/TCP backends in a server
+//! namespace, clients in a client namespace, muxer between them on port 2222.
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use muxer_tests::backends::{self, Backend};
+use muxer_tests::muxer::Muxer;
+use muxer_tests::netns::{Link, SERVER_V4, SERVER_V6};
+use muxer_tests::sshd::Sshd;
+use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
+
+const MUX_PORT: u16 = 2222;
+
+fn mux_v4() -> SocketAddr {
+    SocketAddr::from((SERVER_V4, MUX_PORT))
+}
+
+/// A config like the bundled one, with `extra` TOML appended (sections not already present).
+fn config(sniff_timeout: &str, extra: &str) -> String {
+    format!(
+        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\", \"[::]:{MUX_PORT}\"]\n\
+         [sniff]\ntimeout = \"{sniff_timeout}\"\non_timeout = \"ssh\"\n\
+         [ssh]\nupstream = \"127.0.0.1:22\"\n\
+         [http]\nupstream = \"127.0.0.1:30000\"\n{extra}"
+    )
+}
+
+/// The usual server side: sshd on 127.0.0.1:22, the HTTP backend on 127.0.0.1:30000, muxer.
+struct Server {
+    link: Link,
+    sshd: Sshd,
+    _http: Backend,
+    muxer: Muxer,
+}
+
+fn server(sniff_timeout: &str, extra: &str) -> Server {
+    let link = Link::new();
+    let sshd = Sshd::start(&link.server, &["127.0.0.1:22"]);
+    let http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
+    let muxer = Muxer::start(
+        &link.server,
+        &config(sniff_timeout, extra),
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    Server {
+        link,
+        sshd,
+        _http: http,
+        muxer,
+    }
+}
+
+/// Connects from the client namespace.
+fn connect(link: &Link, to: SocketAddr) -> TcpStream {
+    let stream = link
+        .client
+        .enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+fn read_to_end(mut stream: TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).expect("read to end");
+    out
+}
+
+#[test]
+fn ssh_runs_a_command_and_scp_copies_50_mib_over_ipv4_and_ipv6() {
+    if !netns_available("ssh_runs_a_command_and_scp_copies_50_mib_over_ipv4_and_ipv6") {
+        return;
+    }
+    let server = server("2s", "");
+    for host in [SERVER_V4.to_string(), SERVER_V6.to_string()] {
+        let out = server.link.client.run_ok(
+            "ssh",
+            &as_str(&server.sshd.ssh_args(
+                &host,
+                MUX_PORT,
+                "echo hello-from-$(hostname -s) && id -u",
+            )),
+        );
+        assert!(out.starts_with("hello-from-"), "{out}");
+        assert!(out.ends_with("0\n"), "{out}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("payload.bin");
+    let data = test_data(50 * 1024 * 1024);
+    std::fs::write(&source, &data).unwrap();
+    let copied = dir.path().join("copied.bin");
+    let mut args = server.sshd.client_options();
+    args.extend([
+        "-P".into(),
+        MUX_PORT.to_string(),
+        source.display().to_string(),
+        format!("root@{SERVER_V4}:{}", copied.display()),
+    ]);
+    server.link.client.run_ok("scp", &as_str(&args));
+    let remote = server.link.client.run_ok(
+        "ssh",
+        &as_str(&server.sshd.ssh_args(
+            &SERVER_V4.to_string(),
+            MUX_PORT,
+            &format!("sha256sum {}", copied.display()),
+        )),
+    );
+    assert_eq!(remote.split_whitespace().next().unwrap(), sha256_hex(&data));
+    let log = server.muxer.log();
+    assert!(
+        log.contains("protocol=\"ssh\"") || log.contains("protocol=ssh"),
+        "{log}"
+    );
+}
+
+fn as_str(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn curl_get_and_a_20_mib_chunked_post_reach_the_http_backend() {
+    if !netns_available("curl_get_and_a_20_mib_chunked_post_reach_the_http_backend") {
+        return;
+    }
+    let server = server("2s", "");
+    for url in [
+        format!("http://{SERVER_V4}:{MUX_PORT}/v1/models"),
+        format!("http://[{SERVER_V6}]:{MUX_PORT}/v1/models"),
+    ] {
+        let body = server
+            .link
+            .client
+            .run_ok("curl", &["-sS", "--fail", "--max-time", "10", &url]);
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(json["data"][0]["id"], "llm");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("post.bin");
+    let data = test_data(20 * 1024 * 1024);
+    std::fs::write(&payload, &data).unwrap();
+    let out = server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "60",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", payload.display()),
+            &format!("http://{SERVER_V4}:{MUX_PORT}/sha256"),
+        ],
+    );
+    assert_eq!(out, format!("{} {}", sha256_hex(&data), data.len()));
+}
+
+#[test]
+fn silent_client_gets_the_sshd_banner_after_the_probe_timeout() {
+    if !netns_available("silent_client_gets_the_sshd_banner_after_the_probe_timeout") {
+        return;
+    }
+    let server = server("600ms", "");
+    let mut stream = connect(&server.link, mux_v4());
+    let started = Instant::now();
+    let mut banner = [0u8; 8];
+    stream.read_exact(&mut banner).expect("banner");
+    let waited = started.elapsed();
+    assert_eq!(&banner, b"SSH-2.0-");
+    assert!(
+        waited >= Duration::from_millis(600),
+        "banner after {waited:?}, before the timeout"
+    );
+    assert!(
+        waited < Duration::from_millis(1500),
+        "banner only after {waited:?}"
+    );
+}
+
+#[test]
+fn ssh_and_http_interleaved_byte_by_byte_both_reach_the_right_backend() {
+    if !netns_available("ssh_and_http_interleaved_byte_by_byte_both_reach_the_right_backend") {
+        return;
+    }
+    let server = server("5s", "");
+    let mut ssh = connect(&server.link, mux_v4());
+    let mut http = connect(&server.link, mux_v4());
+    ssh.set_nodelay(true).unwrap();
+    http.set_nodelay(true).unwrap();
+    let ssh_hello = b"SSH-2.0-interleaved_test\r\n";
+    let request = b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n";
+    for i in 0..ssh_hello.len().max(request.len()) {
+        if let Some(b) = ssh_hello.get(i) {
+            ssh.write_all(&[*b]).unwrap();
+        }
+        if let Some(b) = request.get(i) {
+            http.write_all(&[*b]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let response = String::from_utf8(read_to_end(http)).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"id\":\"llm\""), "{response}");
+    let mut banner = [0u8; 8];
+    ssh.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+}
+
+#[test]
+fn many_connections_leak_no_descriptors_or_threads() {
+    if !netns_available("many_connections_leak_no_descriptors_or_threads") {
+        return;
+    }
+    let server = server("300ms", "");
+    // Warm up the runtime's worker threads before taking the baseline.
+    let request = b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n";
+    let mut warm = connect(&server.link, mux_v4());
+    warm.write_all(request).unwrap();
+    read_to_end(warm);
+    let baseline_fds = wait_for("muxer to settle", Duration::from_secs(5), || {
+        let fds = server.muxer.open_fds();
+        std::thread::sleep(Duration::from_millis(100));
+        (fds == server.muxer.open_fds()).then_some(fds)
+    });
+    let baseline_threads = server.muxer.threads();
+
+    let mut open = Vec::new();
+    for round in 0..300 {
+        let mut stream = connect(&server.link, mux_v4());
+        match round % 4 {
+            0 => {
+                stream.write_all(request).unwrap();
+                assert!(read_to_end(stream).starts_with(b"HTTP/1.1 200"));
+            }
+            1 => {
+                stream.write_all(b"\x00\x01junk").unwrap(); // no fallback: closed
+                assert!(read_to_end(stream).is_empty());
+            }
+            2 => drop(stream),      // connect then close
+            _ => open.push(stream), // left open while others come and go
+        }
+    }
+    assert!(
+        server.muxer.open_fds() > baseline_fds,
+        "held connections must show up"
+    );
+    drop(open);
+    wait_for(
+        "descriptors back to the baseline",
+        Duration::from_secs(10),
+        || (server.muxer.open_fds() == baseline_fds).then_some(()),
+    );
+    assert!(
+        server.muxer.threads() <= baseline_threads + 2,
+        "threads grew from {baseline_threads}"
+    );
+}
+
+#[test]
+fn junk_reaches_the_fallback_unchanged_and_half_close_travels_both_ways() {
+    if !netns_available("junk_reaches_the_fallback_unchanged_and_half_close_travels_both_ways") {
+        return;
+    }
+    let server = server("2s", "[fallback]\nupstream = \"127.0.0.1:7000\"\n");
+    let _echo = backends::echo(&server.link.server, "127.0.0.1:7000".parse().unwrap());
+    let junk = b"\x00\xffnot a protocol\r\n".repeat(1000);
+    let mut stream = connect(&server.link, mux_v4());
+    stream.write_all(&junk).unwrap();
+    // Half-close: the echo server only closes its side after it sees our FIN through muxer.
+    stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(stream), junk);
+}
+
+#[test]
+fn unknown_traffic_without_a_fallback_is_closed_and_disturbs_nothing() {
+    if !netns_available("unknown_traffic_without_a_fallback_is_closed_and_disturbs_nothing") {
+        return;
+    }
+    let server = server("2s", "");
+    let mut ssh = connect(&server.link, mux_v4());
+    ssh.write_all(b"SSH-2.0-bystander\r\n").unwrap();
+    let mut banner = [0u8; 8];
+    ssh.read_exact(&mut banner).unwrap();
+    for junk in [
+        &b"\x16\x03\x01\x00\x00"[..],
+        b"BREW /pot HTTP/1.1\r\n",
+        b"\x00\x00\x00\x00",
+    ] {
+        let mut stream = connect(&server.link, mux_v4());
+        stream.write_all(junk).unwrap();
+        assert!(read_to_end(stream).is_empty());
+    }
+    // The bystander SSH connection still works: sshd answers our key exchange init with its own.
+    let mut more = [0u8; 64];
+    let n = ssh.read(&mut more).expect("bystander still open");
+    assert!(n > 0);
+    let log = server.muxer.log();
+    assert!(
+        log.contains("protocol=\"unknown\"") || log.contains("protocol=unknown"),
+        "{log}"
+    );
+}
+
+#[test]
+fn idle_spliced_connections_are_closed_after_the_idle_timeout() {
+    if !netns_available("idle_spliced_connections_are_closed_after_the_idle_timeout") {
+        return;
+    }
+    let server = server(
+        "2s",
+        "[fallback]\nupstream = \"127.0.0.1:7000\"\n[splice]\nidle_timeout = \"500ms\"\n",
+    );
+    let _echo = backends::echo(&server.link.server, "127.0.0.1:7000".parse().unwrap());
+    let mut stream = connect(&server.link, mux_v4());
+    // Activity keeps it open past the timeout...
+    for _ in 0..4 {
+        stream.write_all(b"ping").unwrap();
+        let mut pong = [0u8; 4];
+        stream.read_exact(&mut pong).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // ...silence closes it.
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(stream.read(&mut buf).unwrap(), 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert!(server.muxer.log().contains("idle timeout"));
+}
+
+#[test]
+fn connection_limits_refuse_per_address_and_pause_globally() {
+    if !netns_available("connection_limits_refuse_per_address_and_pause_globally") {
+        return;
+    }
+    let mut server = server(
+        "2s",
+        "[fallback]\nupstream = \"127.0.0.1:7000\"\n[limits]\nmax_connections = 3\nmax_connections_per_ip = 2\n",
+    );
+    let _echo = backends::echo(&server.link.server, "127.0.0.1:7000".parse().unwrap());
+    let echo_once = |stream: &mut TcpStream| -> bool {
+        if stream.write_all(b"x").is_err() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        matches!(stream.read(&mut b), Ok(1))
+    };
+    // Per address: the client namespace's IPv4 address gets two; the third is closed.
+    let mut first = connect(&server.link, mux_v4());
+    let mut second = connect(&server.link, mux_v4());
+    assert!(echo_once(&mut first) && echo_once(&mut second));
+    let mut third = connect(&server.link, mux_v4());
+    assert!(
+        !echo_once(&mut third),
+        "third connection from one address must be refused"
+    );
+
+    // Globally: a third connection from another address (IPv6) is served; a fourth waits.
+    let v6 = SocketAddr::from((SERVER_V6, MUX_PORT));
+    let mut other = connect(&server.link, v6);
+    assert!(echo_once(&mut other));
+    let mut waiting = connect(&server.link, v6);
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    waiting.write_all(b"y").unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        waiting.read(&mut b).is_err(),
+        "fourth connection must wait while three are open"
+    );
+    drop(first);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(waiting.read(&mut b).unwrap(), 1, "served once a slot frees");
+    server.muxer.process.assert_running();
+}

@@ -1,0 +1,43 @@
+//! Developer tasks: `cargo xtask setup | build | run | test`.
+mod build;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "muxer's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (rust-src, bpf-linker, Debian packages). Idempotent.
+    Setup,
+    /// Build the release binary (eBPF programs embedded).
+    Build,
+    /// Set up, build, and run `muxer run --config muxer.toml` as root (via sudo when needed).
+    Run {
+        /// Extra arguments for `muxer run`; `--config FILE` replaces the bundled muxer.toml.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test, including the network-namespace and eBPF ones (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build => build::release().map(drop),
+        Command::Run { args } => run::run(&args),
+        Command::Test { args } => test::run(&args),
+    }
+}

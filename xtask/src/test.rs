@@ -1,0 +1,28 @@
+//! `cargo xtask test`: every test, the network-namespace and eBPF ones included.
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::build;
+use crate::setup::{self, status};
+
+/// Sets up, builds the debug binary the integration tests start, and runs the whole suite. As
+/// root (and always in CI) the namespace tests must run rather than skip.
+pub fn run(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let binary = build::muxer("dev")?;
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(build::workspace_root())
+        .args(["test", "--workspace", "--exclude", "muxer-ebpf"])
+        .args(args)
+        .env("MUXER_BIN", &binary);
+    if setup::is_root() {
+        command.env("MUXER_REQUIRE_NETNS", "1");
+    } else {
+        eprintln!(
+            "xtask: WARNING: not root, so the network-namespace and eBPF tests will be SKIPPED"
+        );
+    }
+    status(&mut command)
+}
