@@ -53,6 +53,15 @@ impl Muxer {
         self.process.log()
     }
 
+    /// Waits until muxer's log contains `needle` (log lines follow the close they describe).
+    pub fn wait_for_log(&self, needle: &str) {
+        crate::wait_for(
+            &format!("{needle:?} in muxer's log"),
+            Duration::from_secs(5),
+            || self.log().contains(needle).then_some(()),
+        );
+    }
+
     /// The directory holding the config and the log.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()

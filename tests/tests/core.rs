@@ -110,11 +110,7 @@ fn ssh_runs_a_command_and_scp_copies_50_mib_over_ipv4_and_ipv6() {
         )),
     );
     assert_eq!(remote.split_whitespace().next().unwrap(), sha256_hex(&data));
-    let log = server.muxer.log();
-    assert!(
-        log.contains("protocol=\"ssh\"") || log.contains("protocol=ssh"),
-        "{log}"
-    );
+    server.muxer.wait_for_log("protocol=\"ssh\"");
 }
 
 fn as_str(args: &[String]) -> Vec<&str> {
@@ -299,11 +295,7 @@ fn unknown_traffic_without_a_fallback_is_closed_and_disturbs_nothing() {
     let mut more = [0u8; 64];
     let n = ssh.read(&mut more).expect("bystander still open");
     assert!(n > 0);
-    let log = server.muxer.log();
-    assert!(
-        log.contains("protocol=\"unknown\"") || log.contains("protocol=unknown"),
-        "{log}"
-    );
+    server.muxer.wait_for_log("protocol=\"unknown\"");
 }
 
 #[test]
@@ -333,7 +325,7 @@ fn idle_spliced_connections_are_closed_after_the_idle_timeout() {
         waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
         "{waited:?}"
     );
-    assert!(server.muxer.log().contains("idle timeout"));
+    server.muxer.wait_for_log("close=idle timeout");
 }
 
 #[test]
