@@ -58,6 +58,12 @@ pub struct Config {
     /// Layer-4 forwarding settings.
     #[serde(default)]
     pub splice: Splice,
+    /// The kernel redirect of public ports to the listen port.
+    #[serde(default)]
+    pub redirect: Redirect,
+    /// The local control socket (`muxer stats`, `muxer reload`).
+    #[serde(default)]
+    pub control: Control,
     /// Where SSH connections go; without it they are closed.
     pub ssh: Option<Backend>,
     /// Where HTTP connections go; without it they are closed.
@@ -215,6 +221,83 @@ impl Default for Splice {
     }
 }
 
+/// How the public ports reach the daemon.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// TC programs on ingress and egress.
+    Tc,
+    /// An XDP program on ingress (native where the driver allows, generic otherwise), TC on egress.
+    Xdp,
+    /// No kernel redirect; clients connect to the listen port (or an iptables rule redirects).
+    Off,
+}
+
+/// `[redirect]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// Whether and how to redirect. Without a `[redirect]` section: off.
+    #[serde(default = "Redirect::default_mode")]
+    pub mode: RedirectMode,
+    /// Interfaces to attach to; empty means every up, non-loopback interface with an address.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Public ports redirected to the listen port.
+    #[serde(default = "Redirect::default_ports")]
+    pub ports: Vec<u16>,
+    /// bpffs directory where the counter maps are pinned for other processes.
+    #[serde(default = "Redirect::default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+impl Redirect {
+    fn default_mode() -> RedirectMode {
+        RedirectMode::Off
+    }
+    fn default_ports() -> Vec<u16> {
+        vec![muxer_common::DEFAULT_PUBLIC_PORT]
+    }
+    fn default_pin_dir() -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/muxer")
+    }
+}
+
+impl Default for Redirect {
+    fn default() -> Self {
+        Redirect {
+            mode: Self::default_mode(),
+            interfaces: Vec::new(),
+            ports: Self::default_ports(),
+            pin_dir: Self::default_pin_dir(),
+        }
+    }
+}
+
+/// `[control]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// Path of the unix control socket (created with mode 0600).
+    #[serde(default = "Control::default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Control {
+    /// Where the control socket lives unless configured otherwise.
+    pub fn default_socket() -> PathBuf {
+        PathBuf::from("/run/muxer/muxer.sock")
+    }
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            socket: Self::default_socket(),
+        }
+    }
+}
+
 /// A backend section: `[ssh]`, `[http]`, `[tls]`, `[fallback]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +437,7 @@ impl Config {
                 "must be greater than 0".into(),
             ));
         }
+        self.validate_redirect()?;
         for (key, value) in [
             ("splice.idle_timeout", self.splice.idle_timeout),
             ("splice.tcp_keepalive", self.splice.tcp_keepalive),
@@ -362,6 +446,73 @@ impl Config {
             if value.is_zero() {
                 return Err((key, "must be greater than 0".into()));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The port the kernel redirect targets: the one port every listen address shares.
+    pub fn redirect_target_port(&self) -> Option<u16> {
+        let first = self.listen.addresses.first()?.port();
+        self.listen
+            .addresses
+            .iter()
+            .all(|a| a.port() == first)
+            .then_some(first)
+    }
+
+    fn validate_redirect(&self) -> Result<(), (&'static str, String)> {
+        let redirect = &self.redirect;
+        if redirect.mode == RedirectMode::Off {
+            return Ok(());
+        }
+        let Some(target) = self.redirect_target_port() else {
+            return Err((
+                "redirect.mode",
+                "needs every listen address on the same port (the redirect target)".into(),
+            ));
+        };
+        if redirect.ports.is_empty() {
+            return Err(("redirect.ports", "must list at least one port".into()));
+        }
+        if redirect.ports.len() > muxer_common::MAX_PUBLIC_PORTS as usize {
+            return Err((
+                "redirect.ports",
+                format!("at most {} ports", muxer_common::MAX_PUBLIC_PORTS),
+            ));
+        }
+        for (index, &port) in redirect.ports.iter().enumerate() {
+            if port == 0 {
+                return Err(("redirect.ports", "port 0 is not a port".into()));
+            }
+            if port == target {
+                return Err((
+                    "redirect.ports",
+                    format!("{port} is the listen port itself"),
+                ));
+            }
+            if redirect.ports[..index].contains(&port) {
+                return Err(("redirect.ports", format!("{port} is listed twice")));
+            }
+        }
+        for name in &redirect.interfaces {
+            let valid = !name.is_empty() && name.len() < 16 && !name.contains(['/', ' ', '\0']);
+            if !valid {
+                return Err((
+                    "redirect.interfaces",
+                    format!("{name:?} is not an interface name"),
+                ));
+            }
+            if name == "lo" {
+                return Err((
+                    "redirect.interfaces",
+                    "the loopback interface cannot be redirected".into(),
+                ));
+            }
+        }
+        if !redirect.pin_dir.is_absolute() {
+            return Err(("redirect.pin_dir", "must be an absolute path".into()));
         }
         Ok(())
     }
@@ -384,8 +535,14 @@ mod tests {
     fn bundled_config_is_valid_and_mirrors_the_seed() {
         let text = include_str!("../../muxer.toml");
         let config = parse(text).unwrap();
-        assert_eq!(config.ssh.unwrap().upstream.as_str(), "127.0.0.1:22");
-        assert_eq!(config.http.unwrap().upstream.as_str(), "127.0.0.1:30000");
+        assert_eq!(
+            config.ssh.as_ref().unwrap().upstream.as_str(),
+            "127.0.0.1:22"
+        );
+        assert_eq!(
+            config.http.as_ref().unwrap().upstream.as_str(),
+            "127.0.0.1:30000"
+        );
         let addresses: Vec<String> = config
             .listen
             .addresses
@@ -395,6 +552,10 @@ mod tests {
         assert_eq!(addresses, ["0.0.0.0:2222", "[::]:2222"]);
         assert_eq!(config.sniff.timeout, Duration::from_secs(2));
         assert_eq!(config.sniff.on_timeout, Target::Ssh);
+        assert_eq!(config.redirect.mode, RedirectMode::Tc);
+        assert_eq!(config.redirect.ports, [22]);
+        assert!(config.redirect.interfaces.is_empty());
+        assert_eq!(config.redirect_target_port(), Some(2222));
     }
 
     #[test]
@@ -422,6 +583,15 @@ mod tests {
                 "limits.max_connections",
             ),
             ("[limits]\nmax_connections = -1", "limits.max_connections"),
+            ("[redirect]\nmode = \"ebpf\"", "redirect.mode"),
+            ("[redirect]\nmode = \"tc\"\nports = [2222]\n[ssh]\nupstream=\"a:1\"", "redirect.ports"),
+            ("[redirect]\nmode = \"tc\"\nports = [22, 22]\n[ssh]\nupstream=\"a:1\"", "redirect.ports"),
+            ("[redirect]\nmode = \"tc\"\nports = [70000]", "redirect.ports[0]"),
+            ("[redirect]\nmode = \"tc\"\ninterfaces = [\"lo\"]\n[ssh]\nupstream=\"a:1\"", "redirect.interfaces"),
+            (
+                "[listen]\naddresses = [\"0.0.0.0:1\", \"[::]:2\"]\n[redirect]\nmode = \"xdp\"\n[ssh]\nupstream=\"a:1\"",
+                "redirect.mode",
+            ),
         ];
         for (text, key) in cases {
             let message = parse(text).expect_err(text);

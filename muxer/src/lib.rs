@@ -6,10 +6,13 @@
 
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod limits;
 pub mod listener;
+pub mod redirect;
 pub mod sniff;
 pub mod splice;
 pub mod stats;
+pub mod stats_view;

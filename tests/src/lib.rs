@@ -7,6 +7,7 @@
 pub mod backends;
 pub mod muxer;
 pub mod netns;
+pub mod packets;
 pub mod process;
 pub mod sshd;
 

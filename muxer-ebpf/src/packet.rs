@@ -1,0 +1,227 @@
+//! Header parsing and port rewriting over any packet context, so the TC and XDP programs share one
+//! implementation. Every read goes through the context's bounds-checked load helper.
+use aya_ebpf::bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS};
+use aya_ebpf::helpers::{bpf_sk_lookup_tcp, bpf_sk_release};
+
+const ETH_HEADER_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HEADER_LEN: usize = 40;
+/// Extension headers skipped before giving up on an IPv6 packet.
+const MAX_IPV6_EXTENSIONS: usize = 8;
+/// Offset of the checksum in the TCP header.
+pub const TCP_CHECKSUM: usize = 16;
+/// Offset of the source port in the TCP header.
+pub const TCP_SOURCE_PORT: usize = 0;
+/// Offset of the destination port in the TCP header.
+pub const TCP_DEST_PORT: usize = 2;
+const TCP_FLAGS: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Access to one packet, implemented by the TC and XDP contexts.
+pub trait Packet: aya_ebpf::EbpfContext {
+    /// Reads a `T` at `offset` from the start of the Ethernet header.
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Total packet length in bytes.
+    fn len(&self) -> u32;
+    /// Replaces the big-endian 16-bit port at `l4 + field` (`old` → `new`, both as read from the
+    /// packet) and keeps the TCP checksum at `l4 + TCP_CHECKSUM` valid.
+    fn rewrite_port(&mut self, l4: usize, field: usize, old: u16, new: u16) -> Result<(), ()>;
+}
+
+/// A TCP segment's addressing, as found in its headers.
+pub struct Tcp {
+    /// Offset of the TCP header.
+    pub l4: usize,
+    /// 4 or 6.
+    pub family: u16,
+    /// Source address, network byte order (IPv4: first word).
+    pub saddr: [u32; 4],
+    /// Destination address, network byte order.
+    pub daddr: [u32; 4],
+    /// Source port as read (network byte order).
+    pub sport: u16,
+    /// Destination port as read (network byte order).
+    pub dport: u16,
+    /// The TCP flags byte.
+    pub flags: u8,
+}
+
+impl Tcp {
+    /// A connection-opening SYN (not a SYN-ACK).
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+/// What the headers say.
+pub enum Parsed {
+    /// A TCP segment, not fragmented.
+    Tcp(Tcp),
+    /// Not IPv4/IPv6 TCP.
+    Other,
+    /// An IPv4 fragment or an IPv6 packet with a fragment header.
+    Fragment,
+    /// Truncated or inconsistent headers.
+    Malformed,
+}
+
+/// Parses Ethernet → IPv4 (options included) / IPv6 (extension headers included) → TCP.
+#[inline(always)]
+pub fn parse<P: Packet>(packet: &P) -> Parsed {
+    let Some(ethertype) = packet.load::<u16>(12) else {
+        return Parsed::Malformed;
+    };
+    match u16::from_be(ethertype) {
+        ETH_P_IP => ipv4(packet, ETH_HEADER_LEN),
+        ETH_P_IPV6 => ipv6(packet, ETH_HEADER_LEN),
+        _ => Parsed::Other,
+    }
+}
+
+#[inline(always)]
+fn ipv4<P: Packet>(packet: &P, l3: usize) -> Parsed {
+    let Some(version_ihl) = packet.load::<u8>(l3) else {
+        return Parsed::Malformed;
+    };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return Parsed::Malformed;
+    }
+    let (Some(fragment), Some(protocol)) = (packet.load::<u16>(l3 + 6), packet.load::<u8>(l3 + 9))
+    else {
+        return Parsed::Malformed;
+    };
+    // More-fragments flag or a non-zero offset.
+    if u16::from_be(fragment) & 0x3fff != 0 {
+        return Parsed::Fragment;
+    }
+    if protocol != IPPROTO_TCP {
+        return Parsed::Other;
+    }
+    let (Some(saddr), Some(daddr)) = (packet.load::<u32>(l3 + 12), packet.load::<u32>(l3 + 16))
+    else {
+        return Parsed::Malformed;
+    };
+    tcp(
+        packet,
+        l3 + header_len,
+        4,
+        [saddr, 0, 0, 0],
+        [daddr, 0, 0, 0],
+    )
+}
+
+#[inline(always)]
+fn ipv6<P: Packet>(packet: &P, l3: usize) -> Parsed {
+    let (Some(mut next), Some(saddr), Some(daddr)) = (
+        packet.load::<u8>(l3 + 6),
+        packet.load::<[u32; 4]>(l3 + 8),
+        packet.load::<[u32; 4]>(l3 + 24),
+    ) else {
+        return Parsed::Malformed;
+    };
+    let mut offset = l3 + IPV6_HEADER_LEN;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            IPPROTO_TCP => return tcp(packet, offset, 6, saddr, daddr),
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => {
+                let (Some(following), Some(len)) =
+                    (packet.load::<u8>(offset), packet.load::<u8>(offset + 1))
+                else {
+                    return Parsed::Malformed;
+                };
+                next = following;
+                offset += (usize::from(len) + 1) * 8;
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => {
+                let (Some(following), Some(len)) =
+                    (packet.load::<u8>(offset), packet.load::<u8>(offset + 1))
+                else {
+                    return Parsed::Malformed;
+                };
+                next = following;
+                offset += (usize::from(len) + 2) * 4;
+            }
+            44 => return Parsed::Fragment,
+            _ => return Parsed::Other,
+        }
+    }
+    Parsed::Malformed
+}
+
+#[inline(always)]
+fn tcp<P: Packet>(packet: &P, l4: usize, family: u16, saddr: [u32; 4], daddr: [u32; 4]) -> Parsed {
+    let (Some(sport), Some(dport), Some(data_offset), Some(flags), Some(_checksum)) = (
+        packet.load::<u16>(l4 + TCP_SOURCE_PORT),
+        packet.load::<u16>(l4 + TCP_DEST_PORT),
+        packet.load::<u8>(l4 + 12),
+        packet.load::<u8>(l4 + TCP_FLAGS),
+        packet.load::<u16>(l4 + TCP_CHECKSUM),
+    ) else {
+        return Parsed::Malformed;
+    };
+    if data_offset >> 4 < 5 {
+        return Parsed::Malformed;
+    }
+    Parsed::Tcp(Tcp {
+        l4,
+        family,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        flags,
+    })
+}
+
+/// Whether a TCP socket in this network namespace accepts connections for `segment` redirected to
+/// `port` (network byte order): the in-kernel half of failing open.
+#[inline(always)]
+pub fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool {
+    // SAFETY: an all-zero tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if segment.family == 4 {
+        tuple.__bindgen_anon_1.ipv4.saddr = segment.saddr[0];
+        tuple.__bindgen_anon_1.ipv4.daddr = segment.daddr[0];
+        tuple.__bindgen_anon_1.ipv4.sport = segment.sport;
+        tuple.__bindgen_anon_1.ipv4.dport = port;
+        12
+    } else {
+        tuple.__bindgen_anon_1.ipv6.saddr = segment.saddr;
+        tuple.__bindgen_anon_1.ipv6.daddr = segment.daddr;
+        tuple.__bindgen_anon_1.ipv6.sport = segment.sport;
+        tuple.__bindgen_anon_1.ipv6.dport = port;
+        36
+    };
+    // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the call.
+    let socket = unsafe {
+        bpf_sk_lookup_tcp(
+            packet.as_ptr(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: releasing the reference the lookup took.
+    unsafe { bpf_sk_release(socket.cast()) };
+    true
+}
+
+/// RFC 1624 incremental checksum update for one 16-bit word changing from `old` to `new`. One's
+/// complement sums do not depend on byte order, so raw network-order values work as they are.
+#[inline(always)]
+pub fn checksum_replace(checksum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!checksum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,252 @@
+//! The local control socket: a unix socket (mode 0600) answering one-line commands with one JSON
+//! line. `muxer stats` is its client.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::redirect::{IngressHook, KernelCounters, Redirect};
+use crate::stats::{RouteSnapshot, Stats};
+
+/// A control socket that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Creating, binding or connecting failed.
+    #[error("{call} {}: {source}", path.display())]
+    Io {
+        /// The failing call.
+        call: &'static str,
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another daemon answers on the socket.
+    #[error("another muxer is running: its control socket {} answers", .0.display())]
+    AlreadyRunning(PathBuf),
+    /// Nothing listens on the socket.
+    #[error("muxer is not running (nothing answers on {})", .0.display())]
+    NotRunning(PathBuf),
+    /// The daemon's answer was not understood.
+    #[error("unexpected answer from {}: {reason}", path.display())]
+    BadAnswer {
+        /// The socket path.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The state of the kernel redirect, as reported.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedirectReport {
+    /// `attached`, `off` (by config) or `failed`.
+    pub state: String,
+    /// Why it is off or failed.
+    pub reason: Option<String>,
+    /// Interfaces attached to.
+    pub interfaces: Vec<String>,
+    /// Public ports redirected.
+    pub ports: Vec<u16>,
+    /// Where they are redirected to.
+    pub target_port: Option<u16>,
+    /// `tc`, `xdp_native` or `xdp_generic`.
+    pub ingress: Option<IngressHook>,
+}
+
+/// The daemon's own counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaemonCounters {
+    /// Per route: ssh, http, tls, unknown.
+    pub routes: BTreeMap<String, RouteSnapshot>,
+    /// Clients that sent nothing before the probe timeout.
+    pub probe_timeouts: u64,
+    /// Connections refused by the per-address limit.
+    pub refused_per_ip: u64,
+    /// Backends that could not be reached.
+    pub upstream_connect_errors: u64,
+    /// Connections closed for want of a configured route.
+    pub no_route: u64,
+}
+
+/// The answer to `stats`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsReport {
+    /// Seconds since the daemon started.
+    pub uptime_seconds: f64,
+    /// The daemon's counters.
+    pub daemon: DaemonCounters,
+    /// The kernel redirect's state.
+    pub redirect: RedirectReport,
+    /// Kernel counters while the redirect is attached.
+    pub kernel: Option<KernelCounters>,
+}
+
+/// What the control socket serves from.
+pub struct ControlState {
+    /// The daemon's counters.
+    pub stats: Arc<Stats>,
+    /// The redirect, while attached.
+    pub redirect: Mutex<Option<Redirect>>,
+    /// Its reported state.
+    pub redirect_report: Mutex<RedirectReport>,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+impl ControlState {
+    /// Builds the `stats` answer.
+    pub fn report(&self) -> StatsReport {
+        let stats = &self.stats;
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let routes = [
+            ("ssh", &stats.ssh),
+            ("http", &stats.http),
+            ("tls", &stats.tls),
+            ("unknown", &stats.unknown),
+        ]
+        .into_iter()
+        .map(|(name, counters)| (name.to_owned(), counters.snapshot()))
+        .collect();
+        let kernel = self
+            .redirect
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .as_ref()
+            .and_then(|redirect| match redirect.counters() {
+                Ok(counters) => Some(counters),
+                Err(error) => {
+                    warn!(%error, "cannot read kernel counters");
+                    None
+                }
+            });
+        StatsReport {
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            daemon: DaemonCounters {
+                routes,
+                probe_timeouts: load(&stats.probe_timeouts),
+                refused_per_ip: load(&stats.refused_per_ip),
+                upstream_connect_errors: load(&stats.upstream_connect_errors),
+                no_route: load(&stats.no_route),
+            },
+            redirect: self
+                .redirect_report
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .clone(),
+            kernel,
+        }
+    }
+}
+
+/// The bound control socket; removes its file when dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path` with mode 0600, replacing a stale socket file but refusing to take over one
+    /// that a running daemon answers on.
+    pub async fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
+        let io = |call| {
+            move |source| ControlError::Io {
+                call,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ControlError::AlreadyRunning(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io("remove stale socket"))?;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io("mkdir for"))?;
+        }
+        // Created 0600 from the start: the umask applies to bind(2).
+        let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(path);
+        rustix::process::umask(previous);
+        let listener = bound.map_err(io("bind"))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Answers commands until the task is dropped.
+    pub async fn serve(self, state: Arc<ControlState>) {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                continue;
+            };
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                if let Err(error) = answer(stream, &state).await {
+                    debug!(%error, "control connection failed");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).take(256).read_line(&mut line).await?;
+    let reply = match line.trim() {
+        "stats" => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
+        other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+/// Asks the daemon at `path` for its stats.
+pub async fn request_stats(path: &Path) -> Result<StatsReport, ControlError> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ControlError::NotRunning(path.to_owned())
+            }
+            _ => ControlError::Io {
+                call: "connect",
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+    let io = |call| {
+        move |source| ControlError::Io {
+            call,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    stream.write_all(b"stats\n").await.map_err(io("write"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .await
+        .map_err(io("read"))?;
+    serde_json::from_str(&reply).map_err(|error| ControlError::BadAnswer {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })
+}

@@ -1,0 +1,363 @@
+//! The kernel fast path: loads muxer's eBPF programs, attaches them, and owns the attachments.
+//!
+//! Fail-open rests on three things: the programs are attached through TCX (and XDP) *links* owned
+//! by this process, so they vanish the moment it dies, SIGKILL included; the ingress program only
+//! redirects a new connection when a socket listens on the muxer port; and nothing here pins a
+//! link. Stale attachments an earlier muxer may have left (legacy netlink filters, used by kernels
+//! without TCX) and stale pins are removed before attaching.
+
+mod counters;
+mod interfaces;
+mod pins;
+
+use std::path::PathBuf;
+
+use aya::maps::{Array, HashMap, MapError};
+use aya::programs::tc::{self, TcAttachType};
+use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfLoader};
+use muxer_common::{
+    Setting, COUNTERS_MAP, PORT_COUNTERS_MAP, PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS,
+    PROGRAM_XDP_INGRESS, PUBLIC_PORTS_MAP, SETTINGS_MAP,
+};
+use tracing::{info, warn};
+
+pub use counters::read as read_counters;
+pub use counters::{KernelCounters, PortCounters};
+pub use interfaces::resolve as resolve_interfaces;
+
+use crate::config::{Redirect as RedirectConfig, RedirectMode};
+
+/// Why the redirect could not be set up. The daemon keeps serving on its listen port.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// No interface qualifies and none was configured.
+    #[error("no interface to attach to: none is up, non-loopback and addressed (set redirect.interfaces)")]
+    NoInterfaces,
+    /// Listing the interfaces failed.
+    #[error("cannot list network interfaces: getifaddrs: {0}")]
+    ListInterfaces(nix::Error),
+    /// A configured interface does not exist.
+    #[error("redirect.interfaces: no interface named {0:?}")]
+    UnknownInterface(String),
+    /// bpffs could not be mounted or the pin directory prepared.
+    #[error("{call} {}: {source}", path.display())]
+    Pins {
+        /// The failing call.
+        call: &'static str,
+        /// The path it was given.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The embedded object could not be loaded (typically: no CAP_BPF).
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program is missing from the object or of the wrong type.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// What failed.
+        source: ProgramError,
+    },
+    /// Attaching a program to an interface failed.
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        /// Program name.
+        program: &'static str,
+        /// Interface name.
+        interface: String,
+        /// What failed.
+        source: ProgramError,
+    },
+    /// A map is missing or could not be written or pinned.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What failed.
+        source: MapError,
+    },
+    /// A map could not be pinned.
+    #[error("pinning eBPF map {name}: {source}")]
+    Pin {
+        /// Map name.
+        name: &'static str,
+        /// What failed.
+        source: aya::pin::PinError,
+    },
+}
+
+/// How the ingress program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IngressHook {
+    /// TC (TCX link, or a netlink filter on kernels before 6.6).
+    Tc,
+    /// Native (driver) XDP.
+    XdpNative,
+    /// Generic (skb) XDP.
+    XdpGeneric,
+}
+
+/// The attached redirect. Dropping it detaches everything and removes the pins.
+pub struct Redirect {
+    ebpf: Ebpf,
+    pins: Vec<PathBuf>,
+    logger: Option<tokio::task::JoinHandle<()>>,
+    /// Interfaces the programs are attached to.
+    pub interfaces: Vec<String>,
+    /// Public ports redirected.
+    pub ports: Vec<u16>,
+    /// The port they are redirected to.
+    pub target_port: u16,
+    /// How ingress is hooked.
+    pub ingress: IngressHook,
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("interfaces", &self.interfaces)
+            .field("ports", &self.ports)
+            .field("target_port", &self.target_port)
+            .field("ingress", &self.ingress)
+            .finish()
+    }
+}
+
+/// The program `name` of `ebpf` as a `T`.
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(RedirectError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| RedirectError::Program { name, source })
+}
+
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, RedirectError> {
+    ebpf.map_mut(name).ok_or(RedirectError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })
+}
+
+impl Redirect {
+    /// Loads the programs and attaches them so that `config.ports` reach `target_port`. Call only
+    /// once the daemon listens on `target_port`: from the first redirected packet on, clients
+    /// need it.
+    pub fn attach(config: &RedirectConfig, target_port: u16) -> Result<Redirect, RedirectError> {
+        let interfaces = interfaces::resolve(&config.interfaces)?;
+        pins::prepare(&config.pin_dir)?;
+        let Loaded { ebpf, logger } = load(&config.ports, target_port)?;
+        let mut redirect = Redirect {
+            ebpf,
+            pins: Vec::new(),
+            logger: logger.and_then(spawn_logger),
+            interfaces,
+            ports: config.ports.clone(),
+            target_port,
+            ingress: IngressHook::Tc,
+        };
+        redirect.attach_programs(config.mode)?;
+        redirect.pin_counters(&config.pin_dir)?;
+        info!(
+            interfaces = ?redirect.interfaces,
+            ports = ?redirect.ports,
+            target_port,
+            ingress = ?redirect.ingress,
+            "kernel redirect attached"
+        );
+        Ok(redirect)
+    }
+
+    fn attach_programs(&mut self, mode: RedirectMode) -> Result<(), RedirectError> {
+        for interface in &self.interfaces {
+            remove_stale_filters(interface);
+            let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+            if !has_tcx {
+                // Without TCX, TC programs hang off the clsact qdisc.
+                let _ = tc::qdisc_add_clsact(interface);
+            }
+        }
+        let attach_error = |program, interface: &String| {
+            let interface = interface.clone();
+            move |source| RedirectError::Attach {
+                program,
+                interface,
+                source,
+            }
+        };
+        // Egress first: by the time a SYN is redirected, its SYN-ACK can be restored.
+        let egress: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_EGRESS)?;
+        for interface in &self.interfaces {
+            egress
+                .attach(interface, TcAttachType::Egress)
+                .map_err(attach_error(PROGRAM_TC_EGRESS, interface))?;
+        }
+        if mode == RedirectMode::Xdp {
+            let xdp: &mut Xdp = program(&mut self.ebpf, PROGRAM_XDP_INGRESS)?;
+            let mut hook = IngressHook::XdpNative;
+            for interface in &self.interfaces {
+                if xdp.attach(interface, XdpMode::Driver).is_err() {
+                    xdp.attach(interface, XdpMode::Skb)
+                        .map_err(attach_error(PROGRAM_XDP_INGRESS, interface))?;
+                    hook = IngressHook::XdpGeneric;
+                    warn!(interface, "driver has no native XDP; using generic XDP");
+                }
+            }
+            self.ingress = hook;
+        } else {
+            let ingress: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_INGRESS)?;
+            for interface in &self.interfaces {
+                ingress
+                    .attach(interface, TcAttachType::Ingress)
+                    .map_err(attach_error(PROGRAM_TC_INGRESS, interface))?;
+            }
+            self.ingress = IngressHook::Tc;
+        }
+        Ok(())
+    }
+
+    fn pin_counters(&mut self, dir: &std::path::Path) -> Result<(), RedirectError> {
+        for name in [COUNTERS_MAP, PORT_COUNTERS_MAP] {
+            let path = dir.join(name);
+            let map = map_mut(&mut self.ebpf, name)?;
+            map.pin(&path)
+                .map_err(|source| RedirectError::Pin { name, source })?;
+            self.pins.push(path);
+        }
+        Ok(())
+    }
+
+    /// Reads the kernel counters, summed over CPUs.
+    pub fn counters(&self) -> Result<KernelCounters, RedirectError> {
+        counters::read(&self.ebpf, &self.ports)
+    }
+}
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            logger.abort();
+        }
+        for pin in &self.pins {
+            let _ = std::fs::remove_file(pin);
+        }
+        // `ebpf` drops after this body: its links detach, and port 22 reaches sshd again.
+        info!("kernel redirect detached");
+    }
+}
+
+/// Muxer's programs loaded into the kernel (verified, not attached) with their maps configured.
+pub struct Loaded {
+    /// The object: programs, maps, and later the links.
+    pub ebpf: Ebpf,
+    /// Reader of the programs' aya-log records, if the object carries the log map.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Loads the embedded object, redirecting `ports` to `target_port`, and loads every program.
+/// Used by [`Redirect::attach`], and on its own by tests that run the programs with
+/// `BPF_PROG_TEST_RUN`.
+pub fn load(ports: &[u16], target_port: u16) -> Result<Loaded, RedirectError> {
+    let mut ebpf = EbpfLoader::new().load(crate::ebpf::OBJECT)?;
+    // The log reader must exist before the programs load: it owns the log ring buffer they use.
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(logger),
+        Err(error) => {
+            warn!(%error, "eBPF log records unavailable");
+            None
+        }
+    };
+    configure_maps(&mut ebpf, ports, target_port)?;
+    for name in [PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS] {
+        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+        classifier
+            .load()
+            .map_err(|source| RedirectError::Program { name, source })?;
+    }
+    let xdp: &mut Xdp = program(&mut ebpf, PROGRAM_XDP_INGRESS)?;
+    xdp.load().map_err(|source| RedirectError::Program {
+        name: PROGRAM_XDP_INGRESS,
+        source,
+    })?;
+    Ok(Loaded { ebpf, logger })
+}
+
+fn configure_maps(ebpf: &mut Ebpf, ports: &[u16], target_port: u16) -> Result<(), RedirectError> {
+    let map_error = |name| move |source| RedirectError::Map { name, source };
+    let mut settings: Array<_, u32> =
+        Array::try_from(map_mut(ebpf, SETTINGS_MAP)?).map_err(map_error(SETTINGS_MAP))?;
+    settings
+        .set(Setting::MuxerPort as u32, u32::from(target_port), 0)
+        .map_err(map_error(SETTINGS_MAP))?;
+    let mut public: HashMap<_, u16, u32> =
+        HashMap::try_from(map_mut(ebpf, PUBLIC_PORTS_MAP)?).map_err(map_error(PUBLIC_PORTS_MAP))?;
+    for (slot, &port) in ports.iter().enumerate() {
+        public
+            .insert(port, slot as u32, 0)
+            .map_err(map_error(PUBLIC_PORTS_MAP))?;
+    }
+    Ok(())
+}
+
+/// Removes TC filters carrying muxer's program names left on `interface` by an earlier muxer on a
+/// kernel without TCX (netlink filters outlive their process), and reports TCX attachments of
+/// another muxer still running.
+fn remove_stale_filters(interface: &str) {
+    for (attach_type, name) in [
+        (TcAttachType::Ingress, PROGRAM_TC_INGRESS),
+        (TcAttachType::Egress, PROGRAM_TC_EGRESS),
+    ] {
+        if tc::qdisc_detach_program(interface, attach_type, name).is_ok() {
+            warn!(
+                interface,
+                program = name,
+                "removed a stale TC filter left by an earlier muxer"
+            );
+        }
+        if let Ok((_, programs)) = SchedClassifier::query_tcx(interface, attach_type) {
+            for info in programs {
+                if info.name_as_str() == Some(name) {
+                    warn!(
+                        interface,
+                        program = name,
+                        id = info.id(),
+                        "another process holds muxer's program on this interface; it detaches when that process exits"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Forwards the programs' aya-log records to `tracing` (via the `log` bridge).
+fn spawn_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    // SAFETY: the AsyncFd owns the logger, so the ring buffer's fd stays open while registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut readable) = registered else {
+        warn!("eBPF log records unavailable: cannot watch the log ring buffer");
+        return None;
+    };
+    Some(tokio::spawn(async move {
+        while let Ok(mut guard) = readable.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
