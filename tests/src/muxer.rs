@@ -1,6 +1,6 @@
 //! The muxer binary under test, started with a generated config inside a namespace.
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::netns::Netns;
@@ -28,12 +28,38 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Writes `config` and starts muxer with it in `netns`, waiting until `ready` accepts.
+    /// Writes `config` and starts muxer with it in `netns`, waiting until `ready` accepts (and,
+    /// when the config enables the redirect, until it is attached). Unless the config has a
+    /// `[control]` section, the control socket goes to the test's own directory.
     pub fn start(netns: &Netns, config: &str, ready: SocketAddr) -> Muxer {
+        Self::start_as(netns, config, ready, &[])
+    }
+
+    /// Like [`Muxer::start`], with `wrapper` (e.g. `setpriv ...`) in front of the muxer command;
+    /// then it does not wait for the redirect.
+    pub fn start_as(netns: &Netns, config: &str, ready: SocketAddr, wrapper: &[&str]) -> Muxer {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Usable by an unprivileged muxer too.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("chmod");
         let config_path = dir.path().join("muxer.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let mut command = netns.command(&binary().display().to_string());
+        let mut config = config.to_owned();
+        if !config.contains("[control]") {
+            let socket = dir.path().join("muxer.sock");
+            config.push_str(&format!("\n[control]\nsocket = \"{}\"\n", socket.display()));
+        }
+        std::fs::write(&config_path, &config).expect("write config");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = netns.command(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => netns.command(&binary().display().to_string()),
+        };
         command
             .args(["run", "--config"])
             .arg(&config_path)
@@ -45,7 +71,12 @@ impl Muxer {
                 .enter(|| std::net::TcpStream::connect(ready).ok())
                 .map(drop)
         });
-        Muxer { process, dir }
+        let muxer = Muxer { process, dir };
+        let redirecting = config.contains("mode = \"tc\"") || config.contains("mode = \"xdp\"");
+        if redirecting && wrapper.is_empty() {
+            muxer.wait_for_log("kernel redirect attached");
+        }
+        muxer
     }
 
     /// muxer's log so far.
@@ -63,8 +94,28 @@ impl Muxer {
     }
 
     /// The directory holding the config and the log.
-    pub fn dir(&self) -> &std::path::Path {
+    pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The control socket's path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("muxer.sock")
+    }
+
+    /// `muxer stats --json`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let output = std::process::Command::new(binary())
+            .args(["stats", "--json", "--socket"])
+            .arg(self.socket())
+            .output()
+            .expect("run muxer stats");
+        assert!(
+            output.status.success(),
+            "muxer stats: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("stats JSON")
     }
 
     /// Number of open file descriptors of the muxer process. `ip netns exec` execs muxer in

@@ -19,6 +19,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "procps",
     "openssl",
     "ca-certificates",
+    "bpftool",
+    "util-linux",
 ];
 
 /// Installs everything building and testing need.

@@ -158,8 +158,9 @@ impl Redirect {
     /// need it.
     pub fn attach(config: &RedirectConfig, target_port: u16) -> Result<Redirect, RedirectError> {
         let interfaces = interfaces::resolve(&config.interfaces)?;
-        pins::prepare(&config.pin_dir)?;
+        // Loading first: without CAP_BPF this is the step that fails, with the clearest reason.
         let Loaded { ebpf, logger } = load(&config.ports, target_port)?;
+        pins::prepare(&config.pin_dir)?;
         let mut redirect = Redirect {
             ebpf,
             pins: Vec::new(),

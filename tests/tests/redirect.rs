@@ -1,0 +1,519 @@
+//! The kernel redirect end to end: real ssh and curl to port 22 of a server namespace whose sshd
+//! also listens on port 22, as on a real machine; fail-open when muxer dies; stale state removed.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use muxer_tests::backends::{self, Backend};
+use muxer_tests::muxer::Muxer;
+use muxer_tests::netns::{Link, SERVER_V4, SERVER_V6};
+use muxer_tests::process::Running;
+use muxer_tests::sshd::Sshd;
+use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
+
+const READY: &str = "127.0.0.1:2222";
+
+fn config(mode: &str, extra: &str) -> String {
+    format!(
+        "[listen]\naddresses = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
+         [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
+         [ssh]\nupstream = \"127.0.0.1:22\"\n\
+         [http]\nupstream = \"127.0.0.1:30000\"\n{extra}"
+    )
+}
+
+struct Server {
+    link: Link,
+    sshd: Sshd,
+    _http: Backend,
+}
+
+/// sshd on 0.0.0.0:22 and [::]:22 (like a real box), the HTTP backend on 127.0.0.1:30000.
+fn server() -> Server {
+    let link = Link::new();
+    let sshd = Sshd::start(&link.server, &["0.0.0.0:22", "[::]:22"]);
+    let http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
+    Server {
+        link,
+        sshd,
+        _http: http,
+    }
+}
+
+impl Server {
+    /// `$SSH_CONNECTION`'s first field as sshd saw it: 127.0.0.1 through muxer, the client's
+    /// address when direct.
+    fn ssh_peer(&self, host: &str) -> String {
+        let args = self.sshd.ssh_args(host, 22, "echo $SSH_CONNECTION");
+        let out = self
+            .link
+            .client
+            .run_ok("ssh", &args.iter().map(String::as_str).collect::<Vec<_>>());
+        out.split_whitespace().next().unwrap_or_default().to_owned()
+    }
+
+    fn curl_models(&self, url_host: &str) -> serde_json::Value {
+        let url = format!("http://{url_host}:22/v1/models");
+        let body = self
+            .link
+            .client
+            .run_ok("curl", &["-sS", "--fail", "--max-time", "10", &url]);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
+    }
+
+    fn set_tx_checksum_offload(&self, on: bool) {
+        let state = if on { "on" } else { "off" };
+        self.link
+            .client
+            .run_ok("ethtool", &["-K", &self.link.client_if, "tx", state]);
+        self.link
+            .server
+            .run_ok("ethtool", &["-K", &self.link.server_if, "tx", state]);
+    }
+
+    /// Names of the TCX programs on the server's interface, both directions.
+    fn attached_programs(&self) -> String {
+        use aya::programs::{tc::TcAttachType, SchedClassifier};
+        self.link.server.enter(|| {
+            let mut names = Vec::new();
+            for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, programs) =
+                    SchedClassifier::query_tcx(&self.link.server_if, direction).expect("query tcx");
+                names.extend(
+                    programs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+                );
+            }
+            names.join(" ")
+        })
+    }
+}
+
+fn redirect_end_to_end(mode: &str, test: &str) {
+    if !netns_available(test) {
+        return;
+    }
+    let server = server();
+    let muxer = Muxer::start(
+        &server.link.server,
+        &config(mode, ""),
+        READY.parse().unwrap(),
+    );
+    let v6 = format!("[{SERVER_V6}]");
+    let (mut ssh_connections, mut http_connections) = (0u64, 0u64);
+    for offload in [true, false] {
+        server.set_tx_checksum_offload(offload);
+        for host in [SERVER_V4.to_string(), SERVER_V6.to_string()] {
+            assert_eq!(
+                server.ssh_peer(&host),
+                "127.0.0.1",
+                "ssh to {host}:22 must go through muxer"
+            );
+            ssh_connections += 1;
+        }
+        for host in [SERVER_V4.to_string(), v6.clone()] {
+            assert_eq!(server.curl_models(&host)["data"][0]["id"], "llm");
+            http_connections += 1;
+        }
+        // Bulk data through the rewritten path, both ways, checksummed.
+        let dir = tempfile::tempdir().unwrap();
+        let data = test_data(8 * 1024 * 1024);
+        std::fs::write(dir.path().join("up.bin"), &data).unwrap();
+        let mut args = server.sshd.client_options();
+        args.extend([
+            "-P".into(),
+            "22".into(),
+            dir.path().join("up.bin").display().to_string(),
+            format!("root@{SERVER_V4}:{}", dir.path().join("copy.bin").display()),
+        ]);
+        server
+            .link
+            .client
+            .run_ok("scp", &args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            std::fs::read(dir.path().join("copy.bin"))
+                .map(|d| sha256_hex(&d))
+                .unwrap(),
+            sha256_hex(&data)
+        );
+        ssh_connections += 1;
+    }
+
+    let stats = muxer.stats();
+    assert_eq!(stats["redirect"]["state"], "attached");
+    let ingress = stats["redirect"]["ingress"].as_str().unwrap();
+    if mode == "xdp" {
+        assert!(ingress.starts_with("xdp"), "{ingress}");
+    } else {
+        assert_eq!(ingress, "tc");
+    }
+    wait_for("connections to close", Duration::from_secs(5), || {
+        let stats = muxer.stats();
+        (stats["daemon"]["routes"]["ssh"]["open"] == 0
+            && stats["daemon"]["routes"]["http"]["open"] == 0)
+            .then_some(())
+    });
+    let stats = muxer.stats();
+    assert_eq!(stats["daemon"]["routes"]["ssh"]["total"], ssh_connections);
+    assert_eq!(stats["daemon"]["routes"]["http"]["total"], http_connections);
+    let kernel = &stats["kernel"];
+    assert_eq!(
+        kernel["global"]["flows_tracked"],
+        ssh_connections + http_connections
+    );
+    assert_eq!(kernel["global"]["dropped"], 0);
+    let port = &kernel["ports"][0];
+    assert_eq!(port["port"], 22);
+    // Everything the daemon received from clients came through the redirect: packet bytes
+    // include headers, so they exceed the payload bytes.
+    let payload_in: u64 = ["ssh", "http"]
+        .iter()
+        .map(|r| stats["daemon"]["routes"][r]["bytes_in"].as_u64().unwrap())
+        .sum();
+    let payload_out: u64 = ["ssh", "http"]
+        .iter()
+        .map(|r| stats["daemon"]["routes"][r]["bytes_out"].as_u64().unwrap())
+        .sum();
+    assert!(
+        port["in_bytes"].as_u64().unwrap() > payload_in,
+        "{port} vs {payload_in}"
+    );
+    assert!(
+        port["out_bytes"].as_u64().unwrap() > payload_out,
+        "{port} vs {payload_out}"
+    );
+    assert!(port["in_packets"].as_u64().unwrap() > 0 && port["out_packets"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn tc_redirect_carries_ssh_curl_and_scp_on_ipv4_and_ipv6_with_checksum_offload_on_and_off() {
+    redirect_end_to_end(
+        "tc",
+        "tc_redirect_carries_ssh_curl_and_scp_on_ipv4_and_ipv6_with_checksum_offload_on_and_off",
+    );
+}
+
+#[test]
+fn xdp_redirect_carries_ssh_curl_and_scp_on_ipv4_and_ipv6_with_checksum_offload_on_and_off() {
+    redirect_end_to_end(
+        "xdp",
+        "xdp_redirect_carries_ssh_curl_and_scp_on_ipv4_and_ipv6_with_checksum_offload_on_and_off",
+    );
+}
+
+#[test]
+fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
+    if !netns_available("sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect") {
+        return;
+    }
+    let server = server();
+    let host = SERVER_V4.to_string();
+    let mut muxer = Muxer::start(
+        &server.link.server,
+        &config("tc", ""),
+        READY.parse().unwrap(),
+    );
+    assert_eq!(server.ssh_peer(&host), "127.0.0.1");
+    assert!(server.attached_programs().contains("tc_ingress"));
+
+    // A session open through muxer while it dies.
+    let dir = tempfile::tempdir().unwrap();
+    let session_args = server.sshd.ssh_args(&host, 22, "sleep 30");
+    let mut command = server.link.client.command("ssh");
+    command.args(&session_args);
+    let _through_muxer = Running::spawn("ssh session", command, dir.path().join("session.log"));
+    wait_for("the session to open", Duration::from_secs(10), || {
+        (muxer.stats()["daemon"]["routes"]["ssh"]["open"] == 1).then_some(())
+    });
+
+    muxer.process.signal_and_wait(rustix::process::Signal::KILL);
+    let killed = Instant::now();
+    // A new connection to port 22 reaches sshd directly, at once.
+    let mut stream = server
+        .link
+        .client
+        .enter(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER_V4, 22)),
+                Duration::from_secs(1),
+            )
+        })
+        .expect("port 22 must accept right after SIGKILL");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut banner = [0u8; 8];
+    std::io::Read::read_exact(&mut stream, &mut banner).expect("sshd banner");
+    assert_eq!(&banner, b"SSH-2.0-");
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        server.ssh_peer(&host),
+        muxer_tests::netns::CLIENT_V4.to_string(),
+        "direct to sshd"
+    );
+    let attached = server.attached_programs();
+    assert!(
+        !attached.contains("tc_ingress") && !attached.contains("tc_egress"),
+        "left attached:\n{attached}"
+    );
+
+    // A session opened while muxer is down survives its return.
+    let mut command = server.link.client.command("ssh");
+    command.args(server.sshd.ssh_args(&host, 22, "sleep 3; echo survived"));
+    let mut during_downtime =
+        Running::spawn("downtime session", command, dir.path().join("downtime.log"));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let muxer = Muxer::start(
+        &server.link.server,
+        &config("tc", ""),
+        READY.parse().unwrap(),
+    );
+    assert_eq!(server.ssh_peer(&host), "127.0.0.1", "redirect restored");
+    wait_for(
+        "the downtime session to finish",
+        Duration::from_secs(10),
+        || during_downtime.try_exit_status(),
+    )
+    .success()
+    .then_some(())
+    .unwrap_or_else(|| panic!("downtime session failed: {}", during_downtime.log()));
+    assert!(during_downtime.log().contains("survived"));
+    assert!(
+        muxer.stats()["kernel"]["global"]["passed_untracked"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn direct_connections_to_the_muxer_port_are_served_unrewritten() {
+    if !netns_available("direct_connections_to_the_muxer_port_are_served_unrewritten") {
+        return;
+    }
+    let server = server();
+    let muxer = Muxer::start(
+        &server.link.server,
+        &config("tc", ""),
+        READY.parse().unwrap(),
+    );
+    let body = server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            &format!("http://{SERVER_V4}:2222/v1/models"),
+        ],
+    );
+    assert!(body.contains("\"llm\""), "{body}");
+    assert_eq!(
+        server.curl_models(&SERVER_V4.to_string())["data"][0]["id"],
+        "llm"
+    );
+    let stats = muxer.stats();
+    assert!(
+        stats["kernel"]["global"]["direct_to_muxer_port"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        stats["kernel"]["global"]["flows_tracked"], 1,
+        "only the port-22 connection is a redirected flow"
+    );
+
+    // `muxer stats --watch` refreshes with rates.
+    let mut command = std::process::Command::new(muxer_tests::muxer::binary());
+    command
+        .args(["stats", "--watch", "--interval", "200ms", "--socket"])
+        .arg(muxer.socket());
+    let log = muxer.dir().join("watch.log");
+    let watching = Running::spawn("stats --watch", command, log);
+    std::thread::sleep(Duration::from_millis(900));
+    let screen = watching.log();
+    drop(watching);
+    assert!(screen.matches("muxer up").count() >= 3, "{screen}");
+    assert!(screen.contains("/s"), "rates expected: {screen}");
+    assert!(screen.contains("tc on veth-s"), "{screen}");
+}
+
+/// A bpffs mounted for one test, unmounted on drop.
+struct BpfFs(tempfile::TempDir);
+
+impl BpfFs {
+    fn mount() -> BpfFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount bpffs");
+        BpfFs(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_removed_on_exit() {
+    if !netns_available(
+        "stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_removed_on_exit",
+    ) {
+        return;
+    }
+    use aya::programs::tc::{self, NlOptions, TcAttachOptions, TcAttachType};
+    let server = server();
+    let bpffs = BpfFs::mount();
+    let pin_dir = bpffs.0.path().join("muxer");
+    std::fs::create_dir(&pin_dir).unwrap();
+
+    // What an earlier muxer on a kernel without TCX would leave: a netlink TC filter (which
+    // outlives its process) and pinned maps.
+    server.link.server.enter(|| {
+        let mut loaded = muxer::redirect::load(&[22], 2222).unwrap();
+        let _ = tc::qdisc_add_clsact("veth-s");
+        let program: &mut aya::programs::SchedClassifier =
+            muxer::redirect::program(&mut loaded.ebpf, muxer_common::PROGRAM_TC_INGRESS).unwrap();
+        program
+            .attach_with_options(
+                "veth-s",
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .unwrap();
+        loaded
+            .ebpf
+            .map(muxer_common::COUNTERS_MAP)
+            .unwrap()
+            .pin(pin_dir.join(muxer_common::COUNTERS_MAP))
+            .unwrap();
+        // Dropping the object would detach the filter; an earlier muxer's would have stayed.
+        std::mem::forget(loaded);
+    });
+    let filters = server
+        .link
+        .server
+        .run_ok("tc", &["filter", "show", "dev", "veth-s", "ingress"]);
+    assert!(filters.contains("tc_ingress"), "setup failed: {filters}");
+
+    let extra = format!("pin_dir = \"{}\"\n", pin_dir.display());
+    let config = config("tc", "").replace("ports = [22]\n", &format!("ports = [22]\n{extra}"));
+    let mut muxer = Muxer::start(&server.link.server, &config, READY.parse().unwrap());
+    let log = muxer.log();
+    assert!(log.contains("removed a stale TC filter"), "{log}");
+    assert!(log.contains("removed a stale pin"), "{log}");
+    let filters = server
+        .link
+        .server
+        .run_ok("tc", &["filter", "show", "dev", "veth-s", "ingress"]);
+    assert!(
+        !filters.contains("tc_ingress"),
+        "stale filter still there: {filters}"
+    );
+    assert_eq!(server.ssh_peer(&SERVER_V4.to_string()), "127.0.0.1");
+
+    // Another process reads the pinned counters.
+    let pinned = pin_dir.join(muxer_common::COUNTERS_MAP);
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    // Without BTF for the value type, bpftool prints each CPU's u64 as little-endian hex bytes.
+    let flows_tracked: u64 = entries[muxer_common::Counter::FlowsTracked as usize]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|cpu| {
+            let bytes: Vec<u8> = cpu["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            u64::from_le_bytes(bytes.try_into().unwrap())
+        })
+        .sum();
+    assert_eq!(flows_tracked, 1);
+
+    let status = muxer.process.signal_and_wait(rustix::process::Signal::TERM);
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        std::fs::read_dir(&pin_dir).unwrap().count(),
+        0,
+        "pins left after a clean exit"
+    );
+    assert!(!server.attached_programs().contains("tc_"));
+}
+
+#[test]
+fn without_privileges_the_redirect_is_off_with_a_reason_and_serving_continues() {
+    if !netns_available(
+        "without_privileges_the_redirect_is_off_with_a_reason_and_serving_continues",
+    ) {
+        return;
+    }
+    let server = server();
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    let muxer = Muxer::start_as(
+        &server.link.server,
+        &config("tc", ""),
+        READY.parse().unwrap(),
+        &wrapper,
+    );
+    muxer.wait_for_log("kernel redirect OFF");
+    let body = server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            &format!("http://{SERVER_V4}:2222/v1/models"),
+        ],
+    );
+    assert!(body.contains("\"llm\""));
+    assert_eq!(
+        server.ssh_peer(&SERVER_V4.to_string()),
+        muxer_tests::netns::CLIENT_V4.to_string(),
+        "port 22 untouched"
+    );
+    let stats = muxer.stats();
+    assert_eq!(stats["redirect"]["state"], "failed");
+    assert!(
+        stats["redirect"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot load the eBPF object"),
+        "{stats}"
+    );
+    assert!(stats["kernel"].is_null());
+}
