@@ -274,14 +274,16 @@ fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
         READY.parse().unwrap(),
     );
     assert_eq!(server.ssh_peer(&host), "127.0.0.1", "redirect restored");
-    wait_for(
+    let status = wait_for(
         "the downtime session to finish",
         Duration::from_secs(10),
         || during_downtime.try_exit_status(),
-    )
-    .success()
-    .then_some(())
-    .unwrap_or_else(|| panic!("downtime session failed: {}", during_downtime.log()));
+    );
+    assert!(
+        status.success(),
+        "downtime session failed: {}",
+        during_downtime.log()
+    );
     assert!(during_downtime.log().contains("survived"));
     assert!(
         muxer.stats()["kernel"]["global"]["passed_untracked"]
