@@ -12,7 +12,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::info;
 
+use std::sync::atomic::Ordering;
+
 use crate::config::{Config, Target};
+use crate::http::stream::Traffic;
+use crate::http::HttpContext;
 use crate::limits::ConnectionSlot;
 use crate::sniff::{self, SniffOutcome, Sniffed};
 use crate::splice::{self, CloseReason};
@@ -25,6 +29,23 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The daemon's counters.
     pub stats: Arc<Stats>,
+    /// The HTTP router, when `[http]` is configured.
+    pub http: Option<Arc<HttpContext>>,
+}
+
+impl Shared {
+    /// Builds what connections share from `config`.
+    pub fn new(config: Config, stats: Arc<Stats>) -> Shared {
+        let http = config
+            .http
+            .as_ref()
+            .map(|http| Arc::new(HttpContext::new(http)));
+        Shared {
+            config: Arc::new(config),
+            stats,
+            http,
+        }
+    }
 }
 
 /// Why a connection ended before or during forwarding; the last field of the log line.
@@ -38,6 +59,8 @@ enum Closed {
     ConnectFailed(std::io::Error),
     ConnectTimedOut,
     PrefixWriteFailed(std::io::Error),
+    HttpFinished,
+    HttpFailed(String),
 }
 
 impl fmt::Display for Closed {
@@ -51,6 +74,8 @@ impl fmt::Display for Closed {
             Closed::ConnectFailed(e) => write!(f, "upstream connect failed: {e}"),
             Closed::ConnectTimedOut => f.write_str("upstream connect timed out"),
             Closed::PrefixWriteFailed(e) => write!(f, "upstream write failed: {e}"),
+            Closed::HttpFinished => f.write_str("finished"),
+            Closed::HttpFailed(e) => write!(f, "http error: {e}"),
         }
     }
 }
@@ -147,6 +172,36 @@ async fn dispatch(
     let open = counters.open_guard();
     let prefix_len = sniffed.prefix.len() as u64;
     let config = &shared.config;
+    if let (Target::Http, Some(http)) = (target, &shared.http) {
+        let traffic = Arc::new(Traffic::default());
+        let result = crate::http::serve(
+            client,
+            sniffed.prefix,
+            peer,
+            Arc::clone(http),
+            Arc::clone(&traffic),
+        )
+        .await;
+        let (bytes_in, bytes_out) = (
+            traffic.read.load(Ordering::Relaxed),
+            traffic.written.load(Ordering::Relaxed),
+        );
+        open.add_bytes(bytes_in, bytes_out);
+        let closed = match result {
+            Ok(()) => Closed::HttpFinished,
+            Err(error) => Closed::HttpFailed(error.to_string()),
+        };
+        log_line(
+            peer,
+            label,
+            Some("http router"),
+            bytes_in,
+            bytes_out,
+            started,
+            &closed,
+        );
+        return;
+    }
     let Some(backend) = config.backend(target) else {
         let closed = match (&sniffed.outcome, target) {
             (SniffOutcome::ClosedEmpty, _) => Closed::NothingSent,

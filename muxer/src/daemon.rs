@@ -108,10 +108,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     // Only once the listeners accept may port 22 be redirected to them.
     let (redirect, redirect_report) = attach_redirect(&config);
-    let shared = Arc::new(Shared {
-        config: Arc::new(config),
-        stats: Arc::clone(&stats),
-    });
+    let shared = Arc::new(Shared::new(config, Arc::clone(&stats)));
     let accepting = tokio::spawn(listener::accept_loop(listeners, shared, limits));
     let state = Arc::new(ControlState {
         stats,

@@ -9,6 +9,7 @@ pub mod connection;
 pub mod control;
 pub mod daemon;
 pub mod ebpf;
+pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod redirect;

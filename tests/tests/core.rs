@@ -22,7 +22,7 @@ fn config(sniff_timeout: &str, extra: &str) -> String {
         "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\", \"[::]:{MUX_PORT}\"]\n\
          [sniff]\ntimeout = \"{sniff_timeout}\"\non_timeout = \"ssh\"\n\
          [ssh]\nupstream = \"127.0.0.1:22\"\n\
-         [http]\nupstream = \"127.0.0.1:30000\"\n{extra}"
+         [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n{extra}"
     )
 }
 

@@ -17,7 +17,7 @@ fn config(mode: &str, extra: &str) -> String {
         "[listen]\naddresses = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
          [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
          [ssh]\nupstream = \"127.0.0.1:22\"\n\
-         [http]\nupstream = \"127.0.0.1:30000\"\n{extra}"
+         [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n{extra}"
     )
 }
 

@@ -9,6 +9,10 @@ use std::time::Duration;
 use muxer_common::DEFAULT_LISTEN_PORT;
 use serde::Deserialize;
 
+mod http;
+
+pub use http::{Http, HttpRoute};
+
 /// A config file that could not be used. Displays as one line naming the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,8 +70,8 @@ pub struct Config {
     pub control: Control,
     /// Where SSH connections go; without it they are closed.
     pub ssh: Option<Backend>,
-    /// Where HTTP connections go; without it they are closed.
-    pub http: Option<Backend>,
+    /// The HTTP router; without it HTTP connections are closed.
+    pub http: Option<Http>,
     /// Where TLS connections go; without it they are closed.
     pub tls: Option<Backend>,
     /// Where connections that no probe recognises go; without it they are closed.
@@ -144,7 +148,7 @@ impl Default for Sniff {
 pub enum Target {
     /// The `[ssh]` backend.
     Ssh,
-    /// The `[http]` backend.
+    /// The HTTP router (`[http]`).
     Http,
     /// The `[tls]` backend.
     Tls,
@@ -381,24 +385,37 @@ impl Config {
                 problem: inner.message().to_owned(),
             }
         })?;
+        let invalid = |key: String, problem: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem,
+        };
         config
             .validate()
-            .map_err(|(key, problem)| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: key.into(),
-                problem,
-            })?;
+            .map_err(|(key, problem)| invalid(key.into(), problem))?;
+        if let Some(http) = &config.http {
+            http.validate()
+                .map_err(|(key, problem)| invalid(key, problem))?;
+        }
         Ok(config)
     }
 
-    /// The backend a [`Target`] names, if configured.
+    /// The spliced backend a [`Target`] names, if configured (`Http` is served by the router).
     pub fn backend(&self, target: Target) -> Option<&Backend> {
         match target {
             Target::Ssh => self.ssh.as_ref(),
-            Target::Http => self.http.as_ref(),
             Target::Tls => self.tls.as_ref(),
             Target::Fallback => self.fallback.as_ref(),
-            Target::Close => None,
+            Target::Http | Target::Close => None,
+        }
+    }
+
+    /// Whether `target` leads anywhere.
+    pub fn has_route(&self, target: Target) -> bool {
+        match target {
+            Target::Http => self.http.is_some(),
+            Target::Close => true,
+            other => self.backend(other).is_some(),
         }
     }
 
@@ -419,7 +436,7 @@ impl Config {
             return Err(("sniff.max_bytes", "must be between 64 and 1048576".into()));
         }
         let target = self.sniff.on_timeout;
-        if target != Target::Close && self.backend(target).is_none() {
+        if !self.has_route(target) {
             return Err((
                 "sniff.on_timeout",
                 format!(
@@ -533,16 +550,22 @@ mod tests {
 
     #[test]
     fn bundled_config_is_valid_and_mirrors_the_seed() {
-        let text = include_str!("../../muxer.toml");
+        let text = include_str!("../../../muxer.toml");
         let config = parse(text).unwrap();
         assert_eq!(
             config.ssh.as_ref().unwrap().upstream.as_str(),
             "127.0.0.1:22"
         );
+        let routes = &config.http.as_ref().unwrap().routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].path.as_deref(), Some("/embedding-model/"));
+        assert!(routes[0].strip_prefix);
+        assert_eq!(routes[0].upstreams[0].as_str(), "127.0.0.1:30001");
         assert_eq!(
-            config.http.as_ref().unwrap().upstream.as_str(),
-            "127.0.0.1:30000"
+            (routes[1].path.as_deref(), routes[1].host.as_deref()),
+            (None, None)
         );
+        assert_eq!(routes[1].upstreams[0].as_str(), "127.0.0.1:30000");
         let addresses: Vec<String> = config
             .listen
             .addresses
@@ -578,6 +601,19 @@ mod tests {
             ),
             ("[sniff]\non_timeout = \"smtp\"", "sniff.on_timeout"),
             ("[sniff]\nmax_bytes = 1", "sniff.max_bytes"),
+            ("[http]\nheader_read_timeout = \"0s\"\n[[http.route]]\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.header_read_timeout"),
+            ("[http]\n\n[ssh]\nupstream = \"a:1\"", "http.route"),
+            ("[[http.route]]\nupstreams = []\n[ssh]\nupstream = \"a:1\"", "http.route[0].upstreams"),
+            ("[[http.route]]\nupstreams = [\"a\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].upstreams[0]"),
+            ("[[http.route]]\npath = \"v1\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].path"),
+            ("[[http.route]]\npath = \"/a/../b\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].path"),
+            ("[[http.route]]\nhost = \"*.\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].host"),
+            ("[[http.route]]\nstrip_prefix = true\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].strip_prefix"),
+            (
+                "[[http.route]]\npath = \"/a\"\nupstreams = [\"a:1\"]\n[[http.route]]\npath = \"/a\"\nupstreams = [\"b:1\"]\n[ssh]\nupstream = \"a:1\"",
+                "http.route[1].path",
+            ),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\nretries = 3\n[ssh]\nupstream = \"a:1\"", "http.route[0].retries"),
             (
                 "[limits]\nmax_connections = 0\n[ssh]\nupstream=\"a:1\"",
                 "limits.max_connections",

@@ -1,0 +1,196 @@
+//! `[http]` and `[[http.route]]`: the HTTP router's routes, limits and timeouts.
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Upstream;
+
+/// `[http]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    /// Longest time a client may take to send a request's headers (slowloris defence).
+    #[serde(
+        default = "Http::default_header_read_timeout",
+        with = "humantime_serde"
+    )]
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger gets 431.
+    #[serde(default = "Http::default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Largest request body accepted; larger gets 413.
+    #[serde(default = "Http::default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// How long connecting to an upstream may take; then 502.
+    #[serde(default = "Http::default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle upstream connections are kept this long: shorter than common upstream keep-alives
+    /// (uvicorn: 5 s) so the pool rarely hands out a connection the upstream is closing.
+    #[serde(default = "Http::default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Longest silence between two body chunks, either direction.
+    #[serde(default = "Http::default_body_idle_timeout", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// How long an upstream that failed to connect is skipped by round robin.
+    #[serde(default = "Http::default_failure_cooldown", with = "humantime_serde")]
+    pub failure_cooldown: Duration,
+    /// The routes, matched most specific host first, then longest path prefix.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<HttpRoute>,
+}
+
+impl Http {
+    fn default_header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_max_header_bytes() -> usize {
+        64 * 1024
+    }
+    fn default_max_body_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
+    fn default_pool_idle_timeout() -> Duration {
+        Duration::from_secs(4)
+    }
+    fn default_body_idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    fn default_failure_cooldown() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+/// `[[http.route]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    /// Name for logs and error pages; derived from host and path when absent.
+    pub name: Option<String>,
+    /// `api.example.com` or `*.example.com`, case-insensitive, port ignored.
+    pub host: Option<String>,
+    /// Path prefix matched on segment boundaries. `/a/` matches `/a/…` but not `/a`; `/a`
+    /// matches `/a` and `/a/…`; neither matches `/ab`.
+    pub path: Option<String>,
+    /// Remove the prefix before forwarding (`/a/v1/x` → `/v1/x`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// `host:port` upstreams, used round robin.
+    pub upstreams: Vec<Upstream>,
+    /// Send this `Host` upstream instead of the client's.
+    pub host_header: Option<String>,
+    /// Longest wait for the upstream's response head; none by default, because long generations
+    /// must not be cut.
+    #[serde(default, with = "humantime_serde::option")]
+    pub response_timeout: Option<Duration>,
+}
+
+impl HttpRoute {
+    /// The route's name: configured, or `host` + `path`, or `default`.
+    pub fn display_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match (&self.host, &self.path) {
+            (None, None) => "default".into(),
+            (host, path) => format!(
+                "{}{}",
+                host.as_deref().unwrap_or(""),
+                path.as_deref().unwrap_or("")
+            ),
+        }
+    }
+}
+
+impl Http {
+    /// Checks what serde cannot; errors name the key.
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        for (key, value) in [
+            ("http.header_read_timeout", self.header_read_timeout),
+            ("http.connect_timeout", self.connect_timeout),
+            ("http.pool_idle_timeout", self.pool_idle_timeout),
+            ("http.body_idle_timeout", self.body_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err((key.into(), "must be greater than 0".into()));
+            }
+        }
+        if !(8192..=16 << 20).contains(&self.max_header_bytes) {
+            return Err((
+                "http.max_header_bytes".into(),
+                "must be between 8192 and 16777216".into(),
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err((
+                "http.max_body_bytes".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err((
+                "http.route".into(),
+                "[http] needs at least one [[http.route]]".into(),
+            ));
+        }
+        let mut seen = Vec::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("http.route[{index}].{field}");
+            if let Some(host) = &route.host {
+                let pattern = host.strip_prefix("*.").unwrap_or(host);
+                let valid = !pattern.is_empty()
+                    && pattern
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                    && !pattern.starts_with('.')
+                    && !pattern.ends_with('.');
+                if !valid {
+                    return Err((
+                        key("host"),
+                        format!("{host:?} is not a host name or *.domain pattern"),
+                    ));
+                }
+            }
+            if let Some(path) = &route.path {
+                if !path.starts_with('/')
+                    || path.contains(['?', '#', '%', '\\'])
+                    || path.contains("//")
+                {
+                    return Err((
+                        key("path"),
+                        format!("{path:?} must be a plain path starting with /"),
+                    ));
+                }
+                if path
+                    .split('/')
+                    .any(|segment| segment == "." || segment == "..")
+                {
+                    return Err((key("path"), format!("{path:?} contains a dot segment")));
+                }
+            }
+            if route.strip_prefix && route.path.is_none() {
+                return Err((key("strip_prefix"), "needs a path to strip".into()));
+            }
+            if route.upstreams.is_empty() {
+                return Err((key("upstreams"), "must list at least one upstream".into()));
+            }
+            if route.response_timeout.is_some_and(|t| t.is_zero()) {
+                return Err((key("response_timeout"), "must be greater than 0".into()));
+            }
+            let identity = (
+                route.host.as_deref().map(str::to_ascii_lowercase),
+                route.path.clone(),
+            );
+            if seen.contains(&identity) {
+                return Err((
+                    key("path"),
+                    "another route has the same host and path".into(),
+                ));
+            }
+            seen.push(identity);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,71 @@
+//! The HTTP router: serves a sniffed HTTP connection with hyper (HTTP/1.1 and HTTP/2 cleartext)
+//! and forwards each request to its route's upstream. Layers, in request order: [`stream`] (the
+//! sniffed bytes replayed), [`path`] (one canonical path), [`router`] (route choice), [`headers`]
+//! (hop-by-hop, forwarding headers), [`proxy`] (forwarding, upgrades, errors), [`upstream`]
+//! (pooled client, round robin, passive health), [`body`] (streaming adapters).
+
+pub mod body;
+pub mod headers;
+pub mod path;
+pub mod proxy;
+pub mod router;
+pub mod stream;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+
+use crate::config::Http;
+
+/// Everything the router needs, built once per configuration.
+#[derive(Debug)]
+pub struct HttpContext {
+    /// Limits and timeouts.
+    pub settings: Http,
+    /// The routing table.
+    pub router: router::Router,
+    /// Upstream clients.
+    pub clients: upstream::Clients,
+}
+
+impl HttpContext {
+    /// Compiles `[http]`.
+    pub fn new(settings: &Http) -> HttpContext {
+        HttpContext {
+            router: router::Router::new(&settings.routes, settings.failure_cooldown),
+            clients: upstream::Clients::new(settings),
+            settings: settings.clone(),
+        }
+    }
+}
+
+/// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes.
+pub async fn serve(
+    client: TcpStream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    context: Arc<HttpContext>,
+    traffic: Arc<stream::Traffic>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let settings = &context.settings;
+    let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32);
+    let service = hyper::service::service_fn(move |request| {
+        proxy::handle(request, Arc::clone(&context), peer)
+    });
+    builder.serve_connection_with_upgrades(io, service).await
+}

@@ -1,0 +1,177 @@
+//! The one canonical form of a request path: decoded once, normalised once, then used both to pick
+//! the route and to build the forwarded URI, so matching and forwarding can never disagree.
+
+/// Why a path is refused (400).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// `%2F`, `%5C` or `%00`: an encoded separator or NUL that would change the route.
+    #[error("encoded '/', '\\\\' or NUL in the path")]
+    EncodedSeparator,
+    /// A raw `\` or control character.
+    #[error("backslash or control character in the path")]
+    ForbiddenCharacter,
+    /// A `%` not followed by two hex digits.
+    #[error("malformed percent-encoding in the path")]
+    BadPercentEncoding,
+    /// `..` segments climbing above the root.
+    #[error("the path climbs above the root")]
+    EscapesRoot,
+    /// Not an origin-form path.
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+}
+
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    (byte as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Canonicalises `raw` (the path component, without the query):
+/// - percent-encoded unreserved characters are decoded (so `%2e%2e` is `..`), every other escape is
+///   kept with upper-case hex; encoded `/`, `\` and NUL are refused;
+/// - empty (`//`) and `.` segments are dropped, `..` removes the previous segment, and climbing
+///   above the root is refused;
+/// - a trailing slash is kept.
+///
+/// `*` (as in `OPTIONS *`) is returned unchanged.
+pub fn canonicalize(raw: &str) -> Result<String, PathError> {
+    if raw == "*" {
+        return Ok(raw.to_owned());
+    }
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        if byte == b'%' {
+            let (Some(high), Some(low)) = (
+                bytes.get(index + 1).copied().and_then(hex_value),
+                bytes.get(index + 2).copied().and_then(hex_value),
+            ) else {
+                return Err(PathError::BadPercentEncoding);
+            };
+            let value = high << 4 | low;
+            if matches!(value, b'/' | b'\\' | 0) {
+                return Err(PathError::EncodedSeparator);
+            }
+            if is_unreserved(value) {
+                decoded.push(value as char);
+            } else {
+                decoded.push_str(&format!("%{value:02X}"));
+            }
+            index += 3;
+            continue;
+        }
+        if byte == b'\\' || byte.is_ascii_control() {
+            return Err(PathError::ForbiddenCharacter);
+        }
+        // Multi-byte UTF-8 cannot reach here through hyper's URI parser, but stay byte-exact.
+        decoded.push(byte as char);
+        index += 1;
+    }
+
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = decoded.ends_with('/');
+    for segment in decoded.split('/').skip(1) {
+        match segment {
+            "" => {}
+            "." => trailing_slash = true,
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::EscapesRoot);
+                }
+                trailing_slash = true;
+            }
+            other => {
+                segments.push(other);
+                trailing_slash = false;
+            }
+        }
+    }
+    if decoded.ends_with('/') {
+        trailing_slash = true;
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for segment in &segments {
+        path.push('/');
+        path.push_str(segment);
+    }
+    if segments.is_empty() || trailing_slash {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_forms() {
+        let cases = [
+            ("/", "/"),
+            ("/v1/models", "/v1/models"),
+            ("/v1//models", "/v1/models"),
+            ("//v1/models/", "/v1/models/"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/embedding-model/../admin", "/admin"),
+            ("/embedding-model/%2e%2e/admin", "/admin"),
+            ("/embedding-model/%2E%2E/admin", "/admin"),
+            ("/%7Euser/%41", "/~user/A"),
+            ("/a%20b", "/a%20b"),
+            ("/a%3fb", "/a%3Fb"),
+            ("*", "*"),
+        ];
+        for (raw, canonical) in cases {
+            assert_eq!(canonicalize(raw).as_deref(), Ok(canonical), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        let cases = [
+            ("/embedding-model%2Fv1", PathError::EncodedSeparator),
+            ("/a%2fb", PathError::EncodedSeparator),
+            ("/a%5Cb", PathError::EncodedSeparator),
+            ("/a%00", PathError::EncodedSeparator),
+            ("/a\\b", PathError::ForbiddenCharacter),
+            ("/a%zz", PathError::BadPercentEncoding),
+            ("/a%4", PathError::BadPercentEncoding),
+            ("/..", PathError::EscapesRoot),
+            ("/a/../../b", PathError::EscapesRoot),
+            ("/%2e%2e/etc", PathError::EscapesRoot),
+            ("v1", PathError::NotAbsolute),
+        ];
+        for (raw, error) in cases {
+            assert_eq!(canonicalize(raw), Err(error), "{raw}");
+        }
+    }
+
+    #[test]
+    fn canonical_paths_are_fixed_points() {
+        for raw in ["/a/b/", "/x/%20/y", "/~a", "/"] {
+            let once = canonicalize(raw).unwrap();
+            assert_eq!(canonicalize(&once).unwrap(), once);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_never_yields_dot_segments(raw in "/[a-z./%0-9A-F]{0,40}") {
+            if let Ok(path) = canonicalize(&raw) {
+                proptest::prop_assert!(path.starts_with('/'));
+                proptest::prop_assert!(!path.split('/').any(|s| s == ".." || s == "."));
+                proptest::prop_assert!(!path.contains("//"));
+                proptest::prop_assert_eq!(canonicalize(&path).unwrap(), path.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Forwarding one request: canonical path → route → upstream, streaming both bodies, tunnelling
+//! upgrades, and turning failures into short, honest status codes.
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, info};
+
+use super::body::{BodyEnd, IdleTimeout, Observed};
+use super::headers;
+use super::path::canonicalize;
+use super::router::{normalize_host, Route};
+use super::upstream::UpstreamBody;
+use super::HttpContext;
+
+/// The body type of responses to clients.
+pub type ResponseBody = UpstreamBody;
+
+fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(message + "\n"))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// What the access log line needs, filled as the request goes.
+struct Access {
+    method: Method,
+    host: String,
+    path: String,
+    route: String,
+    upstream: String,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl Access {
+    fn log(&self, status: StatusCode, bytes_out: u64, ttfb_ms: Option<u64>, end: &str) {
+        info!(
+            target: "muxer::access",
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            route = %self.route,
+            upstream = %self.upstream,
+            status = status.as_u16(),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            ttfb_ms = ttfb_ms.unwrap_or(0),
+            end,
+            "request"
+        );
+    }
+
+    /// Logs and returns a locally generated response.
+    fn local(&self, response: Response<ResponseBody>) -> Response<ResponseBody> {
+        self.log(response.status(), 0, None, "local");
+        response
+    }
+}
+
+/// Why forwarding failed.
+enum Failure {
+    /// The upstream could not be reached (after the allowed retries).
+    Unreachable,
+    /// The upstream did not answer within the route's response timeout.
+    Timeout,
+    /// The request body exceeded the limit.
+    BodyTooLarge,
+    /// The connection to the upstream broke.
+    Broken,
+}
+
+fn caused_by<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<E>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// A pooled connection the upstream had already closed: safe to retry when nothing of the
+/// request body can have been consumed.
+fn stale_connection(error: &hyper_util::client::legacy::Error) -> bool {
+    if let Some(hyper_error) = caused_by::<hyper::Error>(error) {
+        if hyper_error.is_incomplete_message() || hyper_error.is_canceled() {
+            return true;
+        }
+    }
+    caused_by::<std::io::Error>(error).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    })
+}
+
+/// Serves one request from `client`.
+pub async fn handle(
+    mut request: Request<Incoming>,
+    context: Arc<HttpContext>,
+    client: SocketAddr,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let raw_host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let host = raw_host.as_deref().map(normalize_host);
+    let mut access = Access {
+        method: request.method().clone(),
+        host: host.clone().unwrap_or_default(),
+        path: request.uri().path().to_owned(),
+        route: "-".into(),
+        upstream: "-".into(),
+        started: Instant::now(),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+    };
+    if request.method() == Method::CONNECT {
+        return Ok(access.local(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served here".into(),
+        )));
+    }
+    let path = match canonicalize(request.uri().path()) {
+        Ok(path) => path,
+        Err(error) => {
+            return Ok(access.local(text(
+                StatusCode::BAD_REQUEST,
+                format!("400 bad request: {error}"),
+            )))
+        }
+    };
+    access.path = path.clone();
+    let Some(route) = context.router.find(host.as_deref(), &path).cloned() else {
+        return Ok(access.local(text(
+            StatusCode::NOT_FOUND,
+            "404 no route for this host and path".into(),
+        )));
+    };
+    access.route = route.name.clone();
+
+    let limit = context.settings.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Ok(access.local(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("413 request body larger than {limit} bytes"),
+        )));
+    }
+    let upgrade = headers::upgrade_requested(request.headers())
+        .filter(|_| request.version() == Version::HTTP_11);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+
+    let (mut parts, body) = request.into_parts();
+    let bodiless = body.is_end_stream();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.as_deref());
+    match (&route.host_header, &raw_host) {
+        (Some(host), _) => {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                parts.headers.insert(HOST, value);
+            }
+        }
+        // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host.
+        (None, Some(host)) if !parts.headers.contains_key(HOST) => {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                parts.headers.insert(HOST, value);
+            }
+        }
+        _ => {}
+    }
+    if let Some(protocol) = upgrade.clone() {
+        headers::set_upgrade(&mut parts.headers, protocol);
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{}?{query}", route.forwarded_path(&path)),
+        None => route.forwarded_path(&path).to_owned(),
+    };
+
+    let request_body = Observed::new(
+        IdleTimeout::new(
+            Limited::new(body, limit as usize),
+            context.settings.body_idle_timeout,
+        ),
+        Arc::clone(&access.bytes_in),
+        |_| {},
+    )
+    .boxed_unsync();
+    let mut body = Some(request_body);
+
+    let mut attempt = 0;
+    let response = loop {
+        let index = route.upstreams.pick();
+        access.upstream = route.upstreams.authority(index).to_owned();
+        let Ok(uri) = Uri::try_from(format!("http://{}{path_and_query}", access.upstream)) else {
+            return Ok(access.local(text(
+                StatusCode::BAD_REQUEST,
+                "400 bad request: unusable request target".into(),
+            )));
+        };
+        let mut upstream_request = Request::new(body.take().unwrap_or_else(empty));
+        *upstream_request.method_mut() = parts.method.clone();
+        *upstream_request.uri_mut() = uri;
+        *upstream_request.version_mut() = Version::HTTP_11;
+        *upstream_request.headers_mut() = parts.headers.clone();
+        let client_to_use = if attempt == 0 {
+            &context.clients.pooled
+        } else {
+            &context.clients.fresh
+        };
+        let sent = client_to_use.request(upstream_request);
+        let result = match route.response_timeout {
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
+                Ok(result) => result.map_err(Some),
+                Err(_) => Err(None),
+            },
+            None => sent.await.map_err(Some),
+        };
+        match result {
+            Ok(response) => break Ok(response),
+            Err(None) => break Err(Failure::Timeout),
+            Err(Some(error)) => {
+                debug!(route = %route.name, upstream = %access.upstream, %error, "upstream request failed");
+                if caused_by::<LengthLimitError>(&error).is_some() {
+                    break Err(Failure::BodyTooLarge);
+                }
+                if error.is_connect() {
+                    route.upstreams.mark_failed(index);
+                }
+                let retriable = bodiless
+                    && attempt == 0
+                    && (error.is_connect() && route.upstreams.len() > 1
+                        || stale_connection(&error));
+                if retriable {
+                    attempt += 1;
+                    continue;
+                }
+                break Err(if error.is_connect() {
+                    Failure::Unreachable
+                } else {
+                    Failure::Broken
+                });
+            }
+        }
+    };
+    let mut response = match response {
+        Ok(response) => response,
+        Err(failure) => return Ok(access.local(failure_response(failure, &route, limit))),
+    };
+    let ttfb_ms = access.started.elapsed().as_millis() as u64;
+    let status = response.status();
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.name.clone()));
+            let (mut parts, _) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            headers::set_upgrade(&mut parts.headers, protocol);
+            access.log(status, 0, Some(ttfb_ms), "upgraded");
+            return Ok(Response::from_parts(parts, empty()));
+        }
+    }
+
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&bytes_out);
+    let body = Observed::new(
+        IdleTimeout::new(body, context.settings.body_idle_timeout),
+        counted,
+        move |end: BodyEnd| {
+            access.log(
+                status,
+                bytes_out.load(Ordering::Relaxed),
+                Some(ttfb_ms),
+                end.as_str(),
+            )
+        },
+    );
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+fn empty() -> UpstreamBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn failure_response(failure: Failure, route: &Route, limit: u64) -> Response<ResponseBody> {
+    match failure {
+        Failure::Unreachable => text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "502 bad gateway: the upstream of route {} is unreachable",
+                route.name
+            ),
+        ),
+        Failure::Broken => text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "502 bad gateway: the upstream of route {} closed the connection",
+                route.name
+            ),
+        ),
+        Failure::Timeout => text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "504 gateway timeout: the upstream of route {} did not answer in time",
+                route.name
+            ),
+        ),
+        Failure::BodyTooLarge => text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("413 request body larger than {limit} bytes"),
+        ),
+    }
+}
+
+/// Joins an upgraded client connection to the upgraded upstream connection.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: String,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            debug!(%route, %error, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            info!(target: "muxer::access", %route, bytes_in = up, bytes_out = down, "upgraded connection closed")
+        }
+        Err(error) => debug!(%route, %error, "upgraded connection failed"),
+    }
+}
