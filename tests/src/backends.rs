@@ -2,8 +2,12 @@
 //! server. Each binds inside a namespace and runs on its own thread until dropped.
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -72,33 +76,115 @@ where
     }
 }
 
-/// Starts an HTTP server named `name` on `address` inside `netns`:
+/// What an HTTP backend observed, for tests to check.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// When each `/sse` stream was abandoned by its reader (muxer dropped it).
+    pub sse_cancelled: Mutex<Vec<Instant>>,
+    /// Number of requests served.
+    pub requests: AtomicU64,
+    /// Number of TCP connections accepted.
+    pub connections: AtomicU64,
+}
+
+/// Options of [`http_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HttpOptions {
+    /// Close idle keep-alive connections after this long (like uvicorn's `timeout_keep_alive`).
+    pub keep_alive: Option<Duration>,
+}
+
+/// An HTTP backend and what it observed.
+pub struct HttpBackend {
+    /// The server.
+    pub backend: Backend,
+    /// What it saw.
+    pub observed: Arc<Observed>,
+}
+
+/// Starts an HTTP server named `name` on `address` inside `netns`; see [`http_with`].
+pub fn http(netns: &Netns, address: SocketAddr, name: &'static str) -> Backend {
+    http_with(netns, address, name, HttpOptions::default()).backend
+}
+
+/// Starts an HTTP/1.1 + HTTP/2 server named `name` on `address` inside `netns`:
 /// - `GET /v1/models`: a JSON model list whose model id is `name`;
 /// - `POST /sha256`: streams the request body and answers `<hex sha256> <length>`;
-/// - anything else: `<name> <method> <path>` as text.
-pub fn http(netns: &Netns, address: SocketAddr, name: &'static str) -> Backend {
-    start(netns, address, move |stream| async move {
-        let service = hyper::service::service_fn(move |request| handle(request, name));
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .await;
-    })
+/// - `GET /bytes/N`: streams N bytes of [`crate::test_data`] in 64 KiB chunks;
+/// - `GET /sse`: a `text/event-stream` with one event every 50 ms, each carrying its emission
+///   time in microseconds since the Unix epoch, until the reader goes away;
+/// - `GET /headers`: the request headers as a JSON object;
+/// - anything else: `<name> <method> <path-and-query>` as text.
+pub fn http_with(
+    netns: &Netns,
+    address: SocketAddr,
+    name: &'static str,
+    options: HttpOptions,
+) -> HttpBackend {
+    let observed = Arc::new(Observed::default());
+    let seen = Arc::clone(&observed);
+    let backend = start(netns, address, move |stream| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.connections.fetch_add(1, Ordering::Relaxed);
+            let service =
+                hyper::service::service_fn(move |request| handle(request, name, Arc::clone(&seen)));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Some(keep_alive) = options.keep_alive {
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(keep_alive);
+            }
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        }
+    });
+    HttpBackend { backend, observed }
+}
+
+type TestBody = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> TestBody {
+    Full::new(text.into()).boxed_unsync()
+}
+
+/// Microseconds since the Unix epoch: comparable across processes on this machine.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64
 }
 
 async fn handle(
     request: Request<Incoming>,
     name: &'static str,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+    seen: Arc<Observed>,
+) -> Result<Response<TestBody>, Infallible> {
+    seen.requests.fetch_add(1, Ordering::Relaxed);
     let path = request.uri().path().to_owned();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let method = request.method().clone();
-    let text = match (method.as_str(), path.as_str()) {
+    let response = match (method.as_str(), path.as_str()) {
         ("GET", "/v1/models") => {
             let body =
                 serde_json::json!({"object": "list", "data": [{"id": name, "object": "model"}]});
-            return Ok(Response::builder()
+            Response::builder()
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
-                .expect("response"));
+                .body(full(body.to_string()))
+        }
+        ("GET", "/headers") => {
+            let mut map = serde_json::Map::new();
+            for (key, value) in request.headers() {
+                map.insert(key.as_str().to_owned(), value.to_str().unwrap_or("").into());
+            }
+            Response::builder().body(full(serde_json::Value::Object(map).to_string()))
         }
         ("POST", "/sha256") => {
             let mut body = request.into_body();
@@ -111,11 +197,101 @@ async fn handle(
                     length += data.len();
                 }
             }
-            format!("{} {length}", crate::to_hex(&hasher.finalize()))
+            Response::builder().body(full(format!(
+                "{} {length}",
+                crate::to_hex(&hasher.finalize())
+            )))
         }
-        _ => format!("{name} {method} {path}"),
+        ("GET", "/sse") => {
+            let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    ticker.tick().await;
+                    let event = Bytes::from(format!("data: {}\n\n", now_micros()));
+                    if sender.send(event).await.is_err() {
+                        seen.sse_cancelled.lock().unwrap().push(Instant::now());
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(ChannelBody { receiver }.boxed_unsync())
+        }
+        ("GET", bytes) if bytes.starts_with("/bytes/") => {
+            let total: usize = bytes["/bytes/".len()..].parse().unwrap_or(0);
+            Response::builder().body(
+                GeneratedBody {
+                    remaining: total,
+                    generator: crate::DataGenerator::new(),
+                }
+                .boxed_unsync(),
+            )
+        }
+        _ => Response::builder().body(full(format!("{name} {method} {target}"))),
     };
-    Ok(Response::new(Full::new(Bytes::from(text))))
+    Ok(response.expect("response"))
+}
+
+/// A body fed by a channel; dropping it makes the sender's `send` fail.
+struct ChannelBody {
+    receiver: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.receiver
+            .poll_recv(cx)
+            .map(|event| event.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+    }
+}
+
+/// A body of `remaining` bytes of [`crate::test_data`], generated as it is read.
+struct GeneratedBody {
+    remaining: usize,
+    generator: crate::DataGenerator,
+}
+
+impl hyper::body::Body for GeneratedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let chunk = self.remaining.min(64 * 1024);
+        self.remaining -= chunk;
+        let bytes: Vec<u8> = (0..chunk).map(|_| self.generator.next_byte()).collect();
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(bytes)))))
+    }
+}
+
+/// Starts a WebSocket echo server on `address` inside `netns` (tokio-tungstenite): every text or
+/// binary message comes back unchanged.
+pub fn websocket_echo(netns: &Netns, address: SocketAddr) -> Backend {
+    start(netns, address, |stream| async move {
+        use futures_util::{SinkExt, StreamExt};
+        let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        while let Some(Ok(message)) = socket.next().await {
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Starts a TCP echo server on `address` inside `netns`: it echoes every byte, and when the client

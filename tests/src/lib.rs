@@ -53,15 +53,33 @@ pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The generator behind [`test_data`], for producing it incrementally.
+#[derive(Clone, Debug)]
+pub struct DataGenerator(u64);
+
+impl DataGenerator {
+    /// Starts at the beginning of the sequence.
+    pub fn new() -> DataGenerator {
+        DataGenerator(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The next byte.
+    pub fn next_byte(&mut self) -> u8 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 as u8
+    }
+}
+
+impl Default for DataGenerator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// `len` bytes of deterministic, incompressible-looking data.
 pub fn test_data(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    let mut generator = DataGenerator::new();
+    (0..len).map(|_| generator.next_byte()).collect()
 }

@@ -60,10 +60,10 @@ impl Muxer {
             }
             None => netns.command(&binary().display().to_string()),
         };
-        command
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info");
+        command.args(["run", "--config"]).arg(&config_path).env(
+            "RUST_LOG",
+            std::env::var("MUXER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let mut process = Running::spawn("muxer", command, dir.path().join("muxer.log"));
         crate::wait_for("muxer to listen", Duration::from_secs(10), || {
             process.assert_running();

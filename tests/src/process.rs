@@ -72,7 +72,7 @@ impl Drop for Running {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            if std::thread::panicking() {
+            if std::thread::panicking() || std::env::var_os("MUXER_TEST_SHOW_LOGS").is_some() {
                 eprintln!("---- log of {} ----\n{}", self.name, self.log());
             }
         }

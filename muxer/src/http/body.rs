@@ -148,14 +148,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         let end = match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                None
+                // A sized body may never be polled past its last frame.
+                this.inner.is_end_stream().then_some(BodyEnd::Complete)
             }
             Poll::Ready(Some(Err(_))) => Some(BodyEnd::Failed),
             Poll::Ready(None) => Some(BodyEnd::Complete),

@@ -252,7 +252,7 @@ pub async fn handle(
             Ok(response) => break Ok(response),
             Err(None) => break Err(Failure::Timeout),
             Err(Some(error)) => {
-                debug!(route = %route.name, upstream = %access.upstream, %error, "upstream request failed");
+                debug!(route = %route.name, upstream = %access.upstream, error = ?error, "upstream request failed");
                 if caused_by::<LengthLimitError>(&error).is_some() {
                     break Err(Failure::BodyTooLarge);
                 }

@@ -1,0 +1,476 @@
+//! The HTTP router end to end, with real curl where it matters: routing, path canonicalisation,
+//! header hygiene, streaming (SSE latency, 100 MiB both ways), client aborts, WebSocket, h2c,
+//! failures and limits.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use muxer_tests::backends::{self, Backend, HttpBackend, HttpOptions};
+use muxer_tests::muxer::Muxer;
+use muxer_tests::netns::{Link, SERVER_V4};
+use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
+
+const BASE: &str = "http://198.18.0.2:2222";
+
+fn config(http: &str) -> String {
+    format!(
+        "[listen]\naddresses = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
+         [sniff]\non_timeout = \"close\"\n\
+         {http}"
+    )
+}
+
+const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209715200\n\
+    [[http.route]]\npath = \"/embedding-model/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30001\"]\n\
+    [[http.route]]\npath = \"/ws\"\nupstreams = [\"127.0.0.1:30002\"]\n\
+    [[http.route]]\nname = \"keepalive\"\npath = \"/ka/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30003\"]\n\
+    [[http.route]]\nname = \"wild\"\nhost = \"*.example.com\"\nupstreams = [\"127.0.0.1:30001\"]\n\
+    [[http.route]]\nname = \"down\"\npath = \"/down\"\nupstreams = [\"127.0.0.1:39999\"]\n\
+    [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n";
+
+struct Server {
+    link: Link,
+    llm: HttpBackend,
+    _embed: Backend,
+    _ws: Backend,
+    keepalive: HttpBackend,
+    muxer: Muxer,
+}
+
+fn server() -> Server {
+    let link = Link::new();
+    let llm = backends::http_with(
+        &link.server,
+        "127.0.0.1:30000".parse().unwrap(),
+        "llm",
+        HttpOptions::default(),
+    );
+    let embed = backends::http(&link.server, "127.0.0.1:30001".parse().unwrap(), "embed");
+    let ws = backends::websocket_echo(&link.server, "127.0.0.1:30002".parse().unwrap());
+    let keepalive = backends::http_with(
+        &link.server,
+        "127.0.0.1:30003".parse().unwrap(),
+        "short-keepalive",
+        HttpOptions {
+            keep_alive: Some(Duration::from_secs(1)),
+        },
+    );
+    let muxer = Muxer::start(
+        &link.server,
+        &config(ROUTES),
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    Server {
+        link,
+        llm,
+        _embed: embed,
+        _ws: ws,
+        keepalive,
+        muxer,
+    }
+}
+
+impl Server {
+    /// curl ARGS, returning (status code, body).
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let mut all = vec!["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"];
+        all.extend_from_slice(args);
+        let out = self.link.client.run_ok("curl", &all);
+        let (body, code) = out.rsplit_once('\n').expect("status line");
+        (code.trim().parse().expect("status"), body.to_owned())
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.curl(&["--path-as-is", &format!("{BASE}{path}")])
+    }
+}
+
+#[test]
+fn routes_strip_prefixes_canonicalise_paths_and_clean_headers() {
+    if !netns_available("routes_strip_prefixes_canonicalise_paths_and_clean_headers") {
+        return;
+    }
+    let server = server();
+    let cases: &[(&str, u16, &str)] = &[
+        ("/v1/models", 200, "\"id\":\"llm\""),
+        ("/embedding-model/v1/models", 200, "\"id\":\"embed\""),
+        ("/embedding-model/", 200, "embed GET /"),
+        ("/embedding-model", 200, "llm GET /embedding-model"),
+        ("/embedding-modelx", 200, "llm GET /embedding-modelx"),
+        (
+            "/embedding-model/v1//x?a=1&b=%2F",
+            200,
+            "embed GET /v1/x?a=1&b=%2F",
+        ),
+        ("/embedding-model/../admin", 200, "llm GET /admin"),
+        ("/embedding-model/%2e%2e/admin", 200, "llm GET /admin"),
+        ("/embedding-model/./v1/./models", 200, "\"id\":\"embed\""),
+        ("/embedding-model%2Fv1/models", 400, "400"),
+        ("/embedding-model/..%2f..%2fetc", 400, "400"),
+        ("/x%00y", 400, "400"),
+        ("/../etc/passwd", 400, "400"),
+    ];
+    for (path, status, needle) in cases {
+        let (code, body) = server.get(path);
+        assert_eq!(code, *status, "{path}: {body}");
+        assert!(body.contains(needle), "{path}: {body:?} lacks {needle:?}");
+    }
+    let (code, body) = server.curl(&[
+        "-H",
+        "Host: API.Example.com:22",
+        &format!("{BASE}/v1/models"),
+    ]);
+    assert_eq!(
+        (code, body.contains("\"id\":\"embed\"")),
+        (200, true),
+        "wildcard host route: {body}"
+    );
+
+    let (code, body) = server.curl(&[
+        "-H",
+        "X-Forwarded-For: 203.0.113.7",
+        "-H",
+        "Connection: X-Drop-Me",
+        "-H",
+        "X-Drop-Me: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "Authorization: Bearer top-secret-token",
+        "-H",
+        "Cookie: session=top-secret-cookie",
+        &format!("{BASE}/headers"),
+    ]);
+    assert_eq!(code, 200);
+    let headers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 198.18.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "198.18.0.2:2222");
+    assert_eq!(headers["host"], "198.18.0.2:2222", "Host kept as sent");
+    assert_eq!(headers["authorization"], "Bearer top-secret-token");
+    for hop in ["x-drop-me", "keep-alive", "connection"] {
+        assert!(headers.get(hop).is_none(), "{hop} forwarded: {headers}");
+    }
+    server.muxer.wait_for_log("path=/headers");
+    let log = server.muxer.log();
+    assert!(!log.contains("top-secret"), "credentials in the log");
+    assert!(
+        log.contains("route=default") && log.contains("status=200") && log.contains("ttfb_ms="),
+        "{log}"
+    );
+}
+
+#[test]
+fn sse_events_reach_the_client_within_20_ms_of_emission() {
+    if !netns_available("sse_events_reach_the_client_within_20_ms_of_emission") {
+        return;
+    }
+    let server = server();
+    let mut curl = server
+        .link
+        .client
+        .command("curl")
+        .args(["-sS", "-N", "--max-time", "10", &format!("{BASE}/sse")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut delays = Vec::new();
+    while delays.len() < 40 {
+        let line = lines.next().expect("event").unwrap();
+        let arrived = backends::now_micros();
+        if let Some(emitted) = line.strip_prefix("data: ") {
+            delays.push(arrived - emitted.parse::<u64>().unwrap());
+        }
+    }
+    let _ = curl.kill();
+    let _ = curl.wait();
+    delays.sort_unstable();
+    let worst = *delays.last().unwrap();
+    assert!(
+        worst <= 20_000,
+        "slowest event took {worst} µs; all: {delays:?}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_the_upstream_within_a_second() {
+    if !netns_available("a_client_that_disconnects_cancels_the_upstream_within_a_second") {
+        return;
+    }
+    let server = server();
+    let mut curl = server
+        .link
+        .client
+        .command("curl")
+        .args(["-sS", "-N", &format!("{BASE}/sse")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    for _ in 0..6 {
+        lines.next().expect("event").unwrap();
+    }
+    curl.kill().unwrap();
+    let killed = Instant::now();
+    curl.wait().unwrap();
+    let cancelled = wait_for(
+        "the upstream to see the abort",
+        Duration::from_secs(3),
+        || {
+            server
+                .llm
+                .observed
+                .sse_cancelled
+                .lock()
+                .unwrap()
+                .first()
+                .copied()
+        },
+    );
+    let delay = cancelled.duration_since(killed);
+    assert!(
+        delay <= Duration::from_secs(1),
+        "upstream kept generating for {delay:?}"
+    );
+    server.muxer.wait_for_log("end=\"client gone\"");
+}
+
+#[test]
+fn hundred_mib_upload_and_download_stream_with_equal_checksums() {
+    if !netns_available("hundred_mib_upload_and_download_stream_with_equal_checksums") {
+        return;
+    }
+    let server = server();
+    let size = 100 * 1024 * 1024;
+    let data = test_data(size);
+    let expected = sha256_hex(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("upload.bin");
+    std::fs::write(&upload, &data).unwrap();
+    let (code, body) = server.curl(&[
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("{BASE}/sha256"),
+    ]);
+    assert_eq!((code, body), (200, format!("{expected} {size}")));
+
+    let download = dir.path().join("download.bin");
+    server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "60",
+            "-o",
+            download.to_str().unwrap(),
+            &format!("{BASE}/bytes/{size}"),
+        ],
+    );
+    assert_eq!(sha256_hex(&std::fs::read(&download).unwrap()), expected);
+
+    // Streaming, not buffering: muxer's peak memory stays far below one body.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", server.muxer.process.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 48 * 1024,
+        "muxer peaked at {peak_kib} KiB while moving 100 MiB bodies"
+    );
+}
+
+#[test]
+fn websocket_upgrades_are_tunnelled() {
+    if !netns_available("websocket_upgrades_are_tunnelled") {
+        return;
+    }
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = server();
+    let stream = server
+        .link
+        .client
+        .enter(|| TcpStream::connect(SocketAddr::from((SERVER_V4, 2222))))
+        .unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let (mut socket, response) =
+            tokio_tungstenite::client_async("ws://198.18.0.2:2222/ws", stream)
+                .await
+                .unwrap();
+        assert_eq!(response.status(), 101);
+        socket
+            .send(Message::text("hello through muxer"))
+            .await
+            .unwrap();
+        assert_eq!(
+            socket.next().await.unwrap().unwrap(),
+            Message::text("hello through muxer")
+        );
+        let big = test_data(1 << 20);
+        socket.send(Message::binary(big.clone())).await.unwrap();
+        assert_eq!(socket.next().await.unwrap().unwrap(), Message::binary(big));
+        socket.close(None).await.unwrap();
+    });
+}
+
+#[test]
+fn h2c_prior_knowledge_is_served() {
+    if !netns_available("h2c_prior_knowledge_is_served") {
+        return;
+    }
+    let server = server();
+    let out = server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_version}",
+            &format!("{BASE}/embedding-model/v1/models"),
+        ],
+    );
+    let (body, version) = out.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2");
+    assert!(body.contains("\"id\":\"embed\""), "{body}");
+}
+
+#[test]
+fn an_unreachable_upstream_is_a_short_502_naming_the_route() {
+    if !netns_available("an_unreachable_upstream_is_a_short_502_naming_the_route") {
+        return;
+    }
+    let server = server();
+    let (code, body) = server.get("/down/x");
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("route down"), "{body}");
+    assert!(
+        !body.contains("39999") && !body.to_lowercase().contains("refused"),
+        "internals leaked: {body}"
+    );
+}
+
+#[test]
+fn a_slow_header_client_is_cut_at_the_header_timeout() {
+    if !netns_available("a_slow_header_client_is_cut_at_the_header_timeout") {
+        return;
+    }
+    let server = server();
+    let mut stream = server
+        .link
+        .client
+        .enter(|| TcpStream::connect(SocketAddr::from((SERVER_V4, 2222))))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+}
+
+#[test]
+fn an_upstream_with_a_one_second_keep_alive_never_yields_a_502() {
+    if !netns_available("an_upstream_with_a_one_second_keep_alive_never_yields_a_502") {
+        return;
+    }
+    let server = server();
+    // Requests spaced right around the upstream's keep-alive, where a pooled connection is most
+    // likely to be closed by the upstream just as it is reused.
+    let gaps = [990u64, 995, 1000, 1003, 1006, 1010, 1020, 980];
+    for round in 0..24 {
+        let (code, body) = server.get(&format!("/ka/round/{round}"));
+        assert_eq!(code, 200, "round {round}: {body}");
+        assert_eq!(body, format!("short-keepalive GET /round/{round}"));
+        std::thread::sleep(Duration::from_millis(gaps[round % gaps.len()]));
+    }
+    let connections = server
+        .keepalive
+        .observed
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        connections > 1,
+        "the upstream's keep-alive must have closed pooled connections"
+    );
+}
+
+#[test]
+fn limits_answer_413_431_and_404() {
+    if !netns_available("limits_answer_413_431_and_404") {
+        return;
+    }
+    let link = Link::new();
+    let _backend = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
+    let routes = "[http]\nmax_body_bytes = 1048576\nmax_header_bytes = 8192\n\
+        [[http.route]]\npath = \"/api/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30000\"]\n";
+    let _muxer = Muxer::start(
+        &link.server,
+        &config(routes),
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("2mib.bin");
+    std::fs::write(&body, test_data(2 << 20)).unwrap();
+    let status = |args: &[&str]| -> String {
+        let mut all = vec![
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ];
+        all.extend_from_slice(args);
+        link.client.run_ok("curl", &all)
+    };
+    let url = format!("{BASE}/api/sha256");
+    let file = format!("@{}", body.display());
+    assert_eq!(
+        status(&["--data-binary", &file, &url]),
+        "413",
+        "declared length over the limit"
+    );
+    assert_eq!(
+        status(&[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &file,
+            &url
+        ]),
+        "413",
+        "chunked over the limit"
+    );
+    let small = format!("{BASE}/api/sha256");
+    assert_eq!(status(&["--data-binary", "small", &small]), "200");
+    let huge_header = format!("X-Big: {}", "a".repeat(16 * 1024));
+    assert_eq!(
+        status(&["-H", &huge_header, &format!("{BASE}/api/x")]),
+        "431"
+    );
+    assert_eq!(status(&[&format!("{BASE}/elsewhere")]), "404");
+}
