@@ -1,26 +1,28 @@
-//! One client connection from accept to close: socket options, sniffing, the route decision, and
-//! the hand-off to the route's handler. [`dispatch`] is the one place a sniffed connection meets
-//! its handler.
+//! One client connection from accept to close: the real client address (PROXY protocol from
+//! trusted sources), per-address admission, sniffing, the route decision, and the hand-off to the
+//! route's handler. [`dispatch`] is the one place a sniffed connection meets its handler.
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
-use std::sync::atomic::Ordering;
-
-use crate::config::{Config, Target};
+use crate::config::{Config, ProxyVersion, Target};
 use crate::http::stream::Traffic;
 use crate::http::HttpContext;
-use crate::limits::ConnectionSlot;
-use crate::sniff::{self, SniffOutcome, Sniffed};
+use crate::limits::ConnectionLimits;
+use crate::proxy_protocol;
+use crate::sniff::{self, Detected, SniffOutcome, Sniffed};
 use crate::splice::{self, CloseReason};
 use crate::stats::{RouteCounters, Stats};
+use crate::tls_router::TlsRouter;
 
 /// What every connection handler needs, shared by all connections.
 #[derive(Debug)]
@@ -29,26 +31,32 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The daemon's counters.
     pub stats: Arc<Stats>,
-    /// The HTTP router, when `[http]` is configured.
+    /// The HTTP router (with the tunnels), when `[http]` or `[[tunnel]]` is configured.
     pub http: Option<Arc<HttpContext>>,
+    /// The TLS router, when `[tls]` is configured.
+    pub tls: Option<TlsRouter>,
 }
 
 impl Shared {
     /// Builds what connections share from `config`.
     pub fn new(config: Config, stats: Arc<Stats>) -> Shared {
-        let http = config
-            .http
-            .as_ref()
-            .map(|http| Arc::new(HttpContext::new(http)));
+        let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
+            Arc::new(HttpContext::new(
+                config.http.clone().unwrap_or_default(),
+                &config.tunnels,
+            ))
+        });
+        let tls = config.tls.as_ref().map(TlsRouter::new);
         Shared {
             config: Arc::new(config),
             stats,
             http,
+            tls,
         }
     }
 }
 
-/// Why a connection ended before or during forwarding; the last field of the log line.
+/// Why a connection ended; the last field of the log line.
 #[derive(Debug)]
 enum Closed {
     Spliced(CloseReason),
@@ -61,6 +69,9 @@ enum Closed {
     PrefixWriteFailed(std::io::Error),
     HttpFinished,
     HttpFailed(String),
+    PerAddressLimit,
+    BadProxyHeader(proxy_protocol::InboundError),
+    UntrustedProxyHeader,
 }
 
 impl fmt::Display for Closed {
@@ -76,6 +87,11 @@ impl fmt::Display for Closed {
             Closed::PrefixWriteFailed(e) => write!(f, "upstream write failed: {e}"),
             Closed::HttpFinished => f.write_str("finished"),
             Closed::HttpFailed(e) => write!(f, "http error: {e}"),
+            Closed::PerAddressLimit => f.write_str("per-address connection limit"),
+            Closed::BadProxyHeader(e) => write!(f, "rejected: {e}"),
+            Closed::UntrustedProxyHeader => {
+                f.write_str("rejected: PROXY header from an untrusted source")
+            }
         }
     }
 }
@@ -93,42 +109,104 @@ pub fn tune_socket(stream: &TcpStream, keepalive: Duration) {
     );
 }
 
+/// One log line per connection.
+struct ConnectionLog {
+    client: SocketAddr,
+    started: Instant,
+}
+
+impl ConnectionLog {
+    fn close(
+        &self,
+        protocol: &str,
+        backend: Option<&str>,
+        bytes_in: u64,
+        bytes_out: u64,
+        closed: &Closed,
+    ) {
+        info!(
+            client = %self.client,
+            protocol,
+            backend = backend.unwrap_or("-"),
+            bytes_in,
+            bytes_out,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            close = %closed,
+            "connection closed"
+        );
+    }
+}
+
 /// Serves one accepted connection to the end and logs one line about it.
 pub async fn serve(
     mut client: TcpStream,
-    peer: SocketAddr,
+    tcp_peer: SocketAddr,
     shared: Arc<Shared>,
-    slot: ConnectionSlot,
+    limits: Arc<ConnectionLimits>,
+    permit: OwnedSemaphorePermit,
 ) {
-    let _slot = slot;
-    let started = Instant::now();
     let config = &shared.config;
+    let mut log = ConnectionLog {
+        client: tcp_peer,
+        started: Instant::now(),
+    };
     tune_socket(&client, config.splice.tcp_keepalive);
 
-    let sniffed =
-        match sniff::sniff(&mut client, config.sniff.timeout, config.sniff.max_bytes).await {
-            Ok(sniffed) => sniffed,
+    let trusted = proxy_protocol::trusted(&config.proxy_protocol.trusted, tcp_peer.ip());
+    let mut initial = Vec::new();
+    if trusted {
+        match proxy_protocol::read_inbound(&mut client, config.sniff.timeout).await {
+            Ok(inbound) => {
+                if let Some(real) = inbound.client {
+                    log.client = real;
+                }
+                initial = inbound.rest;
+            }
             Err(error) => {
-                log_line(
-                    peer,
-                    "none",
-                    None,
-                    0,
-                    0,
-                    started,
-                    &Closed::SniffFailed(error),
-                );
+                log.close("none", None, 0, 0, &Closed::BadProxyHeader(error));
                 return;
             }
-        };
+        }
+    }
+    let Some(_slot) = limits.admit(permit, log.client.ip()) else {
+        shared.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+        log.close("none", None, 0, 0, &Closed::PerAddressLimit);
+        return;
+    };
+
+    let sniffed = match sniff::sniff(
+        &mut client,
+        initial,
+        config.sniff.timeout,
+        config.sniff.max_bytes,
+    )
+    .await
+    {
+        Ok(sniffed) => sniffed,
+        Err(error) => {
+            log.close("none", None, 0, 0, &Closed::SniffFailed(error));
+            return;
+        }
+    };
+    if !trusted
+        && matches!(sniffed.outcome, SniffOutcome::Undecided(_))
+        && proxy_protocol::looks_like_header(&sniffed.prefix)
+    {
+        warn!(client = %tcp_peer, "PROXY header from a source not in proxy_protocol.trusted; closing");
+        log.close(
+            "proxy",
+            None,
+            sniffed.prefix.len() as u64,
+            0,
+            &Closed::UntrustedProxyHeader,
+        );
+        return;
+    }
     let (label, target) = route_for(&sniffed.outcome, config);
     if matches!(sniffed.outcome, SniffOutcome::Timeout) {
-        shared
-            .stats
-            .probe_timeouts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.stats.probe_timeouts.fetch_add(1, Ordering::Relaxed);
     }
-    dispatch(client, peer, sniffed, label, target, &shared, started).await;
+    dispatch(client, sniffed, label, target, &shared, &log).await;
 }
 
 /// Names the sniffed connection for the logs and picks its route.
@@ -161,23 +239,23 @@ fn counters_for(stats: &Stats, target: Target) -> &RouteCounters {
 /// Hands a sniffed connection to the handler of its route.
 async fn dispatch(
     client: TcpStream,
-    peer: SocketAddr,
     sniffed: Sniffed,
     label: &'static str,
     target: Target,
     shared: &Shared,
-    started: Instant,
+    log: &ConnectionLog,
 ) {
     let counters = counters_for(&shared.stats, target);
     let open = counters.open_guard();
     let prefix_len = sniffed.prefix.len() as u64;
     let config = &shared.config;
+
     if let (Target::Http, Some(http)) = (target, &shared.http) {
         let traffic = Arc::new(Traffic::default());
         let result = crate::http::serve(
             client,
             sniffed.prefix,
-            peer,
+            log.client,
             Arc::clone(http),
             Arc::clone(&traffic),
         )
@@ -191,35 +269,38 @@ async fn dispatch(
             Ok(()) => Closed::HttpFinished,
             Err(error) => Closed::HttpFailed(error.to_string()),
         };
-        log_line(
-            peer,
-            label,
-            Some("http router"),
-            bytes_in,
-            bytes_out,
-            started,
-            &closed,
-        );
+        log.close(label, Some("http router"), bytes_in, bytes_out, &closed);
         return;
     }
-    let Some(backend) = config.backend(target) else {
+
+    let destination = match (target, &shared.tls) {
+        (Target::Tls, Some(tls)) => {
+            let hello = match &sniffed.outcome {
+                SniffOutcome::Detected(Detected::Tls(info)) => Some(info),
+                _ => None,
+            };
+            tls.pick(hello)
+        }
+        _ => config
+            .backend(target)
+            .map(|backend| (&backend.upstream, backend.proxy_protocol)),
+    };
+    let Some((upstream, proxy)) = destination else {
         let closed = match (&sniffed.outcome, target) {
             (SniffOutcome::ClosedEmpty, _) => Closed::NothingSent,
             (_, Target::Close) => Closed::Refused,
             _ => {
-                shared
-                    .stats
-                    .no_route
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.stats.no_route.fetch_add(1, Ordering::Relaxed);
                 Closed::NoRoute
             }
         };
         open.add_bytes(prefix_len, 0);
-        log_line(peer, label, None, prefix_len, 0, started, &closed);
+        log.close(label, None, prefix_len, 0, &closed);
         return;
     };
-    let upstream_name = backend.upstream.as_str();
-    let result = connect_and_splice(client, sniffed.prefix, upstream_name, config).await;
+    let header = proxy.map(|version| proxy_header(version, &client, log.client));
+    let result =
+        connect_and_splice(client, header, sniffed.prefix, upstream.as_str(), config).await;
     let (bytes_in, bytes_out, closed) = match result {
         Ok(report) => (
             prefix_len + report.client_to_upstream,
@@ -231,31 +312,26 @@ async fn dispatch(
                 shared
                     .stats
                     .upstream_connect_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed);
             }
             (prefix_len, 0, closed)
         }
     };
     open.add_bytes(bytes_in, bytes_out);
-    log_line(
-        peer,
-        label,
-        Some(upstream_name),
-        bytes_in,
-        bytes_out,
-        started,
-        &closed,
-    );
+    log.close(label, Some(upstream.as_str()), bytes_in, bytes_out, &closed);
 }
 
-/// Connects to the backend, replays the sniffed bytes, then splices.
-async fn connect_and_splice(
-    client: TcpStream,
-    prefix: Vec<u8>,
-    upstream: &str,
-    config: &Config,
-) -> Result<splice::SpliceReport, Closed> {
-    let mut upstream =
+/// The PROXY header for `client_addr` reaching this host through `socket`.
+fn proxy_header(version: ProxyVersion, socket: &TcpStream, client_addr: SocketAddr) -> Vec<u8> {
+    let local = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    proxy_protocol::encode(version, client_addr, local)
+}
+
+/// Connects to `upstream` with the configured timeout and socket options.
+async fn connect_upstream(upstream: &str, config: &Config) -> Result<TcpStream, Closed> {
+    let stream =
         match tokio::time::timeout(config.splice.connect_timeout, TcpStream::connect(upstream))
             .await
         {
@@ -263,34 +339,28 @@ async fn connect_and_splice(
             Ok(Err(error)) => return Err(Closed::ConnectFailed(error)),
             Ok(Ok(stream)) => stream,
         };
-    tune_socket(&upstream, config.splice.tcp_keepalive);
-    if !prefix.is_empty() {
+    tune_socket(&stream, config.splice.tcp_keepalive);
+    Ok(stream)
+}
+
+/// Connects to the backend, sends the PROXY header if any, replays the sniffed bytes, splices.
+async fn connect_and_splice(
+    client: TcpStream,
+    header: Option<Vec<u8>>,
+    prefix: Vec<u8>,
+    upstream: &str,
+    config: &Config,
+) -> Result<splice::SpliceReport, Closed> {
+    let mut upstream = connect_upstream(upstream, config).await?;
+    let mut first = header.unwrap_or_default();
+    first.extend_from_slice(&prefix);
+    drop(prefix);
+    if !first.is_empty() {
         upstream
-            .write_all(&prefix)
+            .write_all(&first)
             .await
             .map_err(Closed::PrefixWriteFailed)?;
     }
-    drop(prefix);
+    drop(first);
     Ok(splice::splice(client, upstream, config.splice.idle_timeout).await)
-}
-
-fn log_line(
-    peer: SocketAddr,
-    protocol: &str,
-    backend: Option<&str>,
-    bytes_in: u64,
-    bytes_out: u64,
-    started: Instant,
-    closed: &Closed,
-) {
-    info!(
-        client = %peer,
-        protocol,
-        backend = backend.unwrap_or("-"),
-        bytes_in,
-        bytes_out,
-        duration_ms = started.elapsed().as_millis() as u64,
-        close = %closed,
-        "connection closed"
-    );
 }

@@ -116,7 +116,6 @@ pub async fn accept_loop(
     let mut next = 0;
     let mut limit_warning = Throttle(None);
     let mut fd_warning = Throttle(None);
-    let mut per_ip_warning = Throttle(None);
     loop {
         if limits.global_exhausted() && limit_warning.ready() {
             warn!(
@@ -140,17 +139,14 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = limits.admit(permit, peer.ip()) else {
-            shared
-                .stats
-                .refused_per_ip
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if per_ip_warning.ready() {
-                warn!(client = %peer, max = shared.config.limits.max_connections_per_ip, "per-address connection limit reached; closing");
-            }
-            drop(stream);
-            continue;
-        };
-        tokio::spawn(connection::serve(stream, peer, Arc::clone(&shared), slot));
+        // Per-address admission happens in the connection task, once the real client address is
+        // known (it may arrive in a PROXY header).
+        tokio::spawn(connection::serve(
+            stream,
+            peer,
+            Arc::clone(&shared),
+            Arc::clone(&limits),
+            permit,
+        ));
     }
 }

@@ -294,6 +294,49 @@ pub fn websocket_echo(netns: &Netns, address: SocketAddr) -> Backend {
     })
 }
 
+/// Starts a server on `address` inside `netns` that checks for a PROXY protocol header (parsed
+/// with the `ppp` crate, independently of muxer) and answers with what it found —
+/// `v1 <client>`, `v2 <client>`, or `none` — followed by every byte after it (read until the
+/// client half-closes), then closes.
+pub fn proxy_header_echo(netns: &Netns, address: SocketAddr) -> Backend {
+    start(netns, address, |mut stream| async move {
+        // Clients half-close after their first bytes: read until EOF (muxer passes the FIN on).
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut buf)).await;
+        let (found, rest): (String, &[u8]) = match ppp::HeaderResult::parse(&buf) {
+            ppp::HeaderResult::V1(Ok(header)) => {
+                let client = match header.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => {
+                        SocketAddr::from((a.source_address, a.source_port)).to_string()
+                    }
+                    ppp::v1::Addresses::Tcp6(a) => {
+                        SocketAddr::from((a.source_address, a.source_port)).to_string()
+                    }
+                    ppp::v1::Addresses::Unknown => "unknown".into(),
+                };
+                (format!("v1 {client}"), &buf[header.header.len()..])
+            }
+            ppp::HeaderResult::V2(Ok(header)) => {
+                let client = match header.addresses {
+                    ppp::v2::Addresses::IPv4(a) => {
+                        SocketAddr::from((a.source_address, a.source_port)).to_string()
+                    }
+                    ppp::v2::Addresses::IPv6(a) => {
+                        SocketAddr::from((a.source_address, a.source_port)).to_string()
+                    }
+                    _ => "unknown".into(),
+                };
+                (format!("v2 {client}"), &buf[header.header.len()..])
+            }
+            _ => ("none".to_owned(), &buf[..]),
+        };
+        let mut reply = format!("{found}\n").into_bytes();
+        reply.extend_from_slice(rest);
+        let _ = stream.write_all(&reply).await;
+        let _ = stream.shutdown().await;
+    })
+}
+
 /// Starts a TCP echo server on `address` inside `netns`: it echoes every byte, and when the client
 /// half-closes it half-closes too.
 pub fn echo(netns: &Netns, address: SocketAddr) -> Backend {

@@ -21,6 +21,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "ca-certificates",
     "bpftool",
     "util-linux",
+    "netcat-openbsd",
+    "socat",
 ];
 
 /// Installs everything building and testing need.

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Upstream;
+use super::{valid_host_pattern, Upstream};
 
 /// `[http]`
 #[derive(Clone, Debug, Deserialize)]
@@ -60,6 +60,22 @@ impl Http {
     }
     fn default_failure_cooldown() -> Duration {
         Duration::from_secs(10)
+    }
+}
+
+impl Default for Http {
+    /// Every limit at its default, no routes (the router then only serves tunnels).
+    fn default() -> Self {
+        Http {
+            header_read_timeout: Self::default_header_read_timeout(),
+            max_header_bytes: Self::default_max_header_bytes(),
+            max_body_bytes: Self::default_max_body_bytes(),
+            connect_timeout: Self::default_connect_timeout(),
+            pool_idle_timeout: Self::default_pool_idle_timeout(),
+            body_idle_timeout: Self::default_body_idle_timeout(),
+            failure_cooldown: Self::default_failure_cooldown(),
+            routes: Vec::new(),
+        }
     }
 }
 
@@ -139,14 +155,7 @@ impl Http {
         for (index, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("http.route[{index}].{field}");
             if let Some(host) = &route.host {
-                let pattern = host.strip_prefix("*.").unwrap_or(host);
-                let valid = !pattern.is_empty()
-                    && pattern
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-                    && !pattern.starts_with('.')
-                    && !pattern.ends_with('.');
-                if !valid {
+                if !valid_host_pattern(host) {
                     return Err((
                         key("host"),
                         format!("{host:?} is not a host name or *.domain pattern"),

@@ -10,8 +10,10 @@ use muxer_common::DEFAULT_LISTEN_PORT;
 use serde::Deserialize;
 
 mod http;
+mod tls;
 
 pub use http::{Http, HttpRoute};
+pub use tls::{InboundProxy, ProxyVersion, Tls, TlsRoute, Tunnel};
 
 /// A config file that could not be used. Displays as one line naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +74,14 @@ pub struct Config {
     pub ssh: Option<Backend>,
     /// The HTTP router; without it HTTP connections are closed.
     pub http: Option<Http>,
-    /// Where TLS connections go; without it they are closed.
-    pub tls: Option<Backend>,
+    /// TLS passthrough routing; without it TLS connections are closed.
+    pub tls: Option<Tls>,
+    /// Named tunnels reached with HTTP `CONNECT name:port`.
+    #[serde(default, rename = "tunnel")]
+    pub tunnels: Vec<Tunnel>,
+    /// Inbound PROXY protocol.
+    #[serde(default)]
+    pub proxy_protocol: InboundProxy,
     /// Where connections that no probe recognises go; without it they are closed.
     pub fallback: Option<Backend>,
 }
@@ -302,12 +310,14 @@ impl Default for Control {
     }
 }
 
-/// A backend section: `[ssh]`, `[http]`, `[tls]`, `[fallback]`.
+/// A spliced backend section: `[ssh]`, `[fallback]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// `host:port` to forward to.
     pub upstream: Upstream,
+    /// PROXY header to send first. Never set it for sshd: OpenSSH rejects it.
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 /// A `host:port` (`[v6]:port` for IPv6 literals). Host names are resolved at connect time.
@@ -397,23 +407,28 @@ impl Config {
             http.validate()
                 .map_err(|(key, problem)| invalid(key, problem))?;
         }
+        if let Some(tls) = &config.tls {
+            tls.validate()
+                .map_err(|(key, problem)| invalid(key, problem))?;
+        }
+        tls::validate_tunnels(&config.tunnels).map_err(|(key, problem)| invalid(key, problem))?;
         Ok(config)
     }
 
-    /// The spliced backend a [`Target`] names, if configured (`Http` is served by the router).
+    /// The spliced backend a [`Target`] names, if configured (HTTP and TLS have routers).
     pub fn backend(&self, target: Target) -> Option<&Backend> {
         match target {
             Target::Ssh => self.ssh.as_ref(),
-            Target::Tls => self.tls.as_ref(),
             Target::Fallback => self.fallback.as_ref(),
-            Target::Http | Target::Close => None,
+            Target::Http | Target::Tls | Target::Close => None,
         }
     }
 
     /// Whether `target` leads anywhere.
     pub fn has_route(&self, target: Target) -> bool {
         match target {
-            Target::Http => self.http.is_some(),
+            Target::Http => self.http.is_some() || !self.tunnels.is_empty(),
+            Target::Tls => self.tls.is_some(),
             Target::Close => true,
             other => self.backend(other).is_some(),
         }
@@ -535,6 +550,17 @@ impl Config {
     }
 }
 
+/// `host.example.com` or `*.example.com`.
+fn valid_host_pattern(pattern: &str) -> bool {
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+}
+
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> usize {
     let offset = span.map_or(0, |span| span.start.min(text.len()));
     text[..offset].bytes().filter(|&b| b == b'\n').count() + 1
@@ -601,6 +627,14 @@ mod tests {
             ),
             ("[sniff]\non_timeout = \"smtp\"", "sniff.on_timeout"),
             ("[sniff]\nmax_bytes = 1", "sniff.max_bytes"),
+            ("[[tls.route]]\nsni = \"*\"\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0].sni"),
+            ("[[tls.route]]\nsni = \"a.b\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0]"),
+            ("[tls]\nproxy_protocol = \"v3\"\n[ssh]\nupstream = \"a:1\"", "tls.proxy_protocol"),
+            ("[[tunnel]]\nname = \"n 2\"\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tunnel[0].name"),
+            ("[[tunnel]]\nname = \"n\"\nupstream = \"a:1\"\nusername = \"u\"\n[ssh]\nupstream = \"a:1\"", "tunnel[0].password"),
+            ("[[tunnel]]\nname = \"n\"\nupstream = \"a:1\"\nallow = [\"10.0.0.0/33\"]\n[ssh]\nupstream = \"a:1\"", "tunnel[0].allow[0]"),
+            ("[[tunnel]]\nname = \"n\"\nupstream = \"a:1\"\n[[tunnel]]\nname = \"N\"\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tunnel[1].name"),
+            ("[proxy_protocol]\ntrusted = [\"nonsense\"]\n[ssh]\nupstream = \"a:1\"", "proxy_protocol.trusted[0]"),
             ("[http]\nheader_read_timeout = \"0s\"\n[[http.route]]\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.header_read_timeout"),
             ("[http]\n\n[ssh]\nupstream = \"a:1\"", "http.route"),
             ("[[http.route]]\nupstreams = []\n[ssh]\nupstream = \"a:1\"", "http.route[0].upstreams"),

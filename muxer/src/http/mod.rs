@@ -10,6 +10,7 @@ pub mod path;
 pub mod proxy;
 pub mod router;
 pub mod stream;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
-use crate::config::Http;
+use crate::config::{Http, Tunnel};
 
 /// Everything the router needs, built once per configuration.
 #[derive(Debug)]
@@ -30,15 +31,18 @@ pub struct HttpContext {
     pub router: router::Router,
     /// Upstream clients.
     pub clients: upstream::Clients,
+    /// Named tunnels for `CONNECT`.
+    pub tunnels: tunnel::Tunnels,
 }
 
 impl HttpContext {
-    /// Compiles `[http]`.
-    pub fn new(settings: &Http) -> HttpContext {
+    /// Compiles `[http]` and `[[tunnel]]`.
+    pub fn new(settings: Http, tunnels: &[Tunnel]) -> HttpContext {
         HttpContext {
             router: router::Router::new(&settings.routes, settings.failure_cooldown),
-            clients: upstream::Clients::new(settings),
-            settings: settings.clone(),
+            clients: upstream::Clients::new(&settings),
+            tunnels: tunnel::Tunnels::new(tunnels),
+            settings,
         }
     }
 }
@@ -52,6 +56,7 @@ pub async fn serve(
     traffic: Arc<stream::Traffic>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let settings = &context.settings;
+    let local = client.local_addr()?;
     let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -65,7 +70,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32);
     let service = hyper::service::service_fn(move |request| {
-        proxy::handle(request, Arc::clone(&context), peer)
+        proxy::handle(request, Arc::clone(&context), peer, local)
     });
     builder.serve_connection_with_upgrades(io, service).await
 }

@@ -24,7 +24,8 @@ use super::HttpContext;
 /// The body type of responses to clients.
 pub type ResponseBody = UpstreamBody;
 
-fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
+/// A short plain-text response.
+pub fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(message + "\n"))
             .map_err(|never| match never {})
@@ -121,6 +122,7 @@ pub async fn handle(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
     client: SocketAddr,
+    local: SocketAddr,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let raw_host = request
         .uri()
@@ -144,10 +146,7 @@ pub async fn handle(
         bytes_in: Arc::new(AtomicU64::new(0)),
     };
     if request.method() == Method::CONNECT {
-        return Ok(access.local(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not served here".into(),
-        )));
+        return Ok(super::tunnel::connect(request, context, client, local).await);
     }
     let path = match canonicalize(request.uri().path()) {
         Ok(path) => path,

@@ -41,9 +41,11 @@ pub struct Sniffed {
 }
 
 /// Reads from `stream` until the probe table decides, `max_bytes` are buffered, the stream ends,
-/// or `timeout` (measured from the call) passes.
+/// or `timeout` (measured from the call) passes. `initial` holds bytes already read from the
+/// stream (after a PROXY header); they are classified first.
 pub async fn sniff<S>(
     stream: &mut S,
+    initial: Vec<u8>,
     timeout: Duration,
     max_bytes: usize,
 ) -> std::io::Result<Sniffed>
@@ -51,10 +53,23 @@ where
     S: AsyncRead + Unpin,
 {
     let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; max_bytes];
-    let mut filled = 0;
+    let mut filled = initial.len().min(max_bytes);
+    let mut buf = initial;
+    buf.resize(max_bytes.max(filled), 0);
+    if filled > 0 {
+        match classify(&buf[..filled]) {
+            Verdict::Match(detected) => {
+                return Ok(finish(buf, filled, SniffOutcome::Detected(detected)))
+            }
+            Verdict::NoMatch => {
+                let outcome = SniffOutcome::Undecided(Undecided::NoMatch);
+                return Ok(finish(buf, filled, outcome));
+            }
+            Verdict::NeedMore => {}
+        }
+    }
     let outcome = loop {
-        if filled == max_bytes {
+        if filled >= max_bytes {
             break SniffOutcome::Undecided(Undecided::Overflow);
         }
         let read = match timeout_at(deadline, stream.read(&mut buf[filled..])).await {
@@ -75,12 +90,16 @@ where
             Verdict::NoMatch => break SniffOutcome::Undecided(Undecided::NoMatch),
         }
     };
+    Ok(finish(buf, filled, outcome))
+}
+
+fn finish(mut buf: Vec<u8>, filled: usize, outcome: SniffOutcome) -> Sniffed {
     buf.truncate(filled);
     buf.shrink_to_fit();
-    Ok(Sniffed {
+    Sniffed {
         outcome,
         prefix: buf,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -101,7 +120,7 @@ mod tests {
             }
             client // keep open
         });
-        let sniffed = sniff(&mut server, timeout, max).await.unwrap();
+        let sniffed = sniff(&mut server, Vec::new(), timeout, max).await.unwrap();
         drop(writer);
         sniffed
     }
@@ -133,6 +152,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn initial_bytes_are_classified_first() {
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let sniffed = sniff(&mut server, b"SSH-2.0-x".to_vec(), LONG, 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            sniffed.outcome,
+            SniffOutcome::Detected(crate::sniff::Detected::Ssh)
+        );
+        assert_eq!(sniffed.prefix, b"SSH-2.0-x");
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        let sniffed = sniff(&mut server, b"GE".to_vec(), LONG, 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            sniffed.outcome,
+            SniffOutcome::Detected(crate::sniff::Detected::Http(
+                crate::sniff::HttpVersion::Http1
+            ))
+        );
+        assert_eq!(sniffed.prefix, b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
     async fn junk_is_undecided_with_its_bytes() {
         for junk in JUNK {
             let sniffed = sniff_chunks(vec![junk.to_vec()], LONG, 1024).await;
@@ -157,7 +201,7 @@ mod tests {
     async fn silent_client_times_out_at_the_deadline() {
         let (_client, mut server) = tokio::io::duplex(1024);
         let started = Instant::now();
-        let sniffed = sniff(&mut server, Duration::from_millis(1500), 1024)
+        let sniffed = sniff(&mut server, Vec::new(), Duration::from_millis(1500), 1024)
             .await
             .unwrap();
         assert_eq!(sniffed.outcome, SniffOutcome::Timeout);
@@ -173,7 +217,7 @@ mod tests {
     async fn partial_opening_then_silence_times_out_keeping_bytes() {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(b"SS").await.unwrap();
-        let sniffed = sniff(&mut server, Duration::from_millis(200), 1024)
+        let sniffed = sniff(&mut server, Vec::new(), Duration::from_millis(200), 1024)
             .await
             .unwrap();
         assert_eq!(sniffed.outcome, SniffOutcome::Timeout);
@@ -184,13 +228,13 @@ mod tests {
     async fn close_without_bytes_and_half_sent_opening() {
         let (client, mut server) = tokio::io::duplex(1024);
         drop(client);
-        let sniffed = sniff(&mut server, LONG, 1024).await.unwrap();
+        let sniffed = sniff(&mut server, Vec::new(), LONG, 1024).await.unwrap();
         assert_eq!(sniffed.outcome, SniffOutcome::ClosedEmpty);
 
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(b"GE").await.unwrap();
         drop(client);
-        let sniffed = sniff(&mut server, LONG, 1024).await.unwrap();
+        let sniffed = sniff(&mut server, Vec::new(), LONG, 1024).await.unwrap();
         assert_eq!(
             sniffed.outcome,
             SniffOutcome::Undecided(Undecided::EndOfInput)

@@ -1,0 +1,135 @@
+//! `[tls]`, `[[tls.route]]`, `[[tunnel]]` and `[proxy_protocol]`: TLS passthrough by SNI/ALPN,
+//! named tunnels (HTTP CONNECT), and the real client address.
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{valid_host_pattern, Upstream};
+
+/// Which PROXY protocol header to send upstream.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 …\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Where a ClientHello without SNI, or with no matching route, goes; closed without it.
+    pub default: Option<Upstream>,
+    /// PROXY header for the default upstream.
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Routes by SNI (and ALPN).
+    #[serde(default, rename = "route")]
+    pub routes: Vec<TlsRoute>,
+}
+
+/// `[[tls.route]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRoute {
+    /// `host.example.com` or `*.example.com`, case-insensitive.
+    pub sni: String,
+    /// Match only clients offering one of these ALPN protocols.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// Where matching connections are spliced (TLS is not terminated).
+    pub upstream: Upstream,
+    /// PROXY header to send first.
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// `[[tunnel]]`: `CONNECT name:port` reaches `upstream`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnel {
+    /// The name clients ask for (case-insensitive); the port they give is ignored.
+    pub name: String,
+    /// Where the tunnel leads.
+    pub upstream: Upstream,
+    /// Basic credentials required in `Proxy-Authorization` (both or neither).
+    pub username: Option<String>,
+    /// See `username`.
+    pub password: Option<String>,
+    /// Client networks allowed; empty allows all.
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// PROXY header to send first (never to sshd: OpenSSH rejects it).
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// `[proxy_protocol]`: inbound PROXY headers.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundProxy {
+    /// Sources (e.g. the provider's load balancer) whose PROXY header is believed. A PROXY
+    /// header from anyone else closes the connection.
+    #[serde(default)]
+    pub trusted: Vec<IpNet>,
+}
+
+impl Tls {
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        let mut seen = Vec::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("tls.route[{index}].{field}");
+            if !valid_host_pattern(&route.sni) {
+                return Err((
+                    key("sni"),
+                    format!("{:?} is not a host name or *.domain pattern", route.sni),
+                ));
+            }
+            if route.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+                return Err((key("alpn"), "protocol names are 1 to 255 bytes".into()));
+            }
+            let mut alpn = route.alpn.clone();
+            alpn.sort();
+            let identity = (route.sni.to_ascii_lowercase(), alpn);
+            if seen.contains(&identity) {
+                return Err((key("sni"), "another route has the same sni and alpn".into()));
+            }
+            seen.push(identity);
+        }
+        Ok(())
+    }
+}
+
+/// Checks every `[[tunnel]]`.
+pub(super) fn validate_tunnels(tunnels: &[Tunnel]) -> Result<(), (String, String)> {
+    for (index, tunnel) in tunnels.iter().enumerate() {
+        let key = |field: &str| format!("tunnel[{index}].{field}");
+        let name_ok = !tunnel.name.is_empty()
+            && tunnel
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !name_ok {
+            return Err((
+                key("name"),
+                format!("{:?} is not a host-like name", tunnel.name),
+            ));
+        }
+        if tunnels[..index]
+            .iter()
+            .any(|t| t.name.eq_ignore_ascii_case(&tunnel.name))
+        {
+            return Err((key("name"), format!("{:?} is defined twice", tunnel.name)));
+        }
+        match (&tunnel.username, &tunnel.password) {
+            (Some(_), None) => return Err((key("password"), "username needs a password".into())),
+            (None, Some(_)) => return Err((key("username"), "password needs a username".into())),
+            (Some(user), Some(_)) if user.contains(':') || user.is_empty() => {
+                return Err((
+                    key("username"),
+                    "must be non-empty and contain no ':'".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
