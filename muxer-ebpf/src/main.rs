@@ -16,7 +16,7 @@ mod packet;
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
-use aya_ebpf::helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes};
+use aya_ebpf::helpers::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes, bpf_xdp_store_bytes};
 use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
@@ -106,12 +106,7 @@ fn ingress<P: Packet>(packet: &mut P) -> Verdict {
     };
     if segment.is_syn() {
         if !packet::listener_exists(packet, &segment, target) {
-            warn!(
-                packet,
-                "nothing listens on port {}: new connection to port {} left to the original service",
-                u16::from_be(target),
-                public_port
-            );
+            log_no_listener(packet, u16::from_be(target), public_port);
             return pass(Counter::PassedNoListener);
         }
         let value = FlowValue {
@@ -171,6 +166,25 @@ fn egress<P: Packet>(packet: &mut P) -> Verdict {
     )
 }
 
+// The log calls live in functions of their own (BPF-to-BPF calls, never inlined): inlined, the
+// compiler reuses their stack slots for other values, and the verifier then refuses the program
+// ("attempt to corrupt spilled pointer on stack") when loaded with CAP_BPF but without
+// CAP_PERFMON, as the systemd unit does.
+#[inline(never)]
+fn log_no_listener<P: Packet>(packet: &P, target: u16, public_port: u16) {
+    warn!(
+        packet,
+        "nothing listens on port {}: new connection to port {} left to the original service",
+        target,
+        public_port
+    );
+}
+
+#[inline(never)]
+fn log_rewrite_failed<P: Packet>(packet: &P) {
+    error!(packet, "rewriting a TCP port failed; packet dropped");
+}
+
 #[inline(always)]
 fn pass(reason: Counter) -> Verdict {
     count(reason);
@@ -191,7 +205,7 @@ fn rewrite<P: Packet>(
 ) -> Verdict {
     if packet.rewrite_port(segment.l4, field, old, new).is_err() {
         // The checksum may already be adjusted: a half-rewritten packet must not go on.
-        error!(packet, "rewriting a TCP port failed; packet dropped");
+        log_rewrite_failed(packet);
         count(Counter::Dropped);
         return Verdict::Drop;
     }
@@ -276,7 +290,9 @@ impl Packet for XdpPacket {
 
     #[inline(always)]
     fn len(&self) -> u32 {
-        (self.0.data_end() - self.0.data()) as u32
+        // The helper, not `data_end - data`: pointer subtraction needs CAP_PERFMON.
+        // SAFETY: the context pointer is the program's own.
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as u32 }
     }
 
     #[inline(always)]

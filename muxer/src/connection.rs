@@ -17,8 +17,9 @@ use tracing::{info, warn};
 use crate::config::{Config, ProxyVersion, Target};
 use crate::http::stream::Traffic;
 use crate::http::HttpContext;
-use crate::limits::ConnectionLimits;
+use crate::metrics::HttpMetrics;
 use crate::proxy_protocol;
+use crate::runtime::Runtime;
 use crate::sniff::{self, Detected, SniffOutcome, Sniffed};
 use crate::splice::{self, CloseReason};
 use crate::stats::{RouteCounters, Stats};
@@ -39,12 +40,10 @@ pub struct Shared {
 
 impl Shared {
     /// Builds what connections share from `config`.
-    pub fn new(config: Config, stats: Arc<Stats>) -> Shared {
+    pub fn new(config: Config, stats: Arc<Stats>, http_metrics: Arc<HttpMetrics>) -> Shared {
         let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
-            Arc::new(HttpContext::new(
-                config.http.clone().unwrap_or_default(),
-                &config.tunnels,
-            ))
+            let settings = config.http.clone().unwrap_or_default();
+            Arc::new(HttpContext::new(settings, &config.tunnels, http_metrics))
         });
         let tls = config.tls.as_ref().map(TlsRouter::new);
         Shared {
@@ -141,10 +140,10 @@ impl ConnectionLog {
 pub async fn serve(
     mut client: TcpStream,
     tcp_peer: SocketAddr,
-    shared: Arc<Shared>,
-    limits: Arc<ConnectionLimits>,
+    runtime: Arc<Runtime>,
     permit: OwnedSemaphorePermit,
 ) {
+    let shared = runtime.current.load_full();
     let config = &shared.config;
     let mut log = ConnectionLog {
         client: tcp_peer,
@@ -168,7 +167,7 @@ pub async fn serve(
             }
         }
     }
-    let Some(_slot) = limits.admit(permit, log.client.ip()) else {
+    let Some(_slot) = runtime.limits.admit(permit, log.client.ip()) else {
         shared.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
         log.close("none", None, 0, 0, &Closed::PerAddressLimit);
         return;
@@ -206,7 +205,7 @@ pub async fn serve(
     if matches!(sniffed.outcome, SniffOutcome::Timeout) {
         shared.stats.probe_timeouts.fetch_add(1, Ordering::Relaxed);
     }
-    dispatch(client, sniffed, label, target, &shared, &log).await;
+    dispatch(client, sniffed, label, target, &runtime, &shared, &log).await;
 }
 
 /// Names the sniffed connection for the logs and picks its route.
@@ -242,6 +241,7 @@ async fn dispatch(
     sniffed: Sniffed,
     label: &'static str,
     target: Target,
+    runtime: &Arc<Runtime>,
     shared: &Shared,
     log: &ConnectionLog,
 ) {
@@ -252,12 +252,15 @@ async fn dispatch(
 
     if let (Target::Http, Some(http)) = (target, &shared.http) {
         let traffic = Arc::new(Traffic::default());
+        // Tracked so that a shutdown waits for in-flight requests.
+        let _tracked = runtime.http_connections.token();
         let result = crate::http::serve(
             client,
             sniffed.prefix,
             log.client,
             Arc::clone(http),
             Arc::clone(&traffic),
+            Arc::clone(runtime),
         )
         .await;
         let (bytes_in, bytes_out) = (

@@ -88,6 +88,7 @@ pub struct StatsReport {
 }
 
 /// What the control socket serves from.
+#[derive(Debug)]
 pub struct ControlState {
     /// The daemon's counters.
     pub stats: Arc<Stats>,
@@ -97,6 +98,8 @@ pub struct ControlState {
     pub redirect_report: Mutex<RedirectReport>,
     /// When the daemon started.
     pub started: Instant,
+    /// The daemon, for `reload` (weak: the daemon owns this state).
+    pub reload: Mutex<Option<std::sync::Weak<crate::daemon::Daemon>>>,
 }
 
 impl ControlState {
@@ -211,6 +214,22 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     BufReader::new(read).take(256).read_line(&mut line).await?;
     let reply = match line.trim() {
         "stats" => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
+        "reload" => {
+            let daemon = state
+                .reload
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .as_ref()
+                .and_then(|weak| weak.upgrade());
+            let result = match daemon {
+                Some(daemon) => daemon.reload(),
+                None => Err("the daemon is shutting down".into()),
+            };
+            match result {
+                Ok(message) => serde_json::json!({ "ok": message }).to_string(),
+                Err(message) => serde_json::json!({ "error": message }).to_string(),
+            }
+        }
         other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
     };
     write.write_all(reply.as_bytes()).await?;
@@ -218,8 +237,8 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     write.shutdown().await
 }
 
-/// Asks the daemon at `path` for its stats.
-pub async fn request_stats(path: &Path) -> Result<StatsReport, ControlError> {
+/// Sends `command` to the daemon at `path` and returns its one-line JSON answer.
+pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value, ControlError> {
     let mut stream = UnixStream::connect(path)
         .await
         .map_err(|source| match source.kind() {
@@ -239,13 +258,25 @@ pub async fn request_stats(path: &Path) -> Result<StatsReport, ControlError> {
             source,
         }
     };
-    stream.write_all(b"stats\n").await.map_err(io("write"))?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(io("write"))?;
     let mut reply = String::new();
     BufReader::new(stream)
         .read_line(&mut reply)
         .await
         .map_err(io("read"))?;
     serde_json::from_str(&reply).map_err(|error| ControlError::BadAnswer {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+/// Asks the daemon at `path` for its stats.
+pub async fn request_stats(path: &Path) -> Result<StatsReport, ControlError> {
+    let answer = request(path, "stats").await?;
+    serde_json::from_value(answer).map_err(|error| ControlError::BadAnswer {
         path: path.to_owned(),
         reason: error.to_string(),
     })

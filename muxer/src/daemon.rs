@@ -1,17 +1,25 @@
-//! `muxer run`: raise limits, bind every listener, attach the kernel redirect, serve until SIGINT
-//! or SIGTERM, and detach the redirect first on the way out.
+//! `muxer run`: raise limits, bind every listener, attach the kernel redirect, tell systemd we are
+//! ready, serve; reload on SIGHUP (or `muxer reload`); on SIGTERM stop accepting (which makes the
+//! kernel pass new connections to the original services), let in-flight HTTP requests finish
+//! within the grace period, detach the redirect, and exit.
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
 use crate::config::{Config, RedirectMode};
 use crate::connection::Shared;
 use crate::control::{ControlError, ControlSocket, ControlState, RedirectReport};
 use crate::limits::ConnectionLimits;
 use crate::listener::{self, ListenError};
+use crate::metrics::Metrics;
 use crate::redirect::Redirect;
+use crate::runtime::Runtime;
 use crate::stats::Stats;
 
 /// A failure that stops the daemon.
@@ -43,30 +51,41 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// Attaches the redirect if configured. Failing to attach is not fatal: the daemon still serves
-/// its listen port, and says why the redirect is off.
-fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
-    let mut report = RedirectReport {
+fn off_report(config: &Config, reason: String) -> RedirectReport {
+    RedirectReport {
         state: "off".into(),
-        reason: None,
+        reason: Some(reason),
         interfaces: Vec::new(),
         ports: config.redirect.ports.clone(),
         target_port: config.redirect_target_port(),
         ingress: None,
-    };
+    }
+}
+
+fn attached_report(redirect: &Redirect) -> RedirectReport {
+    RedirectReport {
+        state: "attached".into(),
+        reason: None,
+        interfaces: redirect.interfaces(),
+        ports: redirect.ports(),
+        target_port: Some(redirect.target_port),
+        ingress: Some(redirect.ingress),
+    }
+}
+
+/// Attaches the redirect if configured. Failing to attach is not fatal: the daemon still serves
+/// its listen port, and says why the redirect is off.
+fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
     if config.redirect.mode == RedirectMode::Off {
-        report.reason = Some("redirect.mode = \"off\"".into());
         info!("kernel redirect off by config; clients use the listen port directly");
-        return (None, report);
+        return (None, off_report(config, "redirect.mode = \"off\"".into()));
     }
     let target = config
         .redirect_target_port()
         .expect("validated: one listen port");
     match Redirect::attach(&config.redirect, target) {
         Ok(redirect) => {
-            report.state = "attached".into();
-            report.interfaces = redirect.interfaces.clone();
-            report.ingress = Some(redirect.ingress);
+            let report = attached_report(&redirect);
             (Some(redirect), report)
         }
         Err(error) => {
@@ -75,15 +94,114 @@ fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
                 "kernel redirect OFF: public ports {:?} are not redirected (needs CAP_BPF and CAP_NET_ADMIN); still serving on port {target}",
                 config.redirect.ports
             );
+            let mut report = off_report(config, error.to_string());
             report.state = "failed".into();
-            report.reason = Some(error.to_string());
             (None, report)
         }
     }
 }
 
-/// Runs the multiplexer with `config` until a termination signal arrives.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// The daemon: runtime state plus what the control socket and reloads need.
+pub struct Daemon {
+    runtime: Arc<Runtime>,
+    control: Arc<ControlState>,
+}
+
+impl Daemon {
+    /// Re-reads the config file and applies it to new connections and requests. An invalid file
+    /// changes nothing. Returns what happened, for `muxer reload`.
+    pub fn reload(&self) -> Result<String, String> {
+        let config = match Config::load(&self.runtime.config_path) {
+            Ok(config) => config,
+            Err(error) => {
+                error!(%error, "reload rejected; the running configuration stays");
+                return Err(error.to_string());
+            }
+        };
+        let old = self.runtime.current.load_full();
+        let mut notes = Vec::new();
+        if config.listen.addresses != old.config.listen.addresses {
+            notes.push("listen.addresses changed: restart to apply".to_owned());
+        }
+        if config.control.socket != old.config.control.socket {
+            notes.push("control.socket changed: restart to apply".to_owned());
+        }
+        if config.metrics.listen != old.config.metrics.listen {
+            notes.push("metrics.listen changed: restart to apply".to_owned());
+        }
+        self.runtime.limits.resize(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
+        self.reload_redirect(&config, &old.config, &mut notes);
+        let shared = Shared::new(
+            config,
+            Arc::clone(&self.runtime.stats),
+            Arc::clone(&self.runtime.http_metrics),
+        );
+        self.runtime.current.store(Arc::new(shared));
+        for note in &notes {
+            warn!("{note}");
+        }
+        info!("configuration reloaded");
+        Ok(if notes.is_empty() {
+            "reloaded".into()
+        } else {
+            format!("reloaded; {}", notes.join("; "))
+        })
+    }
+
+    fn reload_redirect(&self, config: &Config, old: &Config, notes: &mut Vec<String>) {
+        let mut slot = self
+            .control
+            .redirect
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut report = self
+            .control
+            .redirect_report
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if config.redirect_target_port() != old.redirect_target_port() {
+            notes.push("the redirect target (listen port) changed: restart to apply".into());
+            return;
+        }
+        match (slot.as_mut(), config.redirect.mode) {
+            (Some(redirect), mode) if mode == redirect.mode() => {
+                match redirect.update(&config.redirect) {
+                    Ok(()) => *report = attached_report(redirect),
+                    Err(error) => notes.push(format!(
+                        "redirect update failed, previous attachment kept: {error}"
+                    )),
+                }
+            }
+            (Some(_), _) => {
+                // A mode change: detach (port 22 reaches sshd directly for that instant), attach anew.
+                drop(slot.take());
+                let (redirect, new_report) = attach_redirect(config);
+                *slot = redirect;
+                *report = new_report;
+            }
+            (None, RedirectMode::Off) => {
+                *report = off_report(config, "redirect.mode = \"off\"".into())
+            }
+            (None, _) => {
+                let (redirect, new_report) = attach_redirect(config);
+                *slot = redirect;
+                *report = new_report;
+            }
+        }
+    }
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Runs the multiplexer with `config` (read from `config_path`) until SIGTERM or SIGINT.
+pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let started = Instant::now();
     raise_fd_limit();
     let listeners = config
@@ -92,15 +210,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .iter()
         .map(|&address| listener::bind(address))
         .collect::<Result<Vec<_>, _>>()?;
-    let control = ControlSocket::bind(&config.control.socket).await?;
+    let control_socket = ControlSocket::bind(&config.control.socket).await?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-
-    let limits = Arc::new(ConnectionLimits::new(
-        config.limits.max_connections,
-        config.limits.max_connections_per_ip,
-    ));
-    let stats = Arc::new(Stats::default());
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     for listener in &listeners {
         if let Ok(address) = listener.local_addr() {
             info!(%address, "listening");
@@ -108,30 +221,94 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     // Only once the listeners accept may port 22 be redirected to them.
     let (redirect, redirect_report) = attach_redirect(&config);
-    let shared = Arc::new(Shared::new(config, Arc::clone(&stats)));
-    let accepting = tokio::spawn(listener::accept_loop(listeners, shared, limits));
-    let state = Arc::new(ControlState {
-        stats,
+    let stats = Arc::new(Stats::default());
+    let control = Arc::new(ControlState {
+        stats: Arc::clone(&stats),
         redirect: Mutex::new(redirect),
         redirect_report: Mutex::new(redirect_report),
         started,
+        reload: Mutex::new(None),
     });
-    let controlling = tokio::spawn(control.serve(Arc::clone(&state)));
+    let metrics = Arc::new(Metrics::new(Arc::clone(&control)));
+    let metrics_listener = match config.metrics.listen {
+        Some(address) => crate::metrics::bind(address).await,
+        None => None,
+    };
+    let shutdown_grace = config.shutdown_grace;
+    let runtime = Arc::new(Runtime {
+        limits: Arc::new(ConnectionLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        )),
+        current: ArcSwap::from_pointee(Shared::new(
+            config,
+            Arc::clone(&stats),
+            Arc::clone(&metrics.http),
+        )),
+        stats,
+        http_metrics: Arc::clone(&metrics.http),
+        shutdown: CancellationToken::new(),
+        http_connections: TaskTracker::new(),
+        config_path: PathBuf::from(config_path),
+    });
+    let daemon = Arc::new(Daemon {
+        runtime: Arc::clone(&runtime),
+        control: Arc::clone(&control),
+    });
+    *control
+        .reload
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
 
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: stopping"),
-        _ = interrupt.recv() => info!("SIGINT: stopping"),
+    let accepting = tokio::spawn(listener::accept_loop(listeners, Arc::clone(&runtime)));
+    let controlling = tokio::spawn(control_socket.serve(Arc::clone(&control)));
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            info!(%address, "metrics at /metrics");
+        }
+        tokio::spawn(crate::metrics::serve(listener, metrics))
+    });
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading {}", runtime.config_path.display());
+                let _ = daemon.reload();
+            }
+        }
     }
-    // Detach first: from here on port 22 reaches sshd directly again.
+    notify(&[sd_notify::NotifyState::Stopping]);
+    // 1. Stop accepting. With no listener on the muxer port the kernel program stops redirecting
+    //    new connections at once: from here on port 22 reaches sshd directly again. Connections
+    //    already redirected keep their rewrite, so in-flight requests through port 22 can finish.
+    accepting.abort();
+    let _ = accepting.await;
+    info!("stopped accepting; new connections to the public ports reach their own services");
+    // 2. Let in-flight HTTP requests finish, up to the grace period.
+    runtime.shutdown.cancel();
+    runtime.http_connections.close();
+    if tokio::time::timeout(shutdown_grace, runtime.http_connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?shutdown_grace, "grace period over; closing remaining HTTP connections");
+    }
+    // 3. Detach the programs.
     drop(
-        state
+        control
             .redirect
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .take(),
     );
-    accepting.abort();
     controlling.abort();
     let _ = controlling.await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    info!("stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! refuses the excess at accept.
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -10,12 +11,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub struct ConnectionLimits {
     global: Arc<Semaphore>,
+    /// The global limit now in force.
+    global_max: Mutex<usize>,
     per_ip: Arc<PerIp>,
 }
 
 #[derive(Debug)]
 struct PerIp {
-    max: usize,
+    max: AtomicUsize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -32,8 +35,9 @@ impl ConnectionLimits {
     pub fn new(max_connections: usize, max_per_ip: usize) -> Self {
         ConnectionLimits {
             global: Arc::new(Semaphore::new(max_connections)),
+            global_max: Mutex::new(max_connections),
             per_ip: Arc::new(PerIp {
-                max: max_per_ip,
+                max: AtomicUsize::new(max_per_ip),
                 open: Mutex::new(HashMap::new()),
             }),
         }
@@ -46,6 +50,38 @@ impl ConnectionLimits {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed")
+    }
+
+    /// Applies new limits to connections accepted from now on; open connections keep their slots.
+    pub fn resize(&self, max_connections: usize, max_per_ip: usize) {
+        self.per_ip.max.store(max_per_ip, Ordering::Relaxed);
+        let mut current = self
+            .global_max
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if max_connections > *current {
+            self.global.add_permits(max_connections - *current);
+        } else {
+            // Free permits go at once; the rest as open connections close.
+            let excess = *current - max_connections;
+            let forgotten = self.global.forget_permits(excess);
+            if forgotten < excess {
+                let global = Arc::clone(&self.global);
+                let mut remaining = excess - forgotten;
+                tokio::spawn(async move {
+                    while remaining > 0 {
+                        match global.acquire().await {
+                            Ok(permit) => {
+                                permit.forget();
+                                remaining -= 1;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+        *current = max_connections;
     }
 
     /// Whether every global slot is taken right now.
@@ -61,7 +97,7 @@ impl ConnectionLimits {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         let count = open.entry(ip).or_insert(0);
-        if *count >= self.per_ip.max {
+        if *count >= self.per_ip.max.load(Ordering::Relaxed) {
             return None;
         }
         *count += 1;
@@ -104,6 +140,22 @@ mod tests {
         assert!(limits.admit(limits.wait_for_global().await, b).is_some());
         drop(first);
         assert!(limits.admit(limits.wait_for_global().await, a).is_some());
+    }
+
+    #[tokio::test]
+    async fn resizing_applies_to_new_connections() {
+        let limits = ConnectionLimits::new(1, 1);
+        let ip: IpAddr = "198.18.0.1".parse().unwrap();
+        let slot = limits.admit(limits.wait_for_global().await, ip).unwrap();
+        limits.resize(2, 2);
+        let second = limits.admit(limits.wait_for_global().await, ip).unwrap();
+        assert!(limits.global_exhausted());
+        limits.resize(1, 1);
+        drop(slot);
+        drop(second);
+        tokio::task::yield_now().await;
+        let _only = limits.wait_for_global().await;
+        assert!(limits.global_exhausted(), "shrunk back to one");
     }
 
     #[tokio::test]

@@ -12,8 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::connection::{self, Shared};
-use crate::limits::ConnectionLimits;
+use crate::connection;
+use crate::runtime::Runtime;
 
 /// How long the accept loop sleeps after the process or system ran out of descriptors.
 const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
@@ -108,18 +108,15 @@ async fn accept_any(
 ///
 /// One loop serves all listeners so that the global limit's slot, taken before accepting, is
 /// never held by a listener that has nothing to accept while another's clients wait.
-pub async fn accept_loop(
-    listeners: Vec<TcpListener>,
-    shared: Arc<Shared>,
-    limits: Arc<ConnectionLimits>,
-) {
+pub async fn accept_loop(listeners: Vec<TcpListener>, runtime: Arc<Runtime>) {
+    let limits = Arc::clone(&runtime.limits);
     let mut next = 0;
     let mut limit_warning = Throttle(None);
     let mut fd_warning = Throttle(None);
     loop {
         if limits.global_exhausted() && limit_warning.ready() {
             warn!(
-                max_connections = shared.config.limits.max_connections,
+                max_connections = runtime.current.load().config.limits.max_connections,
                 "connection limit reached; new connections wait in the backlog"
             );
         }
@@ -144,8 +141,7 @@ pub async fn accept_loop(
         tokio::spawn(connection::serve(
             stream,
             peer,
-            Arc::clone(&shared),
-            Arc::clone(&limits),
+            Arc::clone(&runtime),
             permit,
         ));
     }

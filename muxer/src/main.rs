@@ -1,13 +1,14 @@
 //! The `muxer` command line.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use muxer::config::Config;
+use muxer::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Exit status for a config file that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
+const DEFAULT_CONFIG: &str = "/etc/muxer/muxer.toml";
 
 #[derive(Parser)]
 #[command(
@@ -25,13 +26,19 @@ enum Command {
     /// Run the multiplexer.
     Run {
         /// The TOML config file.
-        #[arg(long, short, default_value = "/etc/muxer/muxer.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 2 when not.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show the running daemon's counters (connections, bytes, kernel redirect).
     Stats {
         /// The config file, to find the control socket.
-        #[arg(long, short, default_value = "/etc/muxer/muxer.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The control socket (overrides the config's `control.socket`).
         #[arg(long)]
@@ -46,17 +53,58 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
     },
-    /// Validate a config file and exit: 0 when valid, 2 when not.
-    Check {
-        /// The TOML config file.
-        #[arg(long, short, default_value = "/etc/muxer/muxer.toml")]
+    /// Make the running daemon re-read its config file (like SIGHUP), reporting the outcome.
+    Reload {
+        /// The config file, to find the control socket.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The control socket (overrides the config's `control.socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Install the binary, a default config (if none exists), a system user and a systemd unit.
+    Install {
+        /// Install under this directory instead of / (for packaging and tests).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Where the binary goes.
+        #[arg(long, default_value = "/usr/local/bin/muxer")]
+        binary: PathBuf,
+        /// Where the config goes (kept if it exists).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where the unit goes.
+        #[arg(long, default_value = "/etc/systemd/system/muxer.service")]
+        unit: PathBuf,
+        /// The system user to run as.
+        #[arg(long, default_value = "muxer")]
+        user: String,
+        /// Do not create the user or run `systemctl daemon-reload` (implied by --root other than /).
+        #[arg(long)]
+        no_system_setup: bool,
     },
 }
 
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("muxer: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
+}
+
+/// The control socket: given, or from the config file, or the default.
+fn control_socket(config: &Path, socket: Option<PathBuf>) -> PathBuf {
+    socket.unwrap_or_else(|| match Config::load(config) {
+        Ok(config) => config.control.socket,
+        Err(_) => muxer::config::Control::default_socket(),
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -74,19 +122,10 @@ fn main() -> ExitCode {
             watch,
             interval,
         } => {
-            let socket = socket.unwrap_or_else(|| match Config::load(&config) {
-                Ok(config) => config.control.socket,
-                Err(_) => muxer::config::Control::default_socket(),
-            });
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let socket = control_socket(&config, socket);
+            let runtime = match current_thread_runtime() {
                 Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("muxer: cannot start the async runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(stats(&socket, json, watch, interval)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -96,23 +135,82 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Reload { config, socket } => {
+            let socket = control_socket(&config, socket);
+            let runtime = match current_thread_runtime() {
+                Ok(runtime) => runtime,
+                Err(code) => return code,
+            };
+            match runtime.block_on(muxer::control::request(&socket, "reload")) {
+                Ok(answer) => match (answer.get("ok"), answer.get("error")) {
+                    (Some(ok), _) => {
+                        println!("muxer: {}", ok.as_str().unwrap_or("reloaded"));
+                        ExitCode::SUCCESS
+                    }
+                    (_, error) => {
+                        eprintln!(
+                            "muxer: reload rejected, still running the previous config: {}",
+                            error.and_then(|e| e.as_str()).unwrap_or("unknown error")
+                        );
+                        ExitCode::from(EXIT_BAD_CONFIG)
+                    }
+                },
+                Err(error) => {
+                    eprintln!("muxer: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Install {
+            root,
+            binary,
+            config,
+            unit,
+            user,
+            no_system_setup,
+        } => {
+            let system_setup = !no_system_setup && root == Path::new("/");
+            let layout = muxer::install::Layout {
+                root,
+                binary,
+                config,
+                unit,
+                user,
+                system_setup,
+            };
+            match muxer::install::install(&layout) {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("muxer: {line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("muxer: install failed: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("muxer: {error}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            init_logging();
-            let runtime = match tokio::runtime::Runtime::new() {
+            init_logging(config.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     eprintln!("muxer: cannot start the async runtime: {error}");
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(muxer::daemon::run(config)) {
+            match runtime.block_on(muxer::daemon::run(config, &path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("muxer: {error}");
@@ -124,7 +222,7 @@ fn main() -> ExitCode {
 }
 
 async fn stats(
-    socket: &std::path::Path,
+    socket: &Path,
     json: bool,
     watch: bool,
     interval: std::time::Duration,
@@ -148,12 +246,16 @@ async fn stats(
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Human => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+        }
+    }
 }

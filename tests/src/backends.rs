@@ -112,7 +112,7 @@ pub fn http(netns: &Netns, address: SocketAddr, name: &'static str) -> Backend {
 /// - `POST /sha256`: streams the request body and answers `<hex sha256> <length>`;
 /// - `GET /bytes/N`: streams N bytes of [`crate::test_data`] in 64 KiB chunks;
 /// - `GET /sse`: a `text/event-stream` with one event every 50 ms, each carrying its emission
-///   time in microseconds since the Unix epoch, until the reader goes away;
+///   time in microseconds since the Unix epoch, until the reader goes away (or `?count=N` events);
 /// - `GET /headers`: the request headers as a JSON object;
 /// - anything else: `<name> <method> <path-and-query>` as text.
 pub fn http_with(
@@ -203,10 +203,16 @@ async fn handle(
             )))
         }
         ("GET", "/sse") => {
+            // `?count=N` ends the stream after N events; without it, it runs until abandoned.
+            let count: Option<u32> = request
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("count="))
+                .and_then(|n| n.parse().ok());
             let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(Duration::from_millis(50));
-                loop {
+                for _ in 0..count.unwrap_or(u32::MAX) {
                     ticker.tick().await;
                     let event = Bytes::from(format!("data: {}\n\n", now_micros()));
                     if sender.send(event).await.is_err() {

@@ -73,7 +73,8 @@ impl Programs {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        let counters = redirect::read_counters(&self.loaded.ebpf, &[PUBLIC, 443]).unwrap();
+        let counters =
+            redirect::read_counters(&self.loaded.ebpf, &[(PUBLIC, 0), (443, 1)]).unwrap();
         counters.global[name]
     }
 }
@@ -246,7 +247,8 @@ fn egress_restores_the_public_port_of_tracked_flows_only() {
             );
             let reply = packets::build(&Spec::tcp(SERVER4, MUXER, CLIENT4, 42001, SYN | ACK));
             assert_eq!(programs.egress(&reply), reply);
-            let counters = redirect::read_counters(&programs.loaded.ebpf, &[PUBLIC, 443]).unwrap();
+            let counters =
+                redirect::read_counters(&programs.loaded.ebpf, &[(PUBLIC, 0), (443, 1)]).unwrap();
             let https = counters.ports.iter().find(|p| p.port == 443).unwrap();
             assert_eq!((https.in_packets, https.out_packets), (2, 2));
             assert!(https.out_bytes > 0 && https.in_bytes > 0);

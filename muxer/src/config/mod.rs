@@ -52,6 +52,12 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `human` (default) or `json` log lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// On SIGTERM, how long in-flight HTTP requests may take to finish.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Where the daemon accepts connections.
     #[serde(default)]
     pub listen: Listen,
@@ -82,8 +88,35 @@ pub struct Config {
     /// Inbound PROXY protocol.
     #[serde(default)]
     pub proxy_protocol: InboundProxy,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: Metrics,
     /// Where connections that no probe recognises go; without it they are closed.
     pub fallback: Option<Backend>,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable text (with colours on a terminal).
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address of the Prometheus endpoint (`GET /metrics`); absent: off. Keep it on loopback
+    /// unless something else protects it.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[listen]`

@@ -21,6 +21,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
 use crate::config::{Http, Tunnel};
+use crate::metrics::HttpMetrics;
+use crate::runtime::Runtime;
 
 /// Everything the router needs, built once per configuration.
 #[derive(Debug)]
@@ -33,12 +35,15 @@ pub struct HttpContext {
     pub clients: upstream::Clients,
     /// Named tunnels for `CONNECT`.
     pub tunnels: tunnel::Tunnels,
+    /// Per-request metrics.
+    pub metrics: Arc<HttpMetrics>,
 }
 
 impl HttpContext {
     /// Compiles `[http]` and `[[tunnel]]`.
-    pub fn new(settings: Http, tunnels: &[Tunnel]) -> HttpContext {
+    pub fn new(settings: Http, tunnels: &[Tunnel], metrics: Arc<HttpMetrics>) -> HttpContext {
         HttpContext {
+            metrics,
             router: router::Router::new(&settings.routes, settings.failure_cooldown),
             clients: upstream::Clients::new(&settings),
             tunnels: tunnel::Tunnels::new(tunnels),
@@ -47,16 +52,19 @@ impl HttpContext {
     }
 }
 
-/// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes.
+/// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
+/// until shutdown, when in-flight requests finish and the connection closes. Each request uses
+/// the router current when it arrives, so a reload applies to open keep-alive connections too.
 pub async fn serve(
     client: TcpStream,
     prefix: Vec<u8>,
     peer: SocketAddr,
     context: Arc<HttpContext>,
     traffic: Arc<stream::Traffic>,
+    runtime: Arc<Runtime>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let settings = &context.settings;
     let local = client.local_addr()?;
+    let settings = &context.settings;
     let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -69,8 +77,23 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32);
+    let shutdown = runtime.shutdown.clone();
     let service = hyper::service::service_fn(move |request| {
-        proxy::handle(request, Arc::clone(&context), peer, local)
+        let current = runtime
+            .current
+            .load()
+            .http
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&context));
+        proxy::handle(request, current, peer, local)
     });
-    builder.serve_connection_with_upgrades(io, service).await
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -20,6 +20,7 @@ use super::path::canonicalize;
 use super::router::{normalize_host, Route};
 use super::upstream::UpstreamBody;
 use super::HttpContext;
+use crate::metrics::HttpMetrics;
 
 /// The body type of responses to clients.
 pub type ResponseBody = UpstreamBody;
@@ -48,10 +49,18 @@ struct Access {
     upstream: String,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
+    metrics: Arc<HttpMetrics>,
+    /// From sending upstream to the response head.
+    upstream_latency: Option<Duration>,
 }
 
 impl Access {
     fn log(&self, status: StatusCode, bytes_out: u64, ttfb_ms: Option<u64>, end: &str) {
+        let ttfb = ttfb_ms
+            .map(Duration::from_millis)
+            .or(Some(self.started.elapsed()));
+        self.metrics
+            .record(&self.route, status.as_u16(), self.upstream_latency, ttfb);
         info!(
             target: "muxer::access",
             method = %self.method,
@@ -144,6 +153,8 @@ pub async fn handle(
         upstream: "-".into(),
         started: Instant::now(),
         bytes_in: Arc::new(AtomicU64::new(0)),
+        metrics: Arc::clone(&context.metrics),
+        upstream_latency: None,
     };
     if request.method() == Method::CONNECT {
         return Ok(super::tunnel::connect(request, context, client, local).await);
@@ -239,6 +250,7 @@ pub async fn handle(
         } else {
             &context.clients.fresh
         };
+        let sent_at = Instant::now();
         let sent = client_to_use.request(upstream_request);
         let result = match route.response_timeout {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
@@ -248,7 +260,10 @@ pub async fn handle(
             None => sent.await.map_err(Some),
         };
         match result {
-            Ok(response) => break Ok(response),
+            Ok(response) => {
+                access.upstream_latency = Some(sent_at.elapsed());
+                break Ok(response);
+            }
             Err(None) => break Err(Failure::Timeout),
             Err(Some(error)) => {
                 debug!(route = %route.name, upstream = %access.upstream, error = ?error, "upstream request failed");

@@ -41,8 +41,8 @@ fn sum(
     Ok(values.iter().sum())
 }
 
-/// Reads every counter of `ebpf` for the public `ports` (in slot order).
-pub fn read(ebpf: &Ebpf, ports: &[u16]) -> Result<KernelCounters, RedirectError> {
+/// Reads every counter of `ebpf` for the public ports, given as `(port, counter slot)`.
+pub fn read(ebpf: &Ebpf, ports: &[(u16, u32)]) -> Result<KernelCounters, RedirectError> {
     let open =
         |name: &'static str| -> Result<PerCpuArray<&aya::maps::MapData, u64>, RedirectError> {
             let map = ebpf.map(name).ok_or(RedirectError::Map {
@@ -60,8 +60,7 @@ pub fn read(ebpf: &Ebpf, ports: &[u16]) -> Result<KernelCounters, RedirectError>
             sum(&global_map, counter as u32, COUNTERS_MAP)?,
         );
     }
-    for (slot, &port) in ports.iter().enumerate() {
-        let slot = slot as u32;
+    for &(port, slot) in ports {
         let value = |counter: PortCounter| sum(&port_map, counter.index(slot), PORT_COUNTERS_MAP);
         counters.ports.push(PortCounters {
             port,

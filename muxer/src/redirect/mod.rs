@@ -14,6 +14,10 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, MapError};
 use aya::programs::tc::{self, TcAttachType};
+use std::collections::BTreeMap;
+
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -102,16 +106,29 @@ pub enum IngressHook {
     XdpGeneric,
 }
 
+/// The links of one interface.
+#[derive(Debug)]
+struct InterfaceLinks {
+    egress: SchedClassifierLinkId,
+    ingress: IngressLink,
+}
+
+#[derive(Debug)]
+enum IngressLink {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
 /// The attached redirect. Dropping it detaches everything and removes the pins.
 pub struct Redirect {
     ebpf: Ebpf,
     pins: Vec<PathBuf>,
     logger: Option<tokio::task::JoinHandle<()>>,
-    /// Interfaces the programs are attached to.
-    pub interfaces: Vec<String>,
-    /// Public ports redirected.
-    pub ports: Vec<u16>,
-    /// The port they are redirected to.
+    links: BTreeMap<String, InterfaceLinks>,
+    /// `(public port, counter slot)`.
+    slots: Vec<(u16, u32)>,
+    mode: RedirectMode,
+    /// The port public ports are redirected to.
     pub target_port: u16,
     /// How ingress is hooked.
     pub ingress: IngressHook,
@@ -120,8 +137,8 @@ pub struct Redirect {
 impl std::fmt::Debug for Redirect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redirect")
-            .field("interfaces", &self.interfaces)
-            .field("ports", &self.ports)
+            .field("interfaces", &self.interfaces())
+            .field("ports", &self.ports())
             .field("target_port", &self.target_port)
             .field("ingress", &self.ingress)
             .finish()
@@ -152,6 +169,18 @@ fn map_mut<'a>(
     })
 }
 
+fn attach_error(
+    program: &'static str,
+    interface: &str,
+) -> impl FnOnce(ProgramError) -> RedirectError {
+    let interface = interface.to_owned();
+    move |source| RedirectError::Attach {
+        program,
+        interface,
+        source,
+    }
+}
+
 impl Redirect {
     /// Loads the programs and attaches them so that `config.ports` reach `target_port`. Call only
     /// once the daemon listens on `target_port`: from the first redirected packet on, clients
@@ -159,22 +188,29 @@ impl Redirect {
     pub fn attach(config: &RedirectConfig, target_port: u16) -> Result<Redirect, RedirectError> {
         let interfaces = interfaces::resolve(&config.interfaces)?;
         // Loading first: without CAP_BPF this is the step that fails, with the clearest reason.
-        let Loaded { ebpf, logger } = load(&config.ports, target_port)?;
-        pins::prepare(&config.pin_dir)?;
+        let Loaded { ebpf, logger } = load(&[], target_port)?;
         let mut redirect = Redirect {
             ebpf,
             pins: Vec::new(),
             logger: logger.and_then(spawn_logger),
-            interfaces,
-            ports: config.ports.clone(),
+            links: BTreeMap::new(),
+            slots: Vec::new(),
+            mode: config.mode,
             target_port,
             ingress: IngressHook::Tc,
         };
-        redirect.attach_programs(config.mode)?;
-        redirect.pin_counters(&config.pin_dir)?;
+        redirect.set_ports(&config.ports)?;
+        for interface in &interfaces {
+            redirect.attach_interface(interface)?;
+        }
+        if let Err(error) =
+            pins::prepare(&config.pin_dir).and_then(|()| redirect.pin_counters(&config.pin_dir))
+        {
+            warn!(%error, "kernel counters not pinned (muxer stats still shows them)");
+        }
         info!(
-            interfaces = ?redirect.interfaces,
-            ports = ?redirect.ports,
+            interfaces = ?redirect.interfaces(),
+            ports = ?redirect.ports(),
             target_port,
             ingress = ?redirect.ingress,
             "kernel redirect attached"
@@ -182,52 +218,160 @@ impl Redirect {
         Ok(redirect)
     }
 
-    fn attach_programs(&mut self, mode: RedirectMode) -> Result<(), RedirectError> {
-        for interface in &self.interfaces {
-            remove_stale_filters(interface);
-            let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-            if !has_tcx {
-                // Without TCX, TC programs hang off the clsact qdisc.
-                let _ = tc::qdisc_add_clsact(interface);
+    /// Interfaces the programs are attached to.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.links.keys().cloned().collect()
+    }
+
+    /// Public ports redirected.
+    pub fn ports(&self) -> Vec<u16> {
+        self.slots.iter().map(|&(port, _)| port).collect()
+    }
+
+    /// The mode it was attached in.
+    pub fn mode(&self) -> RedirectMode {
+        self.mode
+    }
+
+    /// Applies new `interfaces` and `ports` without a gap: new interfaces and ports are added
+    /// before old ones are removed, so port 22 is never closed or sent astray on the way. (A mode
+    /// change needs a new [`Redirect`].)
+    pub fn update(&mut self, config: &RedirectConfig) -> Result<(), RedirectError> {
+        let wanted = interfaces::resolve(&config.interfaces)?;
+        self.set_ports(&config.ports)?;
+        for interface in &wanted {
+            if !self.links.contains_key(interface) {
+                self.attach_interface(interface)?;
             }
         }
-        let attach_error = |program, interface: &String| {
-            let interface = interface.clone();
-            move |source| RedirectError::Attach {
-                program,
-                interface,
-                source,
-            }
+        let stale: Vec<String> = self
+            .links
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for interface in stale {
+            self.detach_interface(&interface);
+        }
+        info!(interfaces = ?self.interfaces(), ports = ?self.ports(), "kernel redirect updated");
+        Ok(())
+    }
+
+    /// Makes `ports` the redirected ports: added ones first, then removed ones.
+    fn set_ports(&mut self, ports: &[u16]) -> Result<(), RedirectError> {
+        let map_error = |source| RedirectError::Map {
+            name: PUBLIC_PORTS_MAP,
+            source,
         };
-        // Egress first: by the time a SYN is redirected, its SYN-ACK can be restored.
-        let egress: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_EGRESS)?;
-        for interface in &self.interfaces {
-            egress
-                .attach(interface, TcAttachType::Egress)
-                .map_err(attach_error(PROGRAM_TC_EGRESS, interface))?;
+        let mut public: HashMap<_, u16, u32> =
+            HashMap::try_from(map_mut(&mut self.ebpf, PUBLIC_PORTS_MAP)?).map_err(map_error)?;
+        for &port in ports {
+            if self.slots.iter().any(|&(p, _)| p == port) {
+                continue;
+            }
+            let slot = (0..muxer_common::MAX_PUBLIC_PORTS)
+                .find(|slot| !self.slots.iter().any(|&(_, used)| used == *slot))
+                .expect("validated: at most MAX_PUBLIC_PORTS ports");
+            public.insert(port, slot, 0).map_err(map_error)?;
+            self.slots.push((port, slot));
         }
-        if mode == RedirectMode::Xdp {
-            let xdp: &mut Xdp = program(&mut self.ebpf, PROGRAM_XDP_INGRESS)?;
-            let mut hook = IngressHook::XdpNative;
-            for interface in &self.interfaces {
-                if xdp.attach(interface, XdpMode::Driver).is_err() {
-                    xdp.attach(interface, XdpMode::Skb)
-                        .map_err(attach_error(PROGRAM_XDP_INGRESS, interface))?;
-                    hook = IngressHook::XdpGeneric;
-                    warn!(interface, "driver has no native XDP; using generic XDP");
-                }
-            }
-            self.ingress = hook;
-        } else {
-            let ingress: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_INGRESS)?;
-            for interface in &self.interfaces {
-                ingress
-                    .attach(interface, TcAttachType::Ingress)
-                    .map_err(attach_error(PROGRAM_TC_INGRESS, interface))?;
-            }
-            self.ingress = IngressHook::Tc;
+        let removed: Vec<u16> = self
+            .slots
+            .iter()
+            .map(|&(p, _)| p)
+            .filter(|p| !ports.contains(p))
+            .collect();
+        for port in removed {
+            public.remove(&port).map_err(map_error)?;
+            self.slots.retain(|&(p, _)| p != port);
         }
         Ok(())
+    }
+
+    /// Attaches egress, then ingress, to `interface`.
+    fn attach_interface(&mut self, interface: &str) -> Result<(), RedirectError> {
+        remove_stale_filters(interface);
+        let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if !has_tcx {
+            // Without TCX, TC programs hang off the clsact qdisc.
+            let _ = tc::qdisc_add_clsact(interface);
+        }
+        // Egress first: by the time a SYN is redirected, its SYN-ACK can be restored.
+        let egress: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_EGRESS)?;
+        let egress_link = egress
+            .attach(interface, TcAttachType::Egress)
+            .map_err(attach_error(PROGRAM_TC_EGRESS, interface))?;
+        let ingress = match self.mode {
+            RedirectMode::Xdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, PROGRAM_XDP_INGRESS)?;
+                let link = match xdp.attach(interface, XdpMode::Driver) {
+                    Ok(link) => {
+                        self.ingress = IngressHook::XdpNative;
+                        link
+                    }
+                    Err(_) => {
+                        warn!(interface, "driver has no native XDP; using generic XDP");
+                        self.ingress = IngressHook::XdpGeneric;
+                        xdp.attach(interface, XdpMode::Skb)
+                            .map_err(attach_error(PROGRAM_XDP_INGRESS, interface))?
+                    }
+                };
+                IngressLink::Xdp(link)
+            }
+            _ => {
+                let classifier: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM_TC_INGRESS)?;
+                self.ingress = IngressHook::Tc;
+                IngressLink::Tc(
+                    classifier
+                        .attach(interface, TcAttachType::Ingress)
+                        .map_err(attach_error(PROGRAM_TC_INGRESS, interface))?,
+                )
+            }
+        };
+        self.links.insert(
+            interface.to_owned(),
+            InterfaceLinks {
+                egress: egress_link,
+                ingress,
+            },
+        );
+        Ok(())
+    }
+
+    /// Detaches ingress, then egress, from `interface`.
+    fn detach_interface(&mut self, interface: &str) {
+        let Some(links) = self.links.remove(interface) else {
+            return;
+        };
+        let result = match links.ingress {
+            IngressLink::Tc(link) => program::<SchedClassifier>(&mut self.ebpf, PROGRAM_TC_INGRESS)
+                .and_then(|p| {
+                    p.detach(link).map_err(|source| RedirectError::Program {
+                        name: PROGRAM_TC_INGRESS,
+                        source,
+                    })
+                }),
+            IngressLink::Xdp(link) => {
+                program::<Xdp>(&mut self.ebpf, PROGRAM_XDP_INGRESS).and_then(|p| {
+                    p.detach(link).map_err(|source| RedirectError::Program {
+                        name: PROGRAM_XDP_INGRESS,
+                        source,
+                    })
+                })
+            }
+        };
+        let result = result.and_then(|()| {
+            program::<SchedClassifier>(&mut self.ebpf, PROGRAM_TC_EGRESS).and_then(|p| {
+                p.detach(links.egress)
+                    .map_err(|source| RedirectError::Program {
+                        name: PROGRAM_TC_EGRESS,
+                        source,
+                    })
+            })
+        });
+        if let Err(error) = result {
+            warn!(interface, %error, "detaching from an interface failed");
+        }
     }
 
     fn pin_counters(&mut self, dir: &std::path::Path) -> Result<(), RedirectError> {
@@ -243,7 +387,7 @@ impl Redirect {
 
     /// Reads the kernel counters, summed over CPUs.
     pub fn counters(&self) -> Result<KernelCounters, RedirectError> {
-        counters::read(&self.ebpf, &self.ports)
+        counters::read(&self.ebpf, &self.slots)
     }
 }
 

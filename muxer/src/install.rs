@@ -1,0 +1,253 @@
+//! `muxer install`: the binary, a default config (only if none exists), a system user, and a
+//! hardened systemd unit that grants exactly the capabilities muxer needs.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::Config;
+
+/// The bundled default configuration, installed when no config exists yet.
+pub const DEFAULT_CONFIG: &str = include_str!("../../muxer.toml");
+
+/// Where things go; every path is inside `root` (normally `/`).
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Prefix for every path (a staging directory in tests).
+    pub root: PathBuf,
+    /// The binary.
+    pub binary: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The unit file.
+    pub unit: PathBuf,
+    /// The system user the daemon runs as.
+    pub user: String,
+    /// Create the user and run `systemctl daemon-reload` (off when staging into a directory).
+    pub system_setup: bool,
+}
+
+impl Layout {
+    fn under_root(&self, path: &Path) -> PathBuf {
+        self.root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+/// A step of the installation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} {}: {source}", path.display())]
+pub struct InstallError {
+    /// What was being done.
+    pub step: &'static str,
+    /// On what.
+    pub path: PathBuf,
+    /// Why it failed.
+    pub source: std::io::Error,
+}
+
+/// The systemd unit for `layout`; `bind_low_ports` adds CAP_NET_BIND_SERVICE.
+pub fn unit(layout: &Layout, bind_low_ports: bool) -> String {
+    let mut capabilities = String::from("CAP_BPF CAP_NET_ADMIN");
+    if bind_low_ports {
+        capabilities.push_str(" CAP_NET_BIND_SERVICE");
+    }
+    format!(
+        "[Unit]
+Description=muxer: one public port for SSH, HTTP and TLS
+Documentation=https://crates.io/crates/muxer
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+User={user}
+Group={user}
+# Pins live under /sys/fs/bpf/muxer; preparing it is the only step that needs root.
+ExecStartPre=+/bin/sh -c 'mkdir -p /sys/fs/bpf/muxer && chown {user}:{user} /sys/fs/bpf/muxer'
+ExecStart={binary} run --config {config}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=1s
+# Stop: detach the redirect, drain HTTP for shutdown_grace (30 s), then exit.
+TimeoutStopSec=45s
+AmbientCapabilities={capabilities}
+CapabilityBoundingSet={capabilities}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+RuntimeDirectory=muxer
+RuntimeDirectoryMode=0700
+LimitNOFILE=1048576
+
+[Install]
+WantedBy=multi-user.target
+",
+        user = layout.user,
+        binary = layout.binary.display(),
+        config = layout.config.display(),
+    )
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |step| {
+        move |source| InstallError {
+            step,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail("create directory for"))?;
+    }
+    let temporary = path.with_extension("muxer-new");
+    std::fs::write(&temporary, contents).map_err(fail("write"))?;
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
+        .map_err(fail("chmod"))?;
+    std::fs::rename(&temporary, path).map_err(fail("rename into"))
+}
+
+/// Installs muxer according to `layout`. Returns the lines to show the user.
+pub fn install(layout: &Layout) -> Result<Vec<String>, InstallError> {
+    let mut report = Vec::new();
+    let binary = layout.under_root(&layout.binary);
+    let current = std::env::current_exe().map_err(|source| InstallError {
+        step: "locate",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let bytes = std::fs::read(&current).map_err(|source| InstallError {
+        step: "read",
+        path: current.clone(),
+        source,
+    })?;
+    write_file(&binary, &bytes, 0o755)?;
+    report.push(format!("installed {}", layout.binary.display()));
+
+    let config_path = layout.under_root(&layout.config);
+    if config_path.exists() {
+        report.push(format!("kept existing {}", layout.config.display()));
+    } else {
+        write_file(&config_path, DEFAULT_CONFIG.as_bytes(), 0o644)?;
+        report.push(format!("wrote default {}", layout.config.display()));
+    }
+    let bind_low_ports = Config::load(&config_path)
+        .map(|config| {
+            config
+                .listen
+                .addresses
+                .iter()
+                .any(|address| address.port() < 1024)
+        })
+        .unwrap_or(false);
+    write_file(
+        &layout.under_root(&layout.unit),
+        unit(layout, bind_low_ports).as_bytes(),
+        0o644,
+    )?;
+    report.push(format!("wrote {}", layout.unit.display()));
+
+    if layout.system_setup {
+        let exists = Command::new("getent")
+            .args(["passwd", &layout.user])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            let status = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    &layout.user,
+                ])
+                .status();
+            match status {
+                Ok(status) if status.success() => {
+                    report.push(format!("created system user {}", layout.user))
+                }
+                _ => report.push(format!(
+                    "could not create system user {}: create it by hand",
+                    layout.user
+                )),
+            }
+        }
+        let reloaded = Command::new("systemctl")
+            .arg("daemon-reload")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !reloaded {
+            report.push("systemctl daemon-reload failed: is systemd running?".into());
+        }
+        report.push("start it with: systemctl enable --now muxer".into());
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(root: &Path) -> Layout {
+        Layout {
+            root: root.to_owned(),
+            binary: "/usr/local/bin/muxer".into(),
+            config: "/etc/muxer/muxer.toml".into(),
+            unit: "/etc/systemd/system/muxer.service".into(),
+            user: "muxer".into(),
+            system_setup: false,
+        }
+    }
+
+    #[test]
+    fn unit_grants_exactly_the_needed_capabilities() {
+        let dir = tempfile_dir();
+        let text = unit(&layout(&dir), false);
+        for line in [
+            "Type=notify",
+            "User=muxer",
+            "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN\n",
+            "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN\n",
+            "NoNewPrivileges=yes",
+            "Restart=on-failure",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "ExecStart=/usr/local/bin/muxer run --config /etc/muxer/muxer.toml",
+        ] {
+            assert!(text.contains(line), "missing {line:?}");
+        }
+        assert!(unit(&layout(&dir), true)
+            .contains("AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n"));
+    }
+
+    #[test]
+    fn install_into_a_root_keeps_an_existing_config() {
+        let dir = tempfile_dir();
+        let layout = layout(&dir);
+        let report = install(&layout).unwrap();
+        assert!(report.iter().any(|line| line.starts_with("wrote default")));
+        let config = dir.join("etc/muxer/muxer.toml");
+        std::fs::write(&config, "# mine\n[ssh]\nupstream = \"127.0.0.1:22\"\n").unwrap();
+        let report = install(&layout).unwrap();
+        assert!(report.iter().any(|line| line.starts_with("kept existing")));
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            "# mine\n[ssh]\nupstream = \"127.0.0.1:22\"\n"
+        );
+        assert!(dir.join("usr/local/bin/muxer").exists());
+        assert!(dir.join("etc/systemd/system/muxer.service").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "muxer-install-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
