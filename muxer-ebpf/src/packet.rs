@@ -182,50 +182,48 @@ fn tcp<P: Packet>(packet: &P, l4: usize, family: u16, saddr: [u32; 4], daddr: [u
     })
 }
 
-/// Whether a TCP socket in this network namespace accepts connections for `segment` redirected to
-/// `port` (network byte order): the in-kernel half of failing open.
+/// Whether a TCP socket in this network namespace listens for connections to `segment`'s
+/// destination address on `port` (network byte order): the in-kernel half of failing open.
+///
+/// The lookup uses source port 0, which no connection has, so it can only find a listener. With
+/// the segment's own port, a client reusing a port would find the muxer's TIME_WAIT socket of its
+/// previous connection, which `bpf_sk_lookup_tcp` reports as no socket at all, and the new
+/// connection would wrongly go to the original service.
 #[inline(always)]
 pub fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool {
-    // Built field by field: `mem::zeroed()` would become a memset loop, whose variable stack
-    // offsets the verifier refuses without CAP_PERFMON (and the unit grants only CAP_BPF and
-    // CAP_NET_ADMIN).
-    let (mut tuple, size) = if segment.family == 4 {
+    // Each family builds its own tuple, field by field: `mem::zeroed()` would become a memset
+    // loop, whose variable stack offsets the verifier refuses without CAP_PERFMON (the unit grants
+    // only CAP_BPF and CAP_NET_ADMIN).
+    if segment.family == 4 {
         let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
             saddr: segment.saddr[0],
             daddr: segment.daddr[0],
-            sport: segment.sport,
+            sport: 0,
             dport: port,
         };
-        (
-            bpf_sock_tuple {
-                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
-            },
-            12,
-        )
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
+        };
+        lookup(packet, &mut tuple, 12)
     } else {
         let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
             saddr: segment.saddr,
             daddr: segment.daddr,
-            sport: segment.sport,
+            sport: 0,
             dport: port,
         };
-        (
-            bpf_sock_tuple {
-                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
-            },
-            36,
-        )
-    };
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
+        };
+        lookup(packet, &mut tuple, 36)
+    }
+}
+
+#[inline(always)]
+fn lookup<P: Packet>(packet: &P, tuple: &mut bpf_sock_tuple, size: u32) -> bool {
     // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the call.
-    let socket = unsafe {
-        bpf_sk_lookup_tcp(
-            packet.as_ptr(),
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let socket =
+        unsafe { bpf_sk_lookup_tcp(packet.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
     if socket.is_null() {
         return false;
     }

@@ -519,3 +519,51 @@ fn without_privileges_the_redirect_is_off_with_a_reason_and_serving_continues() 
     );
     assert!(stats["kernel"].is_null());
 }
+
+#[test]
+fn clients_reusing_ports_while_muxer_holds_time_wait_sockets_are_still_redirected() {
+    if !netns_available(
+        "clients_reusing_ports_while_muxer_holds_time_wait_sockets_are_still_redirected",
+    ) {
+        return;
+    }
+    let server = server();
+    let muxer = Muxer::start(
+        &server.link.server,
+        &config("tc", ""),
+        READY.parse().unwrap(),
+    );
+    // `Connection: close` makes muxer close first, so its side of each connection sits in
+    // TIME_WAIT while the client reuses the same source port for the next connection.
+    let ports = 40_000u16..40_020;
+    for round in 0..200usize {
+        let port = ports.start + (round % ports.len()) as u16;
+        let stream = server.link.client.enter(|| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from((muxer_tests::netns::CLIENT_V4, port)).into())?;
+            socket.connect_timeout(
+                &SocketAddr::from((SERVER_V4, 22)).into(),
+                Duration::from_secs(3),
+            )?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+        });
+        let mut stream =
+            stream.unwrap_or_else(|e| panic!("round {round}: connect from port {port}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "round {round} from port {port} did not reach muxer: {reply:?}"
+        );
+    }
+    assert_eq!(muxer.stats()["kernel"]["global"]["passed_no_listener"], 0);
+}

@@ -511,13 +511,25 @@ fn reloading_redirect_ports_never_leaves_port_22_unredirected() {
         return;
     }
     let server = server();
-    let muxer = Muxer::start(&server.link.server, &config("tc", DEFAULT_ROUTE, ""), READY.parse().unwrap());
+    let muxer = Muxer::start(
+        &server.link.server,
+        &config("tc", DEFAULT_ROUTE, ""),
+        READY.parse().unwrap(),
+    );
     let config_path = muxer.dir().join("muxer.toml");
     let original = std::fs::read_to_string(&config_path).unwrap();
     let reload = |text: String| {
         std::fs::write(&config_path, text).unwrap();
-        let output = Command::new(binary()).args(["reload", "--socket"]).arg(muxer.socket()).output().unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let output = Command::new(binary())
+            .args(["reload", "--socket"])
+            .arg(muxer.socket())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     };
     // HTTP to port 22 in a loop: any request that reached sshd instead of muxer fails.
     let stop = Arc::new(AtomicBool::new(false));
@@ -527,7 +539,19 @@ fn reloading_redirect_ports_never_leaves_port_22_unredirected() {
         let mut results = Vec::new();
         while !flag.load(Ordering::Relaxed) {
             let output = Command::new("ip")
-                .args(["netns", "exec", &netns, "curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args([
+                    "netns",
+                    "exec",
+                    &netns,
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
                 .arg(format!("http://{SERVER_V4}:22/v1/models"))
                 .output()
                 .unwrap();
@@ -537,19 +561,35 @@ fn reloading_redirect_ports_never_leaves_port_22_unredirected() {
     });
     std::thread::sleep(Duration::from_millis(300));
     reload(original.replace("ports = [22]", "ports = [22, 2022]"));
-    assert!(server.get(&format!("http://{SERVER_V4}:2022/v1/models")).contains("\"llm\""), "new port redirected");
+    assert!(
+        server
+            .get(&format!("http://{SERVER_V4}:2022/v1/models"))
+            .contains("\"llm\""),
+        "new port redirected"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    reload(original.replace("ports = [22]", "ports = [2022, 22]").replace("interfaces = [\"veth-s\"]", "interfaces = []"));
+    reload(
+        original
+            .replace("ports = [22]", "ports = [2022, 22]")
+            .replace("interfaces = [\"veth-s\"]", "interfaces = []"),
+    );
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let results = looping.join().unwrap();
     let failed: Vec<&String> = results.iter().filter(|r| *r != "200").collect();
-    assert!(results.len() > 5 && failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), results.len());
+    assert!(
+        results.len() > 5 && failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
 
     // Removing 22 hands it back to sshd; 2022 stays redirected.
     reload(original.replace("ports = [22]", "ports = [2022]"));
     assert_eq!(server.ssh_peer(22), CLIENT_V4.to_string());
-    assert!(server.get(&format!("http://{SERVER_V4}:2022/v1/models")).contains("\"llm\""));
+    assert!(server
+        .get(&format!("http://{SERVER_V4}:2022/v1/models"))
+        .contains("\"llm\""));
     let stats = muxer.stats();
     assert_eq!(stats["redirect"]["ports"], serde_json::json!([2022]));
 }

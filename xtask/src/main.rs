@@ -1,4 +1,5 @@
 //! Developer tasks: `cargo xtask setup | build | run | test`.
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -25,6 +26,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark muxer against direct, the seed's sslh+iptables+Caddy stack and HAProxy.
+    Bench {
+        /// `--quick` (one short run, under 2 minutes), `--out FILE` (default target/bench/report.md).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run every test, including the network-namespace and eBPF ones (as root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -39,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build::release().map(drop),
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::run(&args),
+        Command::Bench { args } => bench::run(&args),
     }
 }

@@ -1,0 +1,878 @@
+//! `cargo xtask bench`: muxer against the stack it replaces, side by side in one run.
+//!
+//! Every contender gets fresh client and server namespaces joined by a veth pair, the same
+//! backends (nginx with a tiny fixed reply, an iperf3 server, sshd, an SSE server), and the same
+//! load (wrk -t2 -c32, iperf3, an SSE first-byte probe). Runs are interleaved (run 1 of every
+//! contender, then run 2, …) so that drift on a noisy machine hits all alike; the report gives
+//! medians and ratios. Not a test: nothing here asserts; targets missed are reported.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use muxer_tests::backends::{self, Backend};
+use muxer_tests::netns::{Link, Netns, SERVER_V4};
+use muxer_tests::process::Running;
+use muxer_tests::sshd::Sshd;
+use muxer_tests::wait_for;
+
+const NGINX_PORT: u16 = 8081;
+const IPERF_PORT: u16 = 5201;
+const SSE_PORT: u16 = 30000;
+const ECHO_PORT: u16 = 7000;
+const CADDY_PORT: u16 = 8080;
+const MUX_PORT: u16 = 2222;
+
+struct Options {
+    runs: usize,
+    seconds: u32,
+    idle_connections: usize,
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Contender {
+    Direct,
+    Caddy,
+    SeedSelect,
+    SeedFork,
+    Haproxy,
+    MuxerTc,
+    MuxerIptables,
+}
+
+impl Contender {
+    const ALL: [Contender; 7] = [
+        Contender::Direct,
+        Contender::Caddy,
+        Contender::SeedSelect,
+        Contender::SeedFork,
+        Contender::Haproxy,
+        Contender::MuxerTc,
+        Contender::MuxerIptables,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Caddy => "Caddy alone",
+            Contender::SeedSelect => "seed: iptables+sslh-select+Caddy",
+            Contender::SeedFork => "seed: iptables+sslh-fork+Caddy",
+            Contender::Haproxy => "iptables+HAProxy (TCP)",
+            Contender::MuxerTc => "muxer (TC redirect)",
+            Contender::MuxerIptables => "muxer off + iptables",
+        }
+    }
+
+    /// Port clients use for HTTP, bulk TCP and SSE.
+    fn ports(self) -> (u16, Option<u16>, Option<u16>) {
+        match self {
+            Contender::Direct => (NGINX_PORT, Some(IPERF_PORT), Some(SSE_PORT)),
+            Contender::Caddy => (CADDY_PORT, None, Some(CADDY_PORT)),
+            Contender::Haproxy => (22, Some(22), None),
+            _ => (22, Some(22), Some(22)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Figure {
+    KeepAliveRps,
+    KeepAliveP50,
+    KeepAliveP99,
+    NewConnRps,
+    NewConnP99,
+    BulkGbits,
+    SseTtfbMs,
+    CpuSecondsPerGb,
+    IdleSplicedKib,
+    IdleHttpKib,
+}
+
+impl Figure {
+    fn label(self) -> &'static str {
+        match self {
+            Figure::KeepAliveRps => "HTTP keep-alive, requests/s",
+            Figure::KeepAliveP50 => "HTTP keep-alive, p50 latency (ms)",
+            Figure::KeepAliveP99 => "HTTP keep-alive, p99 latency (ms)",
+            Figure::NewConnRps => "HTTP new connection per request, requests/s",
+            Figure::NewConnP99 => "HTTP new connection per request, p99 latency (ms)",
+            Figure::BulkGbits => "bulk TCP via the SSH/fallback route (Gbit/s)",
+            Figure::SseTtfbMs => "SSE time to first byte, median (ms)",
+            Figure::CpuSecondsPerGb => "proxy CPU seconds per GB forwarded",
+            Figure::IdleSplicedKib => "RSS per idle spliced connection (KiB)",
+            Figure::IdleHttpKib => "RSS per idle HTTP keep-alive connection (KiB)",
+        }
+    }
+
+    fn higher_is_better(self) -> bool {
+        matches!(
+            self,
+            Figure::KeepAliveRps | Figure::NewConnRps | Figure::BulkGbits
+        )
+    }
+}
+
+type Samples = BTreeMap<(Figure, Contender), Vec<f64>>;
+
+/// This machine's hard limit on open files is 20 000 and cannot be raised here (no
+/// CAP_SYS_RESOURCE); a proxy holds two descriptors per connection, so the idle-memory figures use
+/// at most this many connections.
+const MAX_IDLE_CONNECTIONS: usize = 9_900;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, address] = args.as_slice() {
+        if flag == "--echo-server" {
+            echo_server(address.parse().expect("--echo-server ADDRESS"));
+            return;
+        }
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .windows(2)
+        .find(|w| w[0] == "--out")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_else(|| PathBuf::from("target/bench/report.md"));
+    let options = if quick {
+        Options {
+            runs: 1,
+            seconds: 2,
+            idle_connections: 2_000,
+            out,
+        }
+    } else {
+        Options {
+            runs: 3,
+            seconds: 5,
+            idle_connections: MAX_IDLE_CONNECTIONS,
+            out,
+        }
+    };
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the benchmark needs root (network namespaces, iptables, eBPF)"
+    );
+    raise_fd_limit();
+    let started = Instant::now();
+    let mut samples = Samples::new();
+    for run in 0..options.runs {
+        for contender in Contender::ALL {
+            eprintln!(
+                "bench: run {}/{} — {}",
+                run + 1,
+                options.runs,
+                contender.label()
+            );
+            measure(contender, &options, &mut samples);
+        }
+    }
+    eprintln!("bench: idle-connection memory");
+    for contender in [
+        Contender::MuxerTc,
+        Contender::Haproxy,
+        Contender::SeedSelect,
+    ] {
+        idle_memory(contender, &options, &mut samples);
+    }
+    let report = report(&samples, &options, started.elapsed(), quick);
+    if let Some(dir) = options.out.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&options.out, &report).unwrap();
+    println!("{report}");
+    eprintln!("bench: report written to {}", options.out.display());
+}
+
+/// Soft limit up to the hard one (raising the hard one needs CAP_SYS_RESOURCE).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+}
+
+/// A TCP echo server in its own process (the benchmark process holds the client sockets, and
+/// one process cannot hold both ends of 10 000 connections under a 20 000-descriptor limit).
+fn echo_server(address: SocketAddr) {
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// What every contender's server namespace runs.
+struct Backends {
+    _nginx: Running,
+    _iperf: Running,
+    _sshd: Sshd,
+    _sse: Backend,
+    dir: tempfile::TempDir,
+}
+
+fn sysctl(netns: &Netns, settings: &[&str]) {
+    for setting in settings {
+        netns.run_ok("sysctl", &["-qw", setting]);
+    }
+}
+
+fn wait_port(netns: &Netns, port: u16) {
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for(&format!("port {port}"), Duration::from_secs(10), || {
+        netns.enter(|| TcpStream::connect(address).ok()).map(drop)
+    });
+}
+
+fn backends(link: &Link) -> Backends {
+    for netns in [&link.client, &link.server] {
+        sysctl(
+            netns,
+            &[
+                "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.core.somaxconn=65535",
+            ],
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nginx_conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        format!(
+            "daemon off; worker_processes 1; worker_rlimit_nofile 100000; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;\n\
+             events {{ worker_connections 40000; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n\
+               server {{ listen 0.0.0.0:{NGINX_PORT} backlog=65535; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut command = link.server.command("nginx");
+    command.arg("-c").arg(&nginx_conf);
+    let nginx = Running::spawn("nginx", command, dir.path().join("nginx.log"));
+    let mut command = link.server.command("iperf3");
+    command.args(["-s", "-p", &IPERF_PORT.to_string()]);
+    let iperf = Running::spawn("iperf3", command, dir.path().join("iperf3.log"));
+    let sshd = Sshd::start(&link.server, &["127.0.0.1:22", "0.0.0.0:22"]);
+    let sse = backends::http(
+        &link.server,
+        SocketAddr::from(([0, 0, 0, 0], SSE_PORT)),
+        "sse",
+    );
+    wait_port(&link.server, NGINX_PORT);
+    wait_port(&link.server, IPERF_PORT);
+    Backends {
+        _nginx: nginx,
+        _iperf: iperf,
+        _sshd: sshd,
+        _sse: sse,
+        dir,
+    }
+}
+
+fn iptables_redirect(netns: &Netns) {
+    netns.run_ok(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "22",
+            "-j",
+            "REDIRECT",
+            "--to-port",
+            &MUX_PORT.to_string(),
+        ],
+    );
+}
+
+fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
+    let caddyfile = dir.join("Caddyfile");
+    // The seed's Caddyfile, plus the SSE route the benchmark measures.
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n  admin off\n  auto_https off\n}}\n:{CADDY_PORT} {{\n  bind {listen}\n  handle_path /embedding-model/* {{\n    reverse_proxy 127.0.0.1:30001\n  }}\n  handle /sse {{\n    reverse_proxy 127.0.0.1:{SSE_PORT}\n  }}\n  handle {{\n    reverse_proxy 127.0.0.1:{NGINX_PORT}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let mut command = link.server.command("caddy");
+    command
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&caddyfile)
+        .env("HOME", dir)
+        .env("XDG_DATA_HOME", dir)
+        .env("XDG_CONFIG_HOME", dir);
+    let caddy = Running::spawn("caddy", command, dir.join("caddy.log"));
+    wait_port(&link.server, CADDY_PORT);
+    caddy
+}
+
+fn muxer_config(mode: &str, fallback_port: u16) -> String {
+    format!(
+        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
+         [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
+         [limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\n\
+         [ssh]\nupstream = \"127.0.0.1:22\"\n\
+         [fallback]\nupstream = \"127.0.0.1:{fallback_port}\"\n\
+         [http]\n\
+         [[http.route]]\npath = \"/sse\"\nupstreams = [\"127.0.0.1:{SSE_PORT}\"]\n\
+         [[http.route]]\nupstreams = [\"127.0.0.1:{NGINX_PORT}\"]\n"
+    )
+}
+
+fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16) -> Running {
+    let config = dir.join("muxer.toml");
+    let socket = dir.join("muxer.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[control]\nsocket = \"{}\"\n",
+            muxer_config(mode, fallback_port),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut command = link
+        .server
+        .command(&muxer_tests::muxer::binary().display().to_string());
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let mut process = Running::spawn("muxer", command, dir.join("muxer.log"));
+    wait_for("muxer", Duration::from_secs(10), || {
+        process.assert_running();
+        socket.exists().then_some(())
+    });
+    wait_port(&link.server, MUX_PORT);
+    process
+}
+
+/// Starts the contender's proxy processes; returns them (the first is the one whose CPU counts).
+fn start(
+    contender: Contender,
+    link: &Link,
+    backends: &Backends,
+    fallback_port: u16,
+) -> Vec<Running> {
+    let dir = backends.dir.path();
+    let sslh = |binary: &str| {
+        let mut command = link.server.command(binary);
+        command.args(["-f", "-n", "-p", &format!("0.0.0.0:{MUX_PORT}")]);
+        command.args([
+            "--ssh",
+            "127.0.0.1:22",
+            "--http",
+            &format!("127.0.0.1:{CADDY_PORT}"),
+        ]);
+        command.args(["--anyprot", &format!("127.0.0.1:{fallback_port}")]);
+        let process = Running::spawn(binary, command, dir.join("sslh.log"));
+        wait_port(&link.server, MUX_PORT);
+        process
+    };
+    match contender {
+        Contender::Direct => Vec::new(),
+        Contender::Caddy => vec![caddy(link, dir, "0.0.0.0")],
+        Contender::SeedSelect | Contender::SeedFork => {
+            iptables_redirect(&link.server);
+            let caddy = caddy(link, dir, "127.0.0.1");
+            let binary = if contender == Contender::SeedSelect {
+                "sslh-select"
+            } else {
+                "sslh"
+            };
+            vec![sslh(binary), caddy]
+        }
+        Contender::Haproxy => {
+            iptables_redirect(&link.server);
+            let config = dir.join("haproxy.cfg");
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 9950\n\
+                     defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  maxconn 9950\n\
+                     frontend mux\n  bind 0.0.0.0:{MUX_PORT}\n  tcp-request inspect-delay 2s\n\
+                       acl ssh req.payload(0,4) -m bin 5353482d\n\
+                       tcp-request content accept if ssh\n  tcp-request content accept if HTTP\n\
+                       tcp-request content accept if {{ req.len gt 0 }}\n\
+                       use_backend ssh if ssh\n  use_backend http if HTTP\n  default_backend other\n\
+                     backend ssh\n  server s 127.0.0.1:22\n\
+                     backend http\n  server h 127.0.0.1:{NGINX_PORT}\n\
+                     backend other\n  server o 127.0.0.1:{fallback_port}\n"
+                ),
+            )
+            .unwrap();
+            let mut command = link.server.command("haproxy");
+            command.arg("-db").arg("-f").arg(&config);
+            let process = Running::spawn("haproxy", command, dir.join("haproxy.log"));
+            wait_port(&link.server, MUX_PORT);
+            vec![process]
+        }
+        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port)],
+        Contender::MuxerIptables => {
+            iptables_redirect(&link.server);
+            vec![muxer(link, dir, "off", fallback_port)]
+        }
+    }
+}
+
+/// CPU seconds (user + system, including reaped children) of `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = (11..15)
+        .filter_map(|i| fields.get(i))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn parse_duration_ms(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+/// `(requests/s, p50 ms, p99 ms)` from wrk.
+fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f64)> {
+    let url = format!("http://{SERVER_V4}:{port}/");
+    let duration = format!("{seconds}s");
+    let mut args = vec!["-t2", "-c32", "-d", &duration, "--latency"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(&url);
+    let output = link.client.run("wrk", &args);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let percentile = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(|v| parse_duration_ms(v.trim()))
+    };
+    let errors = text.contains("Non-2xx") || text.contains("Socket errors");
+    if errors {
+        eprintln!("bench: wrk reported errors on port {port}:\n{text}");
+    }
+    Some((rps, percentile("50%")?, percentile("99%")?))
+}
+
+/// `(Gbit/s, bytes)` from iperf3.
+fn iperf(link: &Link, port: u16, seconds: u32) -> Option<(f64, f64)> {
+    let output = link.client.run(
+        "iperf3",
+        &[
+            "-c",
+            &SERVER_V4.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let received = &json["end"]["sum_received"];
+    Some((
+        received["bits_per_second"].as_f64()? / 1e9,
+        received["bytes"].as_f64()?,
+    ))
+}
+
+/// Median time (ms) from starting to connect to the first SSE event byte.
+fn sse_ttfb(link: &Link, port: u16) -> Option<f64> {
+    let mut times = Vec::new();
+    for _ in 0..25 {
+        let started = Instant::now();
+        let mut stream = link
+            .client
+            .enter(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((SERVER_V4, port)),
+                    Duration::from_secs(5),
+                )
+            })
+            .ok()?;
+        stream.set_nodelay(true).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream
+            .write_all(b"GET /sse HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+            .ok()?;
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !seen.windows(5).any(|w| w == b"data:") {
+            let n = stream.read(&mut chunk).ok()?;
+            if n == 0 {
+                return None;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Some(median(&mut times))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
+    let link = Link::new();
+    let backends = backends(&link);
+    let processes = start(contender, &link, &backends, IPERF_PORT);
+    let (http_port, bulk_port, sse_port) = contender.ports();
+    let mut add =
+        |figure: Figure, value: f64| samples.entry((figure, contender)).or_default().push(value);
+    if let Some((rps, p50, p99)) = wrk(&link, http_port, options.seconds, false) {
+        add(Figure::KeepAliveRps, rps);
+        add(Figure::KeepAliveP50, p50);
+        add(Figure::KeepAliveP99, p99);
+    }
+    if let Some((rps, _, p99)) = wrk(&link, http_port, options.seconds, true) {
+        add(Figure::NewConnRps, rps);
+        add(Figure::NewConnP99, p99);
+    }
+    if let Some(port) = bulk_port {
+        let cpu_before: f64 = processes.first().map_or(0.0, |p| cpu_seconds(p.pid()));
+        if let Some((gbits, bytes)) = iperf(&link, port, options.seconds) {
+            add(Figure::BulkGbits, gbits);
+            if let Some(proxy) = processes.first() {
+                add(
+                    Figure::CpuSecondsPerGb,
+                    (cpu_seconds(proxy.pid()) - cpu_before) / (bytes / 1e9),
+                );
+            }
+        }
+    }
+    if let Some(port) = sse_port {
+        if let Some(ms) = sse_ttfb(&link, port) {
+            add(Figure::SseTtfbMs, ms);
+        }
+    }
+    drop(processes);
+}
+
+/// RSS growth per connection with `options.idle_connections` idle connections open, each having
+/// carried one exchange: spliced (junk → fallback → an echo server) and HTTP keep-alive.
+fn idle_memory(contender: Contender, options: &Options, samples: &mut Samples) {
+    let link = Link::new();
+    let backends = backends(&link);
+    let mut command = link
+        .server
+        .command(&std::env::current_exe().unwrap().display().to_string());
+    command.args(["--echo-server", &format!("127.0.0.1:{ECHO_PORT}")]);
+    let _echo = Running::spawn("echo server", command, backends.dir.path().join("echo.log"));
+    wait_port(&link.server, ECHO_PORT);
+    let processes = start(contender, &link, &backends, ECHO_PORT);
+    let Some(proxy) = processes.first() else {
+        return;
+    };
+    let pid = proxy.pid();
+    let mut open = |figure: Figure, request: &[u8], expect: &[u8]| {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = rss_kib(pid);
+        let mut held = Vec::with_capacity(options.idle_connections);
+        let exchange = || -> Option<TcpStream> {
+            let mut stream = link
+                .client
+                .enter(|| {
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from((SERVER_V4, 22)),
+                        Duration::from_secs(3),
+                    )
+                })
+                .ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            stream.write_all(request).ok()?;
+            let mut reply = vec![0u8; expect.len()];
+            stream.read_exact(&mut reply).ok()?;
+            (reply == expect).then_some(stream)
+        };
+        while held.len() < options.idle_connections {
+            match exchange() {
+                Some(stream) => held.push(stream),
+                None => break,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(pid);
+        if held.len() < options.idle_connections {
+            notes_push(format!(
+                "{}: {} refused or failed connection {} of {}.",
+                figure.label(),
+                contender.label(),
+                held.len() + 1,
+                options.idle_connections
+            ));
+        }
+        if !held.is_empty() {
+            samples
+                .entry((figure, contender))
+                .or_default()
+                .push((after - before) / held.len() as f64);
+        }
+        drop(held);
+    };
+    open(Figure::IdleSplicedKib, b"hello, idle\n", b"hello, idle\n");
+    std::thread::sleep(Duration::from_millis(500));
+    open(
+        Figure::IdleHttpKib,
+        b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
+        b"HTTP/1.1 200",
+    );
+}
+
+static NOTES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn notes_push(note: String) {
+    eprintln!("bench: {note}");
+    NOTES.lock().unwrap().push(note);
+}
+
+fn version(command: &str, args: &[&str]) -> String {
+    Command::new(command)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) -> String {
+    use std::fmt::Write as _;
+    let value = |figure: Figure, contender: Contender| -> Option<f64> {
+        samples
+            .get(&(figure, contender))
+            .map(|v| median(&mut v.clone()))
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "# muxer benchmark\n");
+    let _ = writeln!(
+        out,
+        "{} run(s) per contender ({}), {} s per load, medians shown. Client and server are network namespaces joined by a veth pair on one machine; wrk -t2 -c32 against nginx returning a 3-byte body; iperf3 single stream; {} idle connections for memory. Generated by `cargo xtask bench{}` in {:.0} s.\n",
+        options.runs,
+        if options.runs > 1 { "interleaved" } else { "quick mode" },
+        options.seconds,
+        options.idle_connections,
+        if quick { " --quick" } else { "" },
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "Machine: {} cores, kernel {}; {}; {}; {}; {}; {}; {}; {}.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        version("uname", &["-r"]),
+        version(
+            &muxer_tests::muxer::binary().display().to_string(),
+            &["--version"]
+        ),
+        version("sslh-select", &["-V"]),
+        version("caddy", &["version"]),
+        version("haproxy", &["-v"]),
+        version("nginx", &["-v"]),
+        version("wrk", &["-v"]),
+        version("iperf3", &["--version"]),
+    );
+    let _ = write!(out, "| figure |");
+    for contender in Contender::ALL {
+        let _ = write!(out, " {} |", contender.label());
+    }
+    let _ = writeln!(out, " muxer ÷ direct | muxer ÷ seed (sslh-select) |");
+    let _ = writeln!(out, "|---|{}---|---|", "---|".repeat(Contender::ALL.len()));
+    let figures = [
+        Figure::KeepAliveRps,
+        Figure::KeepAliveP50,
+        Figure::KeepAliveP99,
+        Figure::NewConnRps,
+        Figure::NewConnP99,
+        Figure::BulkGbits,
+        Figure::SseTtfbMs,
+        Figure::CpuSecondsPerGb,
+        Figure::IdleSplicedKib,
+        Figure::IdleHttpKib,
+    ];
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
+        _ => "n/a".into(),
+    };
+    for figure in figures {
+        let _ = write!(out, "| {} |", figure.label());
+        for contender in Contender::ALL {
+            match value(figure, contender) {
+                Some(v) if v.abs() >= 100.0 => {
+                    let _ = write!(out, " {v:.0} |");
+                }
+                Some(v) => {
+                    let _ = write!(out, " {v:.2} |");
+                }
+                None => {
+                    let _ = write!(out, " – |");
+                }
+            }
+        }
+        let muxer = value(figure, Contender::MuxerTc);
+        let _ = writeln!(
+            out,
+            " {} | {} |",
+            ratio(muxer, value(figure, Contender::Direct)),
+            ratio(muxer, value(figure, Contender::SeedSelect))
+        );
+    }
+
+    let _ = writeln!(out, "\n## Targets (muxer with the TC redirect)\n");
+    let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
+    let mut target = |name: &str, measured: Option<f64>, goal: f64, at_least: bool, unit: &str| {
+        let (text, met) = match measured {
+            Some(m) => (
+                format!("{m:.2}{unit}"),
+                if at_least { m >= goal } else { m <= goal },
+            ),
+            None => ("not measured".into(), false),
+        };
+        let verdict = if met {
+            "yes".to_owned()
+        } else {
+            match measured {
+                Some(m) if at_least => format!("**no**: {:.0} % short", (1.0 - m / goal) * 100.0),
+                Some(m) => format!("**no**: {:.0} % over", (m / goal - 1.0) * 100.0),
+                None => "**no**".into(),
+            }
+        };
+        let _ = writeln!(out, "| {name} | {text} | {verdict} |");
+    };
+    let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let m = Contender::MuxerTc;
+    target(
+        "bulk TCP ≥ 0.8 × direct",
+        div(
+            value(Figure::BulkGbits, m),
+            value(Figure::BulkGbits, Contender::Direct),
+        ),
+        0.8,
+        true,
+        "×",
+    );
+    target(
+        "keep-alive HTTP ≥ 3 × the seed's stack",
+        div(
+            value(Figure::KeepAliveRps, m),
+            value(Figure::KeepAliveRps, Contender::SeedSelect),
+        ),
+        3.0,
+        true,
+        "×",
+    );
+    target(
+        "new connection per request ≥ 0.7 × direct",
+        div(
+            value(Figure::NewConnRps, m),
+            value(Figure::NewConnRps, Contender::Direct),
+        ),
+        0.7,
+        true,
+        "×",
+    );
+    target(
+        "SSE time to first byte within 1 ms of direct",
+        value(Figure::SseTtfbMs, m)
+            .zip(value(Figure::SseTtfbMs, Contender::Direct))
+            .map(|(a, b)| a - b),
+        1.0,
+        false,
+        " ms",
+    );
+    target(
+        "≤ 2 KiB per idle spliced connection",
+        value(Figure::IdleSplicedKib, m),
+        2.0,
+        false,
+        " KiB",
+    );
+    target(
+        "≤ 14 KiB per idle HTTP keep-alive connection",
+        value(Figure::IdleHttpKib, m),
+        14.0,
+        false,
+        " KiB",
+    );
+
+    let notes = NOTES.lock().unwrap();
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\nNotes:\n");
+        for note in notes.iter() {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+    let _ = writeln!(out, "\n## TC redirect vs iptables REDIRECT, same muxer\n");
+    let _ = writeln!(out, "| figure | TC ÷ iptables |\n|---|---|");
+    for figure in [Figure::BulkGbits, Figure::NewConnRps, Figure::KeepAliveRps] {
+        let better = if figure.higher_is_better() {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = writeln!(
+            out,
+            "| {} ({better}) | {} |",
+            figure.label(),
+            ratio(
+                value(figure, Contender::MuxerTc),
+                value(figure, Contender::MuxerIptables)
+            )
+        );
+    }
+    out
+}
