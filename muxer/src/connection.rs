@@ -20,7 +20,7 @@ use crate::http::HttpContext;
 use crate::metrics::HttpMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
-use crate::sniff::{self, Detected, SniffOutcome, Sniffed};
+use crate::sniff::{self, Detected, HttpVersion, SniffOutcome, Sniffed};
 use crate::splice::{self, CloseReason};
 use crate::stats::{RouteCounters, Stats};
 use crate::tls_router::TlsRouter;
@@ -154,7 +154,13 @@ pub async fn serve(
     let trusted = proxy_protocol::trusted(&config.proxy_protocol.trusted, tcp_peer.ip());
     let mut initial = Vec::new();
     if trusted {
-        match proxy_protocol::read_inbound(&mut client, config.sniff.timeout).await {
+        // Boxed: rare, and its state would otherwise enlarge every connection's task.
+        match Box::pin(proxy_protocol::read_inbound(
+            &mut client,
+            config.sniff.timeout,
+        ))
+        .await
+        {
             Ok(inbound) => {
                 if let Some(real) = inbound.client {
                     log.client = real;
@@ -254,14 +260,21 @@ async fn dispatch(
         let traffic = Arc::new(Traffic::default());
         // Tracked so that a shutdown waits for in-flight requests.
         let _tracked = runtime.http_connections.token();
-        let result = crate::http::serve(
+        // Boxed: hyper's connection state is large, and inline it would make every connection's
+        // task that large, spliced ones included.
+        let result = Box::pin(crate::http::serve(
             client,
             sniffed.prefix,
             log.client,
             Arc::clone(http),
             Arc::clone(&traffic),
             Arc::clone(runtime),
-        )
+            match &sniffed.outcome {
+                SniffOutcome::Detected(Detected::Http(version)) => *version,
+                // Reached by timeout or fallback: only HTTP/1 can start without a preface.
+                _ => HttpVersion::Http1,
+            },
+        ))
         .await;
         let (bytes_in, bytes_out) = (
             traffic.read.load(Ordering::Relaxed),
@@ -366,4 +379,67 @@ async fn connect_and_splice(
     }
     drop(first);
     Ok(splice::splice(client, upstream, config.splice.idle_timeout).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::limits::ConnectionLimits;
+    use crate::metrics::Metrics;
+
+    fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open connection is one task of this size; the HTTP path is boxed so that spliced
+    /// connections do not pay for hyper's connection state.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let config = Config::parse(
+            "[ssh]\nupstream = \"127.0.0.1:22\"\n[[http.route]]\nupstreams = [\"127.0.0.1:1\"]",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let stats = Arc::new(Stats::default());
+        let control = Arc::new(crate::control::ControlState {
+            stats: Arc::clone(&stats),
+            redirect: std::sync::Mutex::new(None),
+            redirect_report: std::sync::Mutex::new(crate::control::RedirectReport {
+                state: "off".into(),
+                reason: None,
+                interfaces: vec![],
+                ports: vec![],
+                target_port: None,
+                ingress: None,
+            }),
+            started: std::time::Instant::now(),
+            reload: std::sync::Mutex::new(None),
+        });
+        let metrics = Metrics::new(control);
+        let limits = Arc::new(ConnectionLimits::new(10, 10));
+        let runtime = Arc::new(Runtime {
+            current: arc_swap::ArcSwap::from_pointee(Shared::new(
+                config,
+                Arc::clone(&stats),
+                Arc::clone(&metrics.http),
+            )),
+            stats,
+            http_metrics: Arc::clone(&metrics.http),
+            limits: Arc::clone(&limits),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            http_connections: tokio_util::task::TaskTracker::new(),
+            config_path: "t".into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let peer = client.local_addr().unwrap();
+        let permit = limits.wait_for_global().await;
+        let task = serve(client, peer, runtime, permit);
+        let size = size_of_future(&task);
+        // 2000 bytes in a debug build, ~1900 in release; the bound catches regressions.
+        assert!(size <= 2048, "a connection task is {size} bytes");
+    }
 }

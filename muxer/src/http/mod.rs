@@ -16,13 +16,14 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
 use crate::config::{Http, Tunnel};
 use crate::metrics::HttpMetrics;
 use crate::runtime::Runtime;
+use crate::sniff::HttpVersion;
 
 /// Everything the router needs, built once per configuration.
 #[derive(Debug)]
@@ -52,9 +53,26 @@ impl HttpContext {
     }
 }
 
+/// Drives a hyper server connection until it ends; on shutdown, lets in-flight requests finish
+/// and closes it.
+macro_rules! drive {
+    ($connection:expr, $shutdown:expr) => {{
+        let connection = $connection;
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = $shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        }
+    }};
+}
+
 /// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
-/// until shutdown, when in-flight requests finish and the connection closes. Each request uses
-/// the router current when it arrives, so a reload applies to open keep-alive connections too.
+/// until shutdown, when in-flight requests finish and the connection closes. `version` is what
+/// the sniffer saw, so no second detection runs. Each request uses the router current when it
+/// arrives, so a reload applies to open keep-alive connections too.
 pub async fn serve(
     client: TcpStream,
     prefix: Vec<u8>,
@@ -62,21 +80,14 @@ pub async fn serve(
     context: Arc<HttpContext>,
     traffic: Arc<stream::Traffic>,
     runtime: Arc<Runtime>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let local = client.local_addr()?;
-    let settings = &context.settings;
+    version: HttpVersion,
+) -> Result<(), hyper::Error> {
+    let local = client
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32);
+    let header_limit = context.settings.max_header_bytes;
+    let header_read_timeout = context.settings.header_read_timeout;
     let shutdown = runtime.shutdown.clone();
     let service = hyper::service::service_fn(move |request| {
         let current = runtime
@@ -87,13 +98,25 @@ pub async fn serve(
             .unwrap_or_else(|| Arc::clone(&context));
         proxy::handle(request, current, peer, local)
     });
-    let connection = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    match version {
+        HttpVersion::Http1 => {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(header_limit)
+                .keep_alive(true);
+            drive!(
+                builder.serve_connection(io, service).with_upgrades(),
+                shutdown
+            )
+        }
+        HttpVersion::Http2PriorKnowledge => {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_header_list_size(header_limit as u32);
+            drive!(builder.serve_connection(io, service), shutdown)
         }
     }
 }

@@ -244,7 +244,12 @@ pub async fn handle(
         *upstream_request.method_mut() = parts.method.clone();
         *upstream_request.uri_mut() = uri;
         *upstream_request.version_mut() = Version::HTTP_11;
-        *upstream_request.headers_mut() = parts.headers.clone();
+        // Only a request that may be retried needs its headers twice.
+        *upstream_request.headers_mut() = if bodiless && attempt == 0 {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let client_to_use = if attempt == 0 {
             &context.clients.pooled
         } else {
