@@ -114,6 +114,7 @@ pub fn http(netns: &Netns, address: SocketAddr, name: &'static str) -> Backend {
 /// - `GET /sse`: a `text/event-stream` with one event every 50 ms, each carrying its emission
 ///   time in microseconds since the Unix epoch, until the reader goes away (or `?count=N` events);
 /// - `GET /headers`: the request headers as a JSON object;
+/// - `GET /slow?ms=N`: answers after N milliseconds;
 /// - anything else: `<name> <method> <path-and-query>` as text.
 pub fn http_with(
     netns: &Netns,
@@ -225,6 +226,17 @@ async fn handle(
                 .header("content-type", "text/event-stream")
                 .header("cache-control", "no-cache")
                 .body(ChannelBody { receiver }.boxed_unsync())
+        }
+        ("GET", "/slow") => {
+            // `?ms=N`: the response head comes after N milliseconds.
+            let delay: u64 = request
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Response::builder().body(full(format!("{name} slow")))
         }
         ("GET", bytes) if bytes.starts_with("/bytes/") => {
             let total: usize = bytes["/bytes/".len()..].parse().unwrap_or(0);

@@ -194,3 +194,31 @@ impl Default for Link {
         Self::new()
     }
 }
+
+/// A bpffs mounted on a temporary directory for one test, unmounted on drop.
+pub struct BpfFs(tempfile::TempDir);
+
+impl BpfFs {
+    /// Mounts a fresh bpffs.
+    pub fn mount() -> BpfFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount -t bpf");
+        BpfFs(dir)
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}

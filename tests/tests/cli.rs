@@ -67,3 +67,19 @@ fn check_accepts_the_bundled_config_and_rejects_a_bad_one() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("ssh.upstrem"), "{stderr}");
 }
+
+#[test]
+fn stats_and_reload_say_clearly_when_muxer_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    for command in ["stats", "reload"] {
+        let output = muxer(&[command, "--socket", socket.to_str().unwrap()]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            stderr.contains("muxer is not running"),
+            "{command}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

@@ -376,3 +376,84 @@ fn connection_limits_refuse_per_address_and_pause_globally() {
     assert_eq!(waiting.read(&mut b).unwrap(), 1, "served once a slot frees");
     server.muxer.process.assert_running();
 }
+
+#[test]
+fn running_out_of_descriptors_pauses_accepting_without_crashing() {
+    if !netns_available("running_out_of_descriptors_pauses_accepting_without_crashing") {
+        return;
+    }
+    let link = Link::new();
+    let _echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("muxer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n[sniff]\non_timeout = \"close\"\n\
+             [fallback]\nupstream = \"127.0.0.1:7000\"\n[control]\nsocket = \"{}\"\n",
+            dir.path().join("muxer.sock").display()
+        ),
+    )
+    .unwrap();
+    // A hard limit of 64 descriptors: muxer raises its soft limit to it, then runs out.
+    let mut command = link.server.command("prlimit");
+    command
+        .args(["--nofile=32:64", "--"])
+        .arg(muxer_tests::muxer::binary())
+        .args(["run", "--config"])
+        .arg(&config);
+    let mut muxer =
+        muxer_tests::process::Running::spawn("muxer", command, dir.path().join("muxer.log"));
+    wait_for("muxer", Duration::from_secs(10), || {
+        muxer.assert_running();
+        link.client
+            .enter(|| TcpStream::connect(mux_v4()).ok())
+            .map(drop)
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", muxer.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        open_files.split_whitespace().filter(|w| *w == "64").count() == 2,
+        "soft limit raised to hard: {open_files}"
+    );
+
+    // 60 connections held open need 120 descriptors: many cannot be served for now.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(mut stream) = link
+            .client
+            .enter(|| TcpStream::connect_timeout(&mux_v4(), Duration::from_secs(2)))
+        {
+            let _ = stream.write_all(b"hold\n");
+            held.push(stream);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    muxer.assert_running();
+    let log = muxer.log();
+    let warnings = log.matches("out of file descriptors").count();
+    assert!(warnings >= 1, "no warning: {log}");
+    assert!(
+        warnings <= 4,
+        "warned {warnings} times in ~2.5 s: at most once a second"
+    );
+    // Freeing descriptors lets it serve again.
+    drop(held);
+    let served = wait_for("muxer to serve again", Duration::from_secs(10), || {
+        let mut stream = link
+            .client
+            .enter(|| TcpStream::connect_timeout(&mux_v4(), Duration::from_secs(2)))
+            .ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(b"again\n").ok()?;
+        let mut reply = [0u8; 6];
+        stream.read_exact(&mut reply).ok()?;
+        Some(reply)
+    });
+    assert_eq!(&served, b"again\n");
+    muxer.assert_running();
+}

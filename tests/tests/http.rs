@@ -27,6 +27,8 @@ const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209
     [[http.route]]\nname = \"keepalive\"\npath = \"/ka/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30003\"]\n\
     [[http.route]]\nname = \"wild\"\nhost = \"*.example.com\"\nupstreams = [\"127.0.0.1:30001\"]\n\
     [[http.route]]\nname = \"down\"\npath = \"/down\"\nupstreams = [\"127.0.0.1:39999\"]\n\
+    [[http.route]]\nname = \"pair\"\npath = \"/pair/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:39999\", \"127.0.0.1:30000\"]\n\
+    [[http.route]]\nname = \"impatient\"\npath = \"/impatient/\"\nstrip_prefix = true\nresponse_timeout = \"300ms\"\nupstreams = [\"127.0.0.1:30000\"]\n\
     [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n";
 
 struct Server {
@@ -79,6 +81,25 @@ impl Server {
         let out = self.link.client.run_ok("curl", &all);
         let (body, code) = out.rsplit_once('\n').expect("status line");
         (code.trim().parse().expect("status"), body.to_owned())
+    }
+
+    /// `curl -N` reading `/sse`, and the lines it prints as they arrive.
+    fn sse_with_curl(
+        &self,
+    ) -> (
+        std::process::Child,
+        std::io::Lines<BufReader<std::process::ChildStdout>>,
+    ) {
+        let mut curl = self
+            .link
+            .client
+            .command("curl")
+            .args(["-sS", "-N", "--max-time", "10", &format!("{BASE}/sse")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+        (curl, lines)
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -167,15 +188,7 @@ fn sse_events_reach_the_client_within_20_ms_of_emission() {
         return;
     }
     let server = server();
-    let mut curl = server
-        .link
-        .client
-        .command("curl")
-        .args(["-sS", "-N", "--max-time", "10", &format!("{BASE}/sse")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let (mut curl, mut lines) = server.sse_with_curl();
     let mut delays = Vec::new();
     while delays.len() < 40 {
         let line = lines.next().expect("event").unwrap();
@@ -200,15 +213,7 @@ fn a_client_that_disconnects_cancels_the_upstream_within_a_second() {
         return;
     }
     let server = server();
-    let mut curl = server
-        .link
-        .client
-        .command("curl")
-        .args(["-sS", "-N", &format!("{BASE}/sse")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let (mut curl, mut lines) = server.sse_with_curl();
     for _ in 0..6 {
         lines.next().expect("event").unwrap();
     }
@@ -473,4 +478,28 @@ fn limits_answer_413_431_and_404() {
         "431"
     );
     assert_eq!(status(&[&format!("{BASE}/elsewhere")]), "404");
+}
+
+#[test]
+fn round_robin_skips_a_dead_upstream_and_a_route_timeout_gives_504() {
+    if !netns_available("round_robin_skips_a_dead_upstream_and_a_route_timeout_gives_504") {
+        return;
+    }
+    let server = server();
+    // One of the pair refuses connections: bodiless requests move on to the other, and once it
+    // has failed it is skipped.
+    for round in 0..10 {
+        let (code, body) = server.get(&format!("/pair/round/{round}"));
+        assert_eq!((code, body), (200, format!("llm GET /round/{round}")));
+    }
+    let (code, body) = server.get("/impatient/slow?ms=100");
+    assert_eq!((code, body.as_str()), (200, "llm slow"));
+    let started = Instant::now();
+    let (code, body) = server.get("/impatient/slow?ms=2000");
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("route impatient"), "{body}");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    // No total timeout elsewhere: a slow answer on the default route arrives.
+    let (code, _) = server.get("/slow?ms=1500");
+    assert_eq!(code, 200);
 }

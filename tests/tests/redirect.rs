@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
-use muxer_tests::netns::{Link, SERVER_V4, SERVER_V6};
+use muxer_tests::netns::{BpfFs, Link, SERVER_V4, SERVER_V6};
 use muxer_tests::process::Running;
 use muxer_tests::sshd::Sshd;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
@@ -139,6 +139,9 @@ fn redirect_end_to_end(mode: &str, test: &str) {
         ssh_connections += 1;
     }
 
+    let permissions = std::fs::metadata(muxer.socket()).unwrap().permissions();
+    let socket_mode = std::os::unix::fs::PermissionsExt::mode(&permissions) & 0o777;
+    assert_eq!(socket_mode, 0o600, "control socket mode");
     let stats = muxer.stats();
     assert_eq!(stats["redirect"]["state"], "attached");
     let ingress = stats["redirect"]["ingress"].as_str().unwrap();
@@ -346,30 +349,6 @@ fn direct_connections_to_the_muxer_port_are_served_unrewritten() {
     assert!(screen.contains("tc on veth-s"), "{screen}");
 }
 
-/// A bpffs mounted for one test, unmounted on drop.
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> BpfFs {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount bpffs");
-        BpfFs(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[test]
 fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_removed_on_exit() {
     if !netns_available(
@@ -380,7 +359,7 @@ fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_remove
     use aya::programs::tc::{self, NlOptions, TcAttachOptions, TcAttachType};
     let server = server();
     let bpffs = BpfFs::mount();
-    let pin_dir = bpffs.0.path().join("muxer");
+    let pin_dir = bpffs.path().join("muxer");
     std::fs::create_dir(&pin_dir).unwrap();
 
     // What an earlier muxer on a kernel without TCX would leave: a netlink TC filter (which

@@ -429,20 +429,7 @@ fn with_only_cap_bpf_and_cap_net_admin_everything_works_including_the_redirect()
     }
     let server = server();
     // As systemd's ExecStartPre=+ does: a pin directory the unprivileged user owns.
-    let bpffs = tempfile::tempdir().unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(bpffs.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(bpffs.path().to_owned());
+    let bpffs = muxer_tests::netns::BpfFs::mount();
     let pin_dir = bpffs.path().join("muxer");
     std::fs::create_dir(&pin_dir).unwrap();
     rustix::fs::chown(

@@ -23,6 +23,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "netcat-openbsd",
     "socat",
+    "systemd",
 ];
 
 /// Installs everything building and testing need.

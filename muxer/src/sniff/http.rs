@@ -1,6 +1,6 @@
 //! HTTP: an HTTP/1.x request line starts with a method token and a space (RFC 9112 §3); HTTP/2 with
 //! prior knowledge starts with the fixed connection preface (RFC 9113 §3.4).
-use super::{literal_prefix, Detected, HttpVersion, Verdict};
+use super::{first_match, literal_prefix, Detected, HttpVersion, Verdict};
 
 /// The RFC 9110 §9 methods plus PATCH (RFC 5789), each followed by the space that ends the token.
 const METHODS: &[&[u8]] = &[
@@ -20,26 +20,15 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Matches an HTTP/1.x method token followed by a space, or the whole HTTP/2 preface.
 pub fn probe(bytes: &[u8]) -> Verdict {
-    let mut need_more = false;
-    let candidates = METHODS
+    let methods = METHODS
         .iter()
-        .map(|method| (*method, HttpVersion::Http1))
-        .chain(std::iter::once((
-            H2_PREFACE,
-            HttpVersion::Http2PriorKnowledge,
-        )));
-    for (literal, version) in candidates {
-        match literal_prefix(bytes, literal, || Detected::Http(version)) {
-            Verdict::Match(detected) => return Verdict::Match(detected),
-            Verdict::NeedMore => need_more = true,
-            Verdict::NoMatch => {}
-        }
-    }
-    if need_more {
-        Verdict::NeedMore
-    } else {
-        Verdict::NoMatch
-    }
+        .map(|method| literal_prefix(bytes, method, || Detected::Http(HttpVersion::Http1)));
+    let preface = std::iter::once_with(|| {
+        literal_prefix(bytes, H2_PREFACE, || {
+            Detected::Http(HttpVersion::Http2PriorKnowledge)
+        })
+    });
+    first_match(methods.chain(preface))
 }
 
 #[cfg(test)]

@@ -93,9 +93,15 @@ pub const PROBES: &[Probe] = &[ssh::probe, http::probe, tls::probe];
 /// Runs every probe over `bytes`: the first `Match` wins; otherwise `NeedMore` if any probe still
 /// waits for more bytes; otherwise `NoMatch`.
 pub fn classify(bytes: &[u8]) -> Verdict {
+    first_match(PROBES.iter().map(|probe| probe(bytes)))
+}
+
+/// Combines verdicts, evaluating lazily: the first `Match` wins; otherwise `NeedMore` if any
+/// verdict is `NeedMore`; otherwise `NoMatch`.
+fn first_match(verdicts: impl IntoIterator<Item = Verdict>) -> Verdict {
     let mut need_more = false;
-    for probe in PROBES {
-        match probe(bytes) {
+    for verdict in verdicts {
+        match verdict {
             Verdict::Match(detected) => return Verdict::Match(detected),
             Verdict::NeedMore => need_more = true,
             Verdict::NoMatch => {}
