@@ -5,6 +5,9 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -12,6 +15,18 @@ use tokio::time::Instant;
 
 /// Size of a copy buffer, taken from the pool only while bytes flow.
 const BUFFER_LEN: usize = 32 * 1024;
+
+/// How bytes move between the two sockets.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// read(2)/write(2) through a user-space buffer: the faster on the benchmark machine
+    /// (docs/benchmarks.md), so the default.
+    #[default]
+    Copy,
+    /// splice(2) through a pipe: zero-copy, slightly less CPU per byte, but slower there.
+    Splice,
+}
 
 /// Why a spliced connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +74,20 @@ enum Side {
 /// Forwards between `client` and `upstream` until both directions finish, one fails, or nothing
 /// moves for `idle_timeout`. Dropping the streams on return closes both sockets.
 pub async fn splice(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+    method: Method,
+) -> SpliceReport {
+    match method {
+        Method::Copy => Copying::new(client, upstream, idle_timeout).await,
+        // Boxed: the common path's task should not carry this future's state.
+        Method::Splice => Box::pin(pipe_splice(client, upstream, idle_timeout)).await,
+    }
+}
+
+/// [`splice`] with splice(2) through pipes.
+async fn pipe_splice(
     mut client: TcpStream,
     mut upstream: TcpStream,
     idle_timeout: Duration,
@@ -71,7 +100,7 @@ pub async fn splice(
 
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
-    let up = copy_until_eof(
+    let up = splice_until_eof(
         &mut client_read,
         &mut upstream_write,
         (Side::Client, Side::Upstream),
@@ -79,7 +108,7 @@ pub async fn splice(
         &last_activity,
         started,
     );
-    let down = copy_until_eof(
+    let down = splice_until_eof(
         &mut upstream_read,
         &mut client_write,
         (Side::Upstream, Side::Client),
@@ -121,12 +150,18 @@ pub async fn splice(
     }
 }
 
-/// Copies `reader` to `writer` until EOF, then shuts `writer` down so the peer sees the FIN.
-///
-/// A copy buffer is held only while bytes are flowing: between bursts it goes back to a
-/// per-thread pool, so an idle connection costs no buffer at all (10 000 idle SSH sessions must
-/// not pin 640 MiB of buffers).
-async fn copy_until_eof(
+fn failure(side: Side, error: io::Error) -> CloseReason {
+    match side {
+        Side::Client => CloseReason::ClientError(error.kind()),
+        Side::Upstream => CloseReason::UpstreamError(error.kind()),
+    }
+}
+
+/// Moves `reader` to `writer` with splice(2) through a pipe, so the bytes never enter user space,
+/// until EOF; then shuts `writer` down. Like the copy buffers, a pipe is taken from a per-thread
+/// pool only while bytes flow, so idle connections hold no pipe (and no descriptors beyond their
+/// two sockets).
+async fn splice_until_eof(
     reader: &mut ReadHalf<'_>,
     writer: &mut WriteHalf<'_>,
     (read_side, write_side): (Side, Side),
@@ -134,34 +169,265 @@ async fn copy_until_eof(
     last_activity: &AtomicU64,
     started: Instant,
 ) -> Result<(), CloseReason> {
-    let fail = |side: Side, error: io::Error| match side {
-        Side::Client => CloseReason::ClientError(error.kind()),
-        Side::Upstream => CloseReason::UpstreamError(error.kind()),
-    };
+    use rustix::pipe::{splice as splice_fds, SpliceFlags};
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+
+    let source: &TcpStream = reader.as_ref();
+    let sink: &TcpStream = writer.as_ref();
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     loop {
-        reader.readable().await.map_err(|e| fail(read_side, e))?;
-        let mut buf = pool::take();
-        let drained = loop {
-            match reader.try_read(&mut buf) {
-                Ok(0) => break true,
-                Ok(read) => {
-                    if let Err(error) = writer.write_all(&buf[..read]).await {
-                        pool::give(buf);
-                        return Err(fail(write_side, error));
-                    }
-                    record(bytes, last_activity, started, read);
+        source.readable().await.map_err(|e| failure(read_side, e))?;
+        let pipe = pipes::take().map_err(|e| failure(read_side, e))?;
+        let mut eof = false;
+        let mut in_pipe = 0usize;
+        loop {
+            let filled = source.try_io(Interest::READABLE, || {
+                splice_fds(
+                    source.as_fd(),
+                    None,
+                    pipe.write.as_fd(),
+                    None,
+                    PIPE_CHUNK,
+                    flags,
+                )
+                .map_err(io::Error::from)
+            });
+            let progressed = match filled {
+                Ok(0) => {
+                    eof = true;
+                    false
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break false,
-                Err(error) => {
-                    pool::give(buf);
-                    return Err(fail(read_side, error));
+                Ok(moved) => {
+                    in_pipe += moved;
+                    true
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => false,
+                Err(error) => return Err(failure(read_side, error)),
+            };
+            while in_pipe > 0 {
+                let drained = sink.try_io(Interest::WRITABLE, || {
+                    splice_fds(pipe.read.as_fd(), None, sink.as_fd(), None, in_pipe, flags)
+                        .map_err(io::Error::from)
+                });
+                match drained {
+                    Ok(moved) => {
+                        in_pipe -= moved;
+                        record(bytes, last_activity, started, moved);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        sink.writable().await.map_err(|e| failure(write_side, e))?;
+                    }
+                    Err(error) => return Err(failure(write_side, error)),
                 }
             }
-        };
-        pool::give(buf);
-        if drained {
-            return writer.shutdown().await.map_err(|e| fail(write_side, e));
+            if eof || !progressed {
+                break;
+            }
         }
+        pipes::give(pipe);
+        if eof {
+            return writer.shutdown().await.map_err(|e| failure(write_side, e));
+        }
+    }
+}
+
+/// Bytes asked of one splice(2) call: the default pipe capacity.
+const PIPE_CHUNK: usize = 64 * 1024;
+
+/// Pipes for splice(2), shared by the connections a worker thread serves.
+mod pipes {
+    use std::cell::RefCell;
+    use std::os::fd::OwnedFd;
+
+    /// Pipes kept per thread; more are closed.
+    const KEEP: usize = 16;
+
+    /// Both ends of an (empty) pipe.
+    pub struct Pipe {
+        pub read: OwnedFd,
+        pub write: OwnedFd,
+    }
+
+    thread_local! {
+        static FREE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty pipe.
+    pub fn take() -> std::io::Result<Pipe> {
+        if let Some(pipe) = FREE.with(|free| free.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
+        let (read, write) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Returns a pipe from [`take`]; it must be empty.
+    pub fn give(pipe: Pipe) {
+        FREE.with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < KEEP {
+                free.push(pipe);
+            }
+        });
+    }
+}
+
+/// One direction of [`Copying`].
+#[derive(Default)]
+struct Direction {
+    /// Held only while it has bytes not yet written; otherwise back in the pool.
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    read_done: bool,
+    finished: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    /// Moves bytes `from` → `to` until it would block (`Pending`), the source ends and the FIN is
+    /// passed on (`Ready(Ok)`), or a socket fails. Returns whether any byte moved.
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        (read_side, write_side): (Side, Side),
+        moved: &mut bool,
+    ) -> Poll<Result<(), CloseReason>> {
+        loop {
+            if let Some(buf) = &self.buf {
+                while self.start < self.end {
+                    if let Err(error) = ready!(to.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(failure(write_side, error)));
+                    }
+                    match to.try_write(&buf[self.start..self.end]) {
+                        Ok(written) => {
+                            self.start += written;
+                            self.bytes += written as u64;
+                            *moved = true;
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(error) => return Poll::Ready(Err(failure(write_side, error))),
+                    }
+                }
+            }
+            if let Some(buf) = self.buf.take() {
+                pool::give(buf);
+            }
+            if self.read_done {
+                if !self.finished {
+                    // Pass the FIN on. A peer that already went away is no error here: the other
+                    // direction reports it.
+                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    self.finished = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(error) = ready!(from.poll_read_ready(cx)) {
+                return Poll::Ready(Err(failure(read_side, error)));
+            }
+            let mut buf = pool::take();
+            match from.try_read(&mut buf) {
+                Ok(0) => {
+                    self.read_done = true;
+                    pool::give(buf);
+                }
+                Ok(read) => {
+                    self.buf = Some(buf);
+                    self.start = 0;
+                    self.end = read;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => pool::give(buf),
+                Err(error) => {
+                    pool::give(buf);
+                    return Poll::Ready(Err(failure(read_side, error)));
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`splice`] with read/write through pooled buffers, as a hand-written future: every open
+    /// connection is one of these, so it is kept small (no per-direction futures, no buffer while
+    /// idle).
+    struct Copying {
+        client: TcpStream,
+        upstream: TcpStream,
+        up: Direction,
+        down: Direction,
+        idle_timeout: Duration,
+        last_activity: Instant,
+        #[pin]
+        idle: tokio::time::Sleep,
+    }
+}
+
+impl Copying {
+    fn new(client: TcpStream, upstream: TcpStream, idle_timeout: Duration) -> Self {
+        let now = Instant::now();
+        Copying {
+            client,
+            upstream,
+            up: Direction::default(),
+            down: Direction::default(),
+            idle_timeout,
+            last_activity: now,
+            idle: tokio::time::sleep_until(now + idle_timeout),
+        }
+    }
+}
+
+impl std::future::Future for Copying {
+    type Output = SpliceReport;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceReport> {
+        let mut this = self.project();
+        let mut moved = false;
+        let up = this.up.poll_move(
+            cx,
+            this.client,
+            this.upstream,
+            (Side::Client, Side::Upstream),
+            &mut moved,
+        );
+        let down = this.down.poll_move(
+            cx,
+            this.upstream,
+            this.client,
+            (Side::Upstream, Side::Client),
+            &mut moved,
+        );
+        let report = |reason| SpliceReport {
+            client_to_upstream: this.up.bytes,
+            upstream_to_client: this.down.bytes,
+            reason,
+        };
+        match (up, down) {
+            (Poll::Ready(Err(reason)), _) | (_, Poll::Ready(Err(reason))) => {
+                return Poll::Ready(report(reason))
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                return Poll::Ready(report(CloseReason::Finished))
+            }
+            _ => {}
+        }
+        if moved {
+            *this.last_activity = Instant::now();
+        }
+        // The timer is reset only when it fires, not on every byte.
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let deadline = *this.last_activity + *this.idle_timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(report(CloseReason::IdleTimeout));
+            }
+            this.idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }
 

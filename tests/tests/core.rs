@@ -457,3 +457,33 @@ fn running_out_of_descriptors_pauses_accepting_without_crashing() {
     assert_eq!(&served, b"again\n");
     muxer.assert_running();
 }
+
+#[test]
+fn both_forwarding_methods_carry_bulk_data_and_half_close() {
+    if !netns_available("both_forwarding_methods_carry_bulk_data_and_half_close") {
+        return;
+    }
+    for method in ["copy", "splice"] {
+        let link = Link::new();
+        let _echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
+        let config = format!(
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n[sniff]\non_timeout = \"close\"\n\
+             [splice]\nmethod = \"{method}\"\n[fallback]\nupstream = \"127.0.0.1:7000\"\n"
+        );
+        let muxer = Muxer::start(&link.server, &config, "127.0.0.1:2222".parse().unwrap());
+        let mut data = b"\x00not a protocol".to_vec();
+        data.extend(test_data(8 * 1024 * 1024));
+        let stream = connect(&link, mux_v4());
+        let mut writer = stream.try_clone().unwrap();
+        let sent = data.clone();
+        let sending = std::thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let echoed = read_to_end(stream);
+        sending.join().unwrap();
+        assert_eq!(echoed.len(), data.len(), "{method}");
+        assert_eq!(sha256_hex(&echoed), sha256_hex(&data), "{method}");
+        muxer.wait_for_log("close=finished");
+    }
+}

@@ -242,6 +242,9 @@ pub struct Splice {
     /// How long connecting to a backend may take.
     #[serde(default = "Splice::default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// `splice` (zero-copy splice(2) through a pipe) or `copy` (read/write through a buffer).
+    #[serde(default)]
+    pub method: crate::splice::Method,
 }
 
 impl Splice {
@@ -262,6 +265,7 @@ impl Default for Splice {
             idle_timeout: Self::default_idle_timeout(),
             tcp_keepalive: Self::default_tcp_keepalive(),
             connect_timeout: Self::default_connect_timeout(),
+            method: crate::splice::Method::default(),
         }
     }
 }

@@ -7,6 +7,9 @@ use tokio::time::{timeout_at, Instant};
 
 use super::{classify, Detected, Verdict};
 
+/// The sniff buffer's first size; it doubles up to the configured maximum when an opening needs it.
+const INITIAL_BUFFER: usize = 1024;
+
 /// Why the probes could not name a protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Undecided {
@@ -55,7 +58,9 @@ where
     let deadline = Instant::now() + timeout;
     let mut filled = initial.len().min(max_bytes);
     let mut buf = initial;
-    buf.resize(max_bytes.max(filled), 0);
+    // Start small and grow only for openings that need it (large ClientHellos): most first reads
+    // are a few dozen bytes, and a full-size buffer per new connection is memory for nothing.
+    buf.resize(filled.max(INITIAL_BUFFER.min(max_bytes)), 0);
     if filled > 0 {
         match classify(&buf[..filled]) {
             Verdict::Match(detected) => {
@@ -71,6 +76,9 @@ where
     let outcome = loop {
         if filled >= max_bytes {
             break SniffOutcome::Undecided(Undecided::Overflow);
+        }
+        if filled == buf.len() {
+            buf.resize((buf.len() * 2).min(max_bytes), 0);
         }
         let read = match timeout_at(deadline, stream.read(&mut buf[filled..])).await {
             Err(_elapsed) => break SniffOutcome::Timeout,

@@ -40,17 +40,19 @@ enum Contender {
     SeedFork,
     Haproxy,
     MuxerTc,
+    MuxerTcCopy,
     MuxerIptables,
 }
 
 impl Contender {
-    const ALL: [Contender; 7] = [
+    const ALL: [Contender; 8] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
         Contender::SeedFork,
         Contender::Haproxy,
         Contender::MuxerTc,
+        Contender::MuxerTcCopy,
         Contender::MuxerIptables,
     ];
 
@@ -62,6 +64,7 @@ impl Contender {
             Contender::SeedFork => "seed: iptables+sslh-fork+Caddy",
             Contender::Haproxy => "iptables+HAProxy (TCP)",
             Contender::MuxerTc => "muxer (TC redirect)",
+            Contender::MuxerTcCopy => "muxer (TC, copy instead of splice(2))",
             Contender::MuxerIptables => "muxer off + iptables",
         }
     }
@@ -334,9 +337,10 @@ fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
     caddy
 }
 
-fn muxer_config(mode: &str, fallback_port: u16) -> String {
+fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
     format!(
         "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
+         [splice]\nmethod = \"{method}\"\n\
          [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
          [limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\n\
          [ssh]\nupstream = \"127.0.0.1:22\"\n\
@@ -347,14 +351,14 @@ fn muxer_config(mode: &str, fallback_port: u16) -> String {
     )
 }
 
-fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16) -> Running {
+fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16, method: &str) -> Running {
     let config = dir.join("muxer.toml");
     let socket = dir.join("muxer.sock");
     std::fs::write(
         &config,
         format!(
             "{}\n[control]\nsocket = \"{}\"\n",
-            muxer_config(mode, fallback_port),
+            muxer_config(mode, fallback_port, method),
             socket.display()
         ),
     )
@@ -435,10 +439,11 @@ fn start(
             wait_port(&link.server, MUX_PORT);
             vec![process]
         }
-        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port)],
+        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port, "splice")],
+        Contender::MuxerTcCopy => vec![muxer(link, dir, "tc", fallback_port, "copy")],
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
-            vec![muxer(link, dir, "off", fallback_port)]
+            vec![muxer(link, dir, "off", fallback_port, "splice")]
         }
     }
 }
@@ -865,6 +870,24 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         for note in notes.iter() {
             let _ = writeln!(out, "- {note}");
         }
+    }
+    let _ = writeln!(out, "\n## splice(2) vs copying, same muxer\n");
+    let _ = writeln!(out, "| figure | splice ÷ copy |\n|---|---|");
+    for figure in [Figure::BulkGbits, Figure::CpuSecondsPerGb] {
+        let better = if figure.higher_is_better() {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = writeln!(
+            out,
+            "| {} ({better}) | {} |",
+            figure.label(),
+            ratio(
+                value(figure, Contender::MuxerTc),
+                value(figure, Contender::MuxerTcCopy)
+            )
+        );
     }
     let _ = writeln!(out, "\n## TC redirect vs iptables REDIRECT, same muxer\n");
     let _ = writeln!(out, "| figure | TC ÷ iptables |\n|---|---|");
