@@ -40,7 +40,7 @@ enum Contender {
     SeedFork,
     Haproxy,
     MuxerTc,
-    MuxerTcCopy,
+    MuxerTcSplice,
     MuxerIptables,
 }
 
@@ -52,7 +52,7 @@ impl Contender {
         Contender::SeedFork,
         Contender::Haproxy,
         Contender::MuxerTc,
-        Contender::MuxerTcCopy,
+        Contender::MuxerTcSplice,
         Contender::MuxerIptables,
     ];
 
@@ -64,7 +64,7 @@ impl Contender {
             Contender::SeedFork => "seed: iptables+sslh-fork+Caddy",
             Contender::Haproxy => "iptables+HAProxy (TCP)",
             Contender::MuxerTc => "muxer (TC redirect)",
-            Contender::MuxerTcCopy => "muxer (TC, copy instead of splice(2))",
+            Contender::MuxerTcSplice => "muxer (TC, splice(2) instead of copying)",
             Contender::MuxerIptables => "muxer off + iptables",
         }
     }
@@ -439,11 +439,11 @@ fn start(
             wait_port(&link.server, MUX_PORT);
             vec![process]
         }
-        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port, "splice")],
-        Contender::MuxerTcCopy => vec![muxer(link, dir, "tc", fallback_port, "copy")],
+        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port, "copy")],
+        Contender::MuxerTcSplice => vec![muxer(link, dir, "tc", fallback_port, "splice")],
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
-            vec![muxer(link, dir, "off", fallback_port, "splice")]
+            vec![muxer(link, dir, "off", fallback_port, "copy")]
         }
     }
 }
@@ -884,8 +884,8 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
             "| {} ({better}) | {} |",
             figure.label(),
             ratio(
-                value(figure, Contender::MuxerTc),
-                value(figure, Contender::MuxerTcCopy)
+                value(figure, Contender::MuxerTcSplice),
+                value(figure, Contender::MuxerTc)
             )
         );
     }
