@@ -52,7 +52,6 @@ pub fn unit(layout: &Layout, bind_low_ports: bool) -> String {
     format!(
         "[Unit]
 Description=muxer: one public port for SSH, HTTP and TLS
-Documentation=https://crates.io/crates/muxer
 After=network-online.target
 Wants=network-online.target
 

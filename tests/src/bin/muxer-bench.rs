@@ -871,41 +871,37 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
             let _ = writeln!(out, "- {note}");
         }
     }
-    let _ = writeln!(out, "\n## splice(2) vs copying, same muxer\n");
-    let _ = writeln!(out, "| figure | splice ÷ copy |\n|---|---|");
-    for figure in [Figure::BulkGbits, Figure::CpuSecondsPerGb] {
-        let better = if figure.higher_is_better() {
-            "higher is better"
-        } else {
-            "lower is better"
+    let mut comparison =
+        |title: &str, column: &str, figures: &[Figure], a: Contender, b: Contender| {
+            let _ = writeln!(out, "\n## {title}\n");
+            let _ = writeln!(out, "| figure | {column} |\n|---|---|");
+            for &figure in figures {
+                let better = if figure.higher_is_better() {
+                    "higher is better"
+                } else {
+                    "lower is better"
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} ({better}) | {} |",
+                    figure.label(),
+                    ratio(value(figure, a), value(figure, b))
+                );
+            }
         };
-        let _ = writeln!(
-            out,
-            "| {} ({better}) | {} |",
-            figure.label(),
-            ratio(
-                value(figure, Contender::MuxerTcSplice),
-                value(figure, Contender::MuxerTc)
-            )
-        );
-    }
-    let _ = writeln!(out, "\n## TC redirect vs iptables REDIRECT, same muxer\n");
-    let _ = writeln!(out, "| figure | TC ÷ iptables |\n|---|---|");
-    for figure in [Figure::BulkGbits, Figure::NewConnRps, Figure::KeepAliveRps] {
-        let better = if figure.higher_is_better() {
-            "higher is better"
-        } else {
-            "lower is better"
-        };
-        let _ = writeln!(
-            out,
-            "| {} ({better}) | {} |",
-            figure.label(),
-            ratio(
-                value(figure, Contender::MuxerTc),
-                value(figure, Contender::MuxerIptables)
-            )
-        );
-    }
+    comparison(
+        "splice(2) vs copying, same muxer",
+        "splice ÷ copy",
+        &[Figure::BulkGbits, Figure::CpuSecondsPerGb],
+        Contender::MuxerTcSplice,
+        Contender::MuxerTc,
+    );
+    comparison(
+        "TC redirect vs iptables REDIRECT, same muxer",
+        "TC ÷ iptables",
+        &[Figure::BulkGbits, Figure::NewConnRps, Figure::KeepAliveRps],
+        Contender::MuxerTc,
+        Contender::MuxerIptables,
+    );
     out
 }
