@@ -71,8 +71,13 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
         if byte == b'\\' || byte.is_ascii_control() {
             return Err(PathError::ForbiddenCharacter);
         }
-        // Multi-byte UTF-8 cannot reach here through hyper's URI parser, but stay byte-exact.
-        decoded.push(byte as char);
+        if byte.is_ascii() {
+            decoded.push(byte as char);
+        } else {
+            // Raw non-ASCII bytes (the URI parser lets some through) become escapes: the path
+            // stays byte-exact and ASCII.
+            decoded.push_str(&format!("%{byte:02X}"));
+        }
         index += 1;
     }
 
@@ -128,6 +133,7 @@ mod tests {
             ("/%7Euser/%41", "/~user/A"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
             ("*", "*"),
         ];
         for (raw, canonical) in cases {
