@@ -24,6 +24,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "socat",
     "systemd",
+    "hostname",
 ];
 
 /// Installs everything building and testing need.
