@@ -43,7 +43,13 @@ impl Shared {
     pub fn new(config: Config, stats: Arc<Stats>, http_metrics: Arc<HttpMetrics>) -> Shared {
         let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
             let settings = config.http.clone().unwrap_or_default();
-            Arc::new(HttpContext::new(settings, &config.tunnels, http_metrics))
+            let keepalive = config.splice.tcp_keepalive;
+            Arc::new(HttpContext::new(
+                settings,
+                &config.tunnels,
+                keepalive,
+                http_metrics,
+            ))
         });
         let tls = config.tls.as_ref().map(TlsRouter::new);
         Shared {
@@ -346,15 +352,29 @@ fn proxy_header(version: ProxyVersion, socket: &TcpStream, client_addr: SocketAd
 
 /// Connects to `upstream` with the configured timeout and socket options.
 async fn connect_upstream(upstream: &str, config: &Config) -> Result<TcpStream, Closed> {
-    let stream =
-        match tokio::time::timeout(config.splice.connect_timeout, TcpStream::connect(upstream))
-            .await
-        {
-            Err(_) => return Err(Closed::ConnectTimedOut),
-            Ok(Err(error)) => return Err(Closed::ConnectFailed(error)),
-            Ok(Ok(stream)) => stream,
-        };
-    tune_socket(&stream, config.splice.tcp_keepalive);
+    connect_tuned(
+        upstream,
+        config.splice.connect_timeout,
+        config.splice.tcp_keepalive,
+    )
+    .await
+    .map_err(|error| match error.kind() {
+        std::io::ErrorKind::TimedOut => Closed::ConnectTimedOut,
+        _ => Closed::ConnectFailed(error),
+    })
+}
+
+/// Connects to `upstream` within `timeout` (else `TimedOut`) and gives the socket the options
+/// every forwarded socket gets ([`tune_socket`]).
+pub async fn connect_tuned(
+    upstream: &str,
+    timeout: Duration,
+    keepalive: Duration,
+) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(upstream))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    tune_socket(&stream, keepalive);
     Ok(stream)
 }
 

@@ -36,14 +36,22 @@ pub struct HttpContext {
     pub clients: upstream::Clients,
     /// Named tunnels for `CONNECT`.
     pub tunnels: tunnel::Tunnels,
+    /// TCP keepalive for tunnel upstream sockets (`splice.tcp_keepalive`).
+    pub tcp_keepalive: std::time::Duration,
     /// Per-request metrics.
     pub metrics: Arc<HttpMetrics>,
 }
 
 impl HttpContext {
     /// Compiles `[http]` and `[[tunnel]]`.
-    pub fn new(settings: Http, tunnels: &[Tunnel], metrics: Arc<HttpMetrics>) -> HttpContext {
+    pub fn new(
+        settings: Http,
+        tunnels: &[Tunnel],
+        tcp_keepalive: std::time::Duration,
+        metrics: Arc<HttpMetrics>,
+    ) -> HttpContext {
         HttpContext {
+            tcp_keepalive,
             metrics,
             router: router::Router::new(&settings.routes, settings.failure_cooldown),
             clients: upstream::Clients::new(&settings),

@@ -15,7 +15,6 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::proxy::{text, ResponseBody};
@@ -138,37 +137,32 @@ pub async fn connect(
             return response;
         }
     }
-    let connected = tokio::time::timeout(
-        context.settings.connect_timeout,
-        TcpStream::connect(&tunnel.upstream),
-    )
-    .await;
-    let mut upstream = match connected {
-        Ok(Ok(stream)) => stream,
-        _ => {
-            log(
-                client,
-                &tunnel.name,
-                &tunnel.upstream,
-                StatusCode::BAD_GATEWAY,
-                started,
-            );
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("502 bad gateway: tunnel {} is unreachable", tunnel.name),
-            );
+    let opened = async {
+        let mut upstream = crate::connection::connect_tuned(
+            &tunnel.upstream,
+            context.settings.connect_timeout,
+            context.tcp_keepalive,
+        )
+        .await?;
+        if let Some(version) = tunnel.proxy_protocol {
+            let header = crate::proxy_protocol::encode(version, client, local);
+            upstream.write_all(&header).await?;
         }
+        Ok::<_, std::io::Error>(upstream)
     };
-    let _ = upstream.set_nodelay(true);
-    if let Some(version) = tunnel.proxy_protocol {
-        let header = crate::proxy_protocol::encode(version, client, local);
-        if upstream.write_all(&header).await.is_err() {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("502 bad gateway: tunnel {} is unreachable", tunnel.name),
-            );
-        }
-    }
+    let Ok(mut upstream) = opened.await else {
+        log(
+            client,
+            &tunnel.name,
+            &tunnel.upstream,
+            StatusCode::BAD_GATEWAY,
+            started,
+        );
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("502 bad gateway: tunnel {} is unreachable", tunnel.name),
+        );
+    };
     log(
         client,
         &tunnel.name,
