@@ -103,6 +103,21 @@ impl Muxer {
         self.dir.path().join("muxer.sock")
     }
 
+    /// The config file muxer was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("muxer.toml")
+    }
+
+    /// Replaces the config file with `text` and runs `muxer reload`; returns its output.
+    pub fn reload(&self, text: &str) -> std::process::Output {
+        std::fs::write(self.config_path(), text).expect("write config");
+        std::process::Command::new(binary())
+            .args(["reload", "--socket"])
+            .arg(self.socket())
+            .output()
+            .expect("run muxer reload")
+    }
+
     /// `muxer stats --json`, parsed.
     pub fn stats(&self) -> serde_json::Value {
         let output = std::process::Command::new(binary())

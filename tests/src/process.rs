@@ -40,6 +40,12 @@ impl Running {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
     /// Sends `signal` and waits for the exit status.
     pub fn signal_and_wait(&mut self, signal: rustix::process::Signal) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -158,7 +158,7 @@ fn reloads_apply_new_routes_while_requests_and_an_ssh_session_carry_on() {
         &config("tc", DEFAULT_ROUTE, ""),
         READY.parse().unwrap(),
     );
-    let config_path = muxer.dir().join("muxer.toml");
+    let config_path = muxer.config_path();
     let original = std::fs::read_to_string(&config_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut command = server.link.client.command("ssh");
@@ -181,12 +181,7 @@ fn reloads_apply_new_routes_while_requests_and_an_ssh_session_carry_on() {
     let updated = original
         .replace(DEFAULT_ROUTE, WITH_EMBEDDING)
         .replace("[ssh]", "[limits]\nmax_connections = 5000\n[ssh]");
-    std::fs::write(&config_path, updated).unwrap();
-    let reload = Command::new(binary())
-        .args(["reload", "--socket"])
-        .arg(muxer.socket())
-        .output()
-        .unwrap();
+    let reload = muxer.reload(&updated);
     assert!(
         reload.status.success(),
         "{}",
@@ -204,8 +199,7 @@ fn reloads_apply_new_routes_while_requests_and_an_ssh_session_carry_on() {
 
     // And with SIGHUP: back to the original routes.
     std::fs::write(&config_path, &original).unwrap();
-    let pid = rustix::process::Pid::from_raw(muxer.process.pid() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    muxer.process.signal(rustix::process::Signal::HUP);
     wait_for("the SIGHUP reload", Duration::from_secs(5), || {
         server
             .get(&format!(
@@ -253,18 +247,9 @@ fn an_invalid_reload_is_rejected_and_the_old_config_keeps_serving() {
         &config("off", WITH_EMBEDDING, ""),
         READY.parse().unwrap(),
     );
-    let config_path = muxer.dir().join("muxer.toml");
+    let config_path = muxer.config_path();
     let original = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(
-        &config_path,
-        original.replace("strip_prefix = true", "strip_prefix = \"yes\""),
-    )
-    .unwrap();
-    let reload = Command::new(binary())
-        .args(["reload", "--socket"])
-        .arg(muxer.socket())
-        .output()
-        .unwrap();
+    let reload = muxer.reload(&original.replace("strip_prefix = true", "strip_prefix = \"yes\""));
     assert_eq!(reload.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&reload.stderr);
     assert!(
@@ -272,8 +257,7 @@ fn an_invalid_reload_is_rejected_and_the_old_config_keeps_serving() {
         "{stderr}"
     );
     muxer.wait_for_log("reload rejected");
-    let pid = rustix::process::Pid::from_raw(muxer.process.pid() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    muxer.process.signal(rustix::process::Signal::HUP);
     std::thread::sleep(Duration::from_millis(300));
     assert!(server
         .get(&format!(
@@ -322,8 +306,7 @@ fn sigterm_detaches_first_and_lets_an_in_flight_stream_finish() {
     wait_for("a few events", Duration::from_secs(5), || {
         (*events.lock().unwrap() >= 5).then_some(())
     });
-    let pid = rustix::process::Pid::from_raw(muxer.process.pid() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    muxer.process.signal(rustix::process::Signal::TERM);
     let signalled = Instant::now();
 
     // New connections to port 22 reach sshd directly at once, while the stream still runs.
@@ -503,15 +486,10 @@ fn reloading_redirect_ports_never_leaves_port_22_unredirected() {
         &config("tc", DEFAULT_ROUTE, ""),
         READY.parse().unwrap(),
     );
-    let config_path = muxer.dir().join("muxer.toml");
+    let config_path = muxer.config_path();
     let original = std::fs::read_to_string(&config_path).unwrap();
     let reload = |text: String| {
-        std::fs::write(&config_path, text).unwrap();
-        let output = Command::new(binary())
-            .args(["reload", "--socket"])
-            .arg(muxer.socket())
-            .output()
-            .unwrap();
+        let output = muxer.reload(&text);
         assert!(
             output.status.success(),
             "{}",
