@@ -28,7 +28,8 @@ enum Command {
     },
     /// Benchmark muxer against direct, the seed's sslh+iptables+Caddy stack and HAProxy.
     Bench {
-        /// `--quick` (one short run, under 2 minutes), `--out FILE` (default target/bench/report.md).
+        /// `--quick` (one short run, under 2 minutes), `--out FILE` (default target/bench/report.md),
+        /// `--only direct,seed-select,muxer` (a subset of the contenders, while tuning).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -26,6 +26,8 @@ const CADDY_PORT: u16 = 8080;
 const MUX_PORT: u16 = 2222;
 
 struct Options {
+    /// Contenders to measure (`--only a,b`: labels' short names); all by default.
+    contenders: Vec<Contender>,
     runs: usize,
     seconds: u32,
     idle_connections: usize,
@@ -55,6 +57,20 @@ impl Contender {
         Contender::MuxerTcSplice,
         Contender::MuxerIptables,
     ];
+
+    /// Name for `--only`.
+    fn short_name(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Caddy => "caddy",
+            Contender::SeedSelect => "seed-select",
+            Contender::SeedFork => "seed-fork",
+            Contender::Haproxy => "haproxy",
+            Contender::MuxerTc => "muxer",
+            Contender::MuxerTcSplice => "muxer-splice",
+            Contender::MuxerIptables => "muxer-iptables",
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -139,8 +155,28 @@ fn main() {
         .find(|w| w[0] == "--out")
         .map(|w| PathBuf::from(&w[1]))
         .unwrap_or_else(|| PathBuf::from("target/bench/report.md"));
+    let contenders: Vec<Contender> = match args.windows(2).find(|w| w[0] == "--only") {
+        Some(w) => w[1]
+            .split(',')
+            .map(|name| {
+                Contender::ALL
+                    .into_iter()
+                    .find(|c| c.short_name() == name)
+                    .unwrap_or_else(|| {
+                        let names: Vec<&str> =
+                            Contender::ALL.iter().map(|c| c.short_name()).collect();
+                        panic!(
+                            "--only: unknown contender {name:?}; known: {}",
+                            names.join(",")
+                        )
+                    })
+            })
+            .collect(),
+        None => Contender::ALL.to_vec(),
+    };
     let options = if quick {
         Options {
+            contenders: contenders.clone(),
             runs: 1,
             seconds: 2,
             idle_connections: 2_000,
@@ -148,6 +184,7 @@ fn main() {
         }
     } else {
         Options {
+            contenders,
             runs: 3,
             seconds: 5,
             idle_connections: MAX_IDLE_CONNECTIONS,
@@ -162,7 +199,7 @@ fn main() {
     let started = Instant::now();
     let mut samples = Samples::new();
     for run in 0..options.runs {
-        for contender in Contender::ALL {
+        for &contender in &options.contenders {
             eprintln!(
                 "bench: run {}/{} — {}",
                 run + 1,
@@ -177,7 +214,10 @@ fn main() {
         Contender::MuxerTc,
         Contender::Haproxy,
         Contender::SeedSelect,
-    ] {
+    ]
+    .into_iter()
+    .filter(|c| options.contenders.contains(c))
+    {
         for figure in [Figure::IdleSplicedKib, Figure::IdleHttpKib] {
             idle_memory(contender, figure, &options, &mut samples);
         }
@@ -734,7 +774,7 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         version("iperf3", &["--version"]),
     );
     let _ = write!(out, "| figure |");
-    for contender in Contender::ALL {
+    for contender in &options.contenders {
         let _ = write!(out, " {} |", contender.label());
     }
     let _ = writeln!(
@@ -744,7 +784,7 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     let _ = writeln!(
         out,
         "|---|{}---|---|---|",
-        "---|".repeat(Contender::ALL.len())
+        "---|".repeat(options.contenders.len())
     );
     let figures = [
         Figure::KeepAliveRps,
@@ -764,7 +804,7 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     };
     for figure in figures {
         let _ = write!(out, "| {} |", figure.label());
-        for contender in Contender::ALL {
+        for &contender in &options.contenders {
             match value(figure, contender) {
                 Some(v) if v.abs() >= 100.0 => {
                     let _ = write!(out, " {v:.0} |");
