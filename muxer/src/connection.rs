@@ -48,6 +48,7 @@ impl Shared {
                 settings,
                 &config.tunnels,
                 keepalive,
+                config.listen.worker_count(),
                 http_metrics,
             ))
         });
@@ -102,7 +103,7 @@ impl fmt::Display for Closed {
 }
 
 /// Sets the options every forwarded socket gets: no Nagle delay, TCP keepalive.
-pub fn tune_socket(stream: &TcpStream, keepalive: Duration) {
+pub fn tune_socket<S: std::os::fd::AsFd>(stream: &S, keepalive: Duration) {
     let socket = SockRef::from(stream);
     // Failures here only cost latency or dead-peer detection; the connection still works.
     let _ = socket.set_tcp_nodelay(true);
@@ -155,7 +156,11 @@ pub async fn serve(
         client: tcp_peer,
         started: Instant::now(),
     };
-    tune_socket(&client, config.splice.tcp_keepalive);
+    // Accepted sockets inherit the listener's options; only a reload that changed the keepalive
+    // leaves something to set (four system calls per connection otherwise).
+    if config.splice.tcp_keepalive != runtime.listener_keepalive {
+        tune_socket(&client, config.splice.tcp_keepalive);
+    }
 
     let trusted = proxy_protocol::trusted(&config.proxy_protocol.trusted, tcp_peer.ip());
     let mut initial = Vec::new();
@@ -457,6 +462,7 @@ mod tests {
             shutdown: tokio_util::sync::CancellationToken::new(),
             http_connections: tokio_util::task::TaskTracker::new(),
             config_path: "t".into(),
+            listener_keepalive: std::time::Duration::from_secs(60),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::redirect::Redirect;
 use crate::runtime::Runtime;
 use crate::stats::Stats;
+use crate::workers::{WorkerError, Workers};
 
 /// A failure that stops the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    /// A worker thread could not start.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: every connection costs two descriptors.
@@ -204,19 +208,28 @@ fn notify(states: &[sd_notify::NotifyState]) {
 pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let started = Instant::now();
     raise_fd_limit();
-    let listeners = config
+    let worker_count = config.listen.worker_count();
+    let groups = config
         .listen
         .addresses
         .iter()
-        .map(|&address| listener::bind(address))
+        .map(|&address| listener::bind_group(address, worker_count, config.splice.tcp_keepalive))
         .collect::<Result<Vec<_>, _>>()?;
     let control_socket = ControlSocket::bind(&config.control.socket).await?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
-    for listener in &listeners {
-        if let Ok(address) = listener.local_addr() {
-            info!(%address, "listening");
+    for group in &groups {
+        if let Some(Ok(address)) = group.first().map(std::net::TcpListener::local_addr) {
+            info!(%address, workers = worker_count, "listening");
+        }
+    }
+    // Worker `i` takes socket `i` of every address.
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..worker_count).map(|_| Vec::new()).collect();
+    for group in groups {
+        for (index, socket) in group.into_iter().enumerate() {
+            per_worker[index].push(socket);
         }
     }
     // Only once the listeners accept may port 22 be redirected to them.
@@ -235,6 +248,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         None => None,
     };
     let shutdown_grace = config.shutdown_grace;
+    let listener_keepalive = config.splice.tcp_keepalive;
     let runtime = Arc::new(Runtime {
         limits: Arc::new(ConnectionLimits::new(
             config.limits.max_connections,
@@ -250,6 +264,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         shutdown: CancellationToken::new(),
         http_connections: TaskTracker::new(),
         config_path: PathBuf::from(config_path),
+        listener_keepalive,
     });
     let daemon = Arc::new(Daemon {
         runtime: Arc::clone(&runtime),
@@ -260,7 +275,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         .lock()
         .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
 
-    let accepting = tokio::spawn(listener::accept_loop(listeners, Arc::clone(&runtime)));
+    let workers = Workers::start(per_worker, &runtime)?;
     let controlling = tokio::spawn(control_socket.serve(Arc::clone(&control)));
     let metrics_task = metrics_listener.map(|listener| {
         if let Ok(address) = listener.local_addr() {
@@ -284,8 +299,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     // 1. Stop accepting. With no listener on the muxer port the kernel program stops redirecting
     //    new connections at once: from here on port 22 reaches sshd directly again. Connections
     //    already redirected keep their rewrite, so in-flight requests through port 22 can finish.
-    accepting.abort();
-    let _ = accepting.await;
+    workers.stop_accepting().await;
     info!("stopped accepting; new connections to the public ports reach their own services");
     // 2. Let in-flight HTTP requests finish, up to the grace period.
     runtime.shutdown.cancel();
@@ -309,6 +323,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     if let Some(task) = metrics_task {
         task.abort();
     }
+    workers.exit();
     info!("stopped");
     Ok(())
 }

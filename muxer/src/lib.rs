@@ -22,3 +22,4 @@ pub mod splice;
 pub mod stats;
 pub mod stats_view;
 pub mod tls_router;
+pub mod workers;

@@ -8,8 +8,12 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::task::Poll;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
+use std::net::TcpListener as StdTcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::connection;
@@ -32,9 +36,34 @@ pub struct ListenError {
     pub source: io::Error,
 }
 
-/// Binds `address` with a large backlog; IPv6 sockets are IPv6-only so `0.0.0.0` and `[::]` on
-/// the same port can both be listed.
-pub fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
+/// Binds `count` listening sockets on `address` that share its connections (SO_REUSEPORT: the
+/// kernel spreads new connections over them), one per worker thread. Large backlog; IPv6 sockets
+/// are IPv6-only so `0.0.0.0` and `[::]` on the same port can both be listed.
+///
+/// A plain bind comes first, so that a port already in use (another muxer included: SO_REUSEPORT
+/// would otherwise let two daemons silently share it) fails as it would without sharing.
+///
+/// The sockets get TCP_NODELAY and `keepalive`, which accepted connections inherit.
+pub fn bind_group(
+    address: SocketAddr,
+    count: usize,
+    keepalive: Duration,
+) -> Result<Vec<StdTcpListener>, ListenError> {
+    drop(bind_one(address, false)?);
+    let first = bind_one(address, true)?;
+    // Port 0 picked a port: the others join the group on that one.
+    let bound = first.local_addr().unwrap_or(address);
+    let mut group = vec![first];
+    for _ in 1..count {
+        group.push(bind_one(bound, true)?);
+    }
+    for socket in &group {
+        connection::tune_socket(socket, keepalive);
+    }
+    Ok(group)
+}
+
+fn bind_one(address: SocketAddr, shared: bool) -> Result<StdTcpListener, ListenError> {
     let fail = |call| {
         move |source| ListenError {
             address,
@@ -51,6 +80,11 @@ pub fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
     socket
         .set_reuse_address(true)
         .map_err(fail("setsockopt(SO_REUSEADDR)"))?;
+    if shared {
+        socket
+            .set_reuse_port(true)
+            .map_err(fail("setsockopt(SO_REUSEPORT)"))?;
+    }
     if address.is_ipv6() {
         socket
             .set_only_v6(true)
@@ -60,43 +94,51 @@ pub fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
         .set_nonblocking(true)
         .map_err(fail("fcntl(O_NONBLOCK)"))?;
     socket.bind(&address.into()).map_err(fail("bind"))?;
-    socket.listen(4096).map_err(fail("listen"))?;
-    TcpListener::from_std(socket.into()).map_err(fail("register with tokio"))
+    if shared {
+        socket.listen(4096).map_err(fail("listen"))?;
+    }
+    Ok(socket.into())
 }
 
-/// Rate limiter for repeated warnings.
-struct Throttle(Option<Instant>);
+/// Rate limiter for a warning repeated by every worker: at most one per [`WARN_INTERVAL`] for the
+/// whole process.
+struct Throttle(AtomicU64);
 
 impl Throttle {
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .0
-            .is_some_and(|last| now.duration_since(last) < WARN_INTERVAL)
-        {
-            return false;
-        }
-        self.0 = Some(now);
-        true
+    const fn new() -> Throttle {
+        Throttle(AtomicU64::new(0))
+    }
+
+    fn ready(&self) -> bool {
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        // Offset by the interval so that the first warning always passes.
+        let now = START.get_or_init(std::time::Instant::now).elapsed() + WARN_INTERVAL;
+        let now = now.as_millis() as u64;
+        let last = self.0.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= WARN_INTERVAL.as_millis() as u64
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
+
+static LIMIT_WARNING: Throttle = Throttle::new();
+static FD_WARNING: Throttle = Throttle::new();
 
 fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error() || code == rustix::io::Errno::NOBUFS.raw_os_error() || code == rustix::io::Errno::NOMEM.raw_os_error())
 }
 
-/// Accepts whichever listener has a connection first, starting the scan after the listener that
-/// won last time so that no listener starves.
-async fn accept_any(
-    listeners: &[TcpListener],
-    next: &mut usize,
-) -> io::Result<(TcpStream, SocketAddr)> {
+/// Waits until one of `listeners` has a connection queued and returns its index, starting the
+/// scan after the listener that won last time so that no listener starves.
+async fn ready_listener(listeners: &[AsyncFd<StdTcpListener>], next: &mut usize) -> usize {
     std::future::poll_fn(|cx| {
         for offset in 0..listeners.len() {
             let index = (*next + offset) % listeners.len();
-            if let Poll::Ready(result) = listeners[index].poll_accept(cx) {
+            if listeners[index].poll_read_ready(cx).is_ready() {
                 *next = index + 1;
-                return Poll::Ready(result);
+                return Poll::Ready(index);
             }
         }
         Poll::Pending
@@ -104,35 +146,69 @@ async fn accept_any(
     .await
 }
 
-/// Accepts connections on every listener forever, spawning a task for each.
+/// Accepts one queued connection, non-blocking from the start (one system call).
+fn accept(listener: &StdTcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use rustix::net::{acceptfrom_with, SocketFlags};
+    let (fd, peer) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let stream = std::net::TcpStream::from(fd);
+    let peer = match peer.map(SocketAddr::try_from) {
+        Some(Ok(peer)) => peer,
+        _ => stream.peer_addr()?,
+    };
+    Ok((stream, peer))
+}
+
+/// Accepts connections on this worker's `listeners` forever, spawning a task for each.
 ///
-/// One loop serves all listeners so that the global limit's slot, taken before accepting, is
-/// never held by a listener that has nothing to accept while another's clients wait.
-pub async fn accept_loop(listeners: Vec<TcpListener>, runtime: Arc<Runtime>) {
+/// A slot of the global connection limit is taken only once a connection is queued on one of
+/// this worker's listeners, so a worker with nothing to accept never holds a slot that another
+/// worker's client waits for. At the limit, connections wait in the kernel's backlog.
+pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) -> io::Result<()> {
+    let listeners = listeners
+        .into_iter()
+        .map(|listener| {
+            // SAFETY: a TcpListener owns its descriptor until dropped and always returns it, and
+            // the AsyncFd owns the listener.
+            unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+                .map_err(|error| error.into_parts().1)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     let limits = Arc::clone(&runtime.limits);
     let mut next = 0;
-    let mut limit_warning = Throttle(None);
-    let mut fd_warning = Throttle(None);
     loop {
-        if limits.global_exhausted() && limit_warning.ready() {
+        let index = ready_listener(&listeners, &mut next).await;
+        if limits.global_exhausted() && LIMIT_WARNING.ready() {
             warn!(
                 max_connections = runtime.current.load().config.limits.max_connections,
                 "connection limit reached; new connections wait in the backlog"
             );
         }
         let permit = limits.wait_for_global().await;
-        let (stream, peer) = match accept_any(&listeners, &mut next).await {
-            Ok(accepted) => accepted,
-            Err(error) if is_fd_exhaustion(&error) => {
-                if fd_warning.ready() {
+        let Ok(mut ready) = listeners[index].readable().await else {
+            continue;
+        };
+        let (stream, peer) = match ready.try_io(|listener| accept(listener.get_ref())) {
+            Ok(Ok(accepted)) => accepted,
+            // Nothing queued after all (the client gave up): the slot goes back.
+            Err(_would_block) => continue,
+            Ok(Err(error)) if is_fd_exhaustion(&error) => {
+                if FD_WARNING.ready() {
                     warn!(%error, "out of file descriptors; accepting paused briefly");
                 }
+                drop(permit);
                 tokio::time::sleep(FD_EXHAUSTION_BACKOFF).await;
                 continue;
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 // ECONNABORTED and friends: the client gave up before we accepted.
                 debug!(%error, "accept failed");
+                continue;
+            }
+        };
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!(%error, "cannot register an accepted connection");
                 continue;
             }
         };
@@ -144,5 +220,56 @@ pub async fn accept_loop(listeners: Vec<TcpListener>, runtime: Arc<Runtime>) {
             Arc::clone(&runtime),
             permit,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::SockRef;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_group() {
+        let keepalive = Duration::from_secs(37);
+        let group = bind_group(SocketAddr::from(([127, 0, 0, 1], 0)), 2, keepalive).unwrap();
+        assert_eq!(group.len(), 2);
+        let address = group[0].local_addr().unwrap();
+        assert_eq!(
+            group[1].local_addr().unwrap(),
+            address,
+            "one port for the group"
+        );
+        let _client = std::net::TcpStream::connect(address).unwrap();
+        let accepted = loop {
+            if let Some(Ok((stream, _))) =
+                group.iter().map(StdTcpListener::accept).find(Result::is_ok)
+            {
+                break stream;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let socket = SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), keepalive);
+    }
+
+    #[test]
+    fn a_port_in_use_fails_even_though_the_group_shares_its_port() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let error =
+            bind_group(taken.local_addr().unwrap(), 2, Duration::from_secs(60)).unwrap_err();
+        assert_eq!(error.call, "bind");
+        let group = bind_group(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            2,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let again = bind_group(group[0].local_addr().unwrap(), 2, Duration::from_secs(60));
+        assert!(
+            again.is_err(),
+            "a second daemon must not join the first one's group"
+        );
     }
 }

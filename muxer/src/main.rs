@@ -204,7 +204,9 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(config.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
+            // Connections are served by the worker threads' own runtimes (see `workers`); this
+            // one runs signals, reloads, the control socket and metrics.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {

@@ -30,4 +30,7 @@ pub struct Runtime {
     pub http_connections: TaskTracker,
     /// The config file reloads read.
     pub config_path: PathBuf,
+    /// TCP keepalive set on the listening sockets, which accepted connections inherit (with
+    /// TCP_NODELAY).
+    pub listener_keepalive: std::time::Duration,
 }

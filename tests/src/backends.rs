@@ -373,3 +373,27 @@ pub fn echo(netns: &Netns, address: SocketAddr) -> Backend {
         let _ = stream.shutdown().await;
     })
 }
+
+/// Starts an HTTP server on `address` inside `netns` that answers every request with its raw
+/// head, exactly as received (request line and headers), then closes: for checking what a proxy
+/// put on the wire.
+pub fn raw_head_echo(netns: &Netns, address: SocketAddr) -> Backend {
+    start(netns, address, |mut stream| async move {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let mut reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            head.len()
+        )
+        .into_bytes();
+        reply.extend_from_slice(&head);
+        let _ = stream.write_all(&reply).await;
+        let _ = stream.shutdown().await;
+    })
+}

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use muxer_tests::backends::{self, Backend, HttpBackend, HttpOptions};
@@ -29,6 +30,7 @@ const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209
     [[http.route]]\nname = \"down\"\npath = \"/down\"\nupstreams = [\"127.0.0.1:39999\"]\n\
     [[http.route]]\nname = \"pair\"\npath = \"/pair/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:39999\", \"127.0.0.1:30000\"]\n\
     [[http.route]]\nname = \"impatient\"\npath = \"/impatient/\"\nstrip_prefix = true\nresponse_timeout = \"300ms\"\nupstreams = [\"127.0.0.1:30000\"]\n\
+    [[http.route]]\nname = \"raw\"\npath = \"/raw/\"\nupstreams = [\"127.0.0.1:30009\"]\n\
     [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n";
 
 struct Server {
@@ -36,6 +38,7 @@ struct Server {
     llm: HttpBackend,
     _embed: Backend,
     _ws: Backend,
+    _raw: Backend,
     keepalive: HttpBackend,
     muxer: Muxer,
 }
@@ -50,6 +53,7 @@ fn server() -> Server {
     );
     let embed = backends::http(&link.server, "127.0.0.1:30001".parse().unwrap(), "embed");
     let ws = backends::websocket_echo(&link.server, "127.0.0.1:30002".parse().unwrap());
+    let raw = backends::raw_head_echo(&link.server, "127.0.0.1:30009".parse().unwrap());
     let keepalive = backends::http_with(
         &link.server,
         "127.0.0.1:30003".parse().unwrap(),
@@ -68,6 +72,7 @@ fn server() -> Server {
         llm,
         _embed: embed,
         _ws: ws,
+        _raw: raw,
         keepalive,
         muxer,
     }
@@ -105,6 +110,42 @@ impl Server {
     fn get(&self, path: &str) -> (u16, String) {
         self.curl(&["--path-as-is", &format!("{BASE}{path}")])
     }
+}
+
+#[test]
+fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() {
+    if !netns_available(
+        "upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named",
+    ) {
+        return;
+    }
+    let server = server();
+    let (code, head) = server.curl(&[&format!("{BASE}/raw/x?y=1")]);
+    assert_eq!(code, 200);
+    assert!(head.starts_with("GET /raw/x?y=1 HTTP/1.1\r\n"), "{head:?}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nhost: 198.18.0.2:2222\r\n"), "{head:?}");
+
+    // HTTP/1.0 allows a request without Host; HTTP/1.1 upstreams require one.
+    let mut stream = server
+        .link
+        .client
+        .enter(|| TcpStream::connect((SERVER_V4, 2222)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET /raw/old HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains(" 200 OK\r\n"), "{reply:?}");
+    assert!(reply.contains("GET /raw/old HTTP/1.1\r\n"), "{reply:?}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("\r\nhost: 127.0.0.1:30009\r\n"),
+        "{reply:?}"
+    );
 }
 
 #[test]
@@ -502,4 +543,67 @@ fn round_robin_skips_a_dead_upstream_and_a_route_timeout_gives_504() {
     // No total timeout elsewhere: a slow answer on the default route arrives.
     let (code, _) = server.get("/slow?ms=1500");
     assert_eq!(code, 200);
+}
+
+#[test]
+fn idle_upstream_connections_are_reused_then_closed_after_the_pool_idle_timeout() {
+    if !netns_available(
+        "idle_upstream_connections_are_reused_then_closed_after_the_pool_idle_timeout",
+    ) {
+        return;
+    }
+    let link = Link::new();
+    let llm = backends::http_with(
+        &link.server,
+        "127.0.0.1:30000".parse().unwrap(),
+        "llm",
+        HttpOptions::default(),
+    );
+    // One worker: idle connections are kept per worker, and this counts them.
+    let mut muxer = Muxer::start(
+        &link.server,
+        "[listen]\naddresses = [\"0.0.0.0:2222\"]\nworkers = 1\n\
+         [sniff]\non_timeout = \"close\"\n[http]\npool_idle_timeout = \"800ms\"\n\
+         [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n",
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    let upstream_sockets = || {
+        link.server
+            .run_ok("ss", &["-Htn", "state", "all", "( dport = :30000 )"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // One request after another, each on a new client connection: one upstream connection.
+    for _ in 0..5 {
+        let out = link.client.run_ok(
+            "curl",
+            &["-sS", "--max-time", "10", &format!("{BASE}/v1/models")],
+        );
+        assert!(out.contains("\"id\":\"llm\""), "{out}");
+    }
+    let open = upstream_sockets();
+    assert_eq!(open.len(), 1, "pooled and reused: {open:?}");
+    assert!(open[0].starts_with("ESTAB"), "{open:?}");
+    // Idle past the timeout: closed by muxer (nothing in CLOSE-WAIT or ESTAB left).
+    std::thread::sleep(Duration::from_millis(2000));
+    let open = upstream_sockets();
+    assert!(
+        open.iter().all(|l| l.starts_with("TIME-WAIT")),
+        "idle upstream connection still open: {open:?}"
+    );
+    // And a new request still works.
+    let out = link.client.run_ok(
+        "curl",
+        &["-sS", "--max-time", "10", &format!("{BASE}/v1/models")],
+    );
+    assert!(out.contains("\"id\":\"llm\""), "{out}");
+    assert_eq!(llm.observed.requests.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        llm.observed.connections.load(Ordering::Relaxed),
+        2,
+        "one connection for the first five requests, a new one after the timeout"
+    );
+    muxer.process.assert_running();
 }

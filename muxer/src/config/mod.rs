@@ -126,9 +126,20 @@ pub struct Listen {
     /// Addresses to accept on; an IPv6 wildcard accepts IPv6 only, so list both families.
     #[serde(default = "Listen::default_addresses")]
     pub addresses: Vec<SocketAddr>,
+    /// Threads that accept and serve connections, each with its own listening socket per address
+    /// (SO_REUSEPORT); default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 impl Listen {
+    /// Worker threads to run: as configured, else one per CPU.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     fn default_addresses() -> Vec<SocketAddr> {
         vec![
             SocketAddr::from(([0, 0, 0, 0], DEFAULT_LISTEN_PORT)),
@@ -141,6 +152,7 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             addresses: Self::default_addresses(),
+            workers: None,
         }
     }
 }
@@ -473,6 +485,9 @@ impl Config {
 
     /// Checks relations and ranges serde cannot express.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.listen.workers.is_some_and(|n| n == 0 || n > 1024) {
+            return Err(("listen.workers", "must be between 1 and 1024".into()));
+        }
         if self.listen.addresses.is_empty() {
             return Err(("listen.addresses", "must list at least one address".into()));
         }
@@ -489,12 +504,10 @@ impl Config {
         }
         let target = self.sniff.on_timeout;
         if !self.has_route(target) {
+            let name = format!("{target:?}").to_lowercase();
             return Err((
                 "sniff.on_timeout",
-                format!(
-                    "names {target:?} but the config has no [{}] section",
-                    format!("{target:?}").to_lowercase()
-                ),
+                format!("is \"{name}\" but the config has no [{name}] section"),
             ));
         }
         if self.limits.max_connections == 0 {
@@ -658,6 +671,8 @@ mod tests {
                 "listen.addresses[0]",
             ),
             ("[listen]\nadresses = []", "listen.adresses"),
+            ("[listen]\nworkers = 0\n[ssh]\nupstream=\"a:1\"", "listen.workers"),
+            ("[listen]\nworkers = -1\n[ssh]\nupstream=\"a:1\"", "listen.workers"),
             (
                 "[sniff]\non_timeout = \"http\"\n[ssh]\nupstream=\"a:1\"",
                 "sniff.on_timeout",

@@ -19,11 +19,16 @@ pub struct BodyIdleTimeout(pub Duration);
 
 pin_project_lite::pin_project! {
     /// Fails with [`BodyIdleTimeout`] when `inner` yields no frame for `idle`.
+    ///
+    /// The timer is armed only when the body actually waits, and a frame only moves the deadline:
+    /// most bodies arrive without waiting, and re-arming a runtime timer for every frame would
+    /// cost more than forwarding the frame.
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,
         idle: Duration,
-        sleep: Pin<Box<Sleep>>,
+        deadline: Instant,
+        sleep: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -33,7 +38,8 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            deadline: Instant::now() + idle,
+            sleep: None,
         }
     }
 }
@@ -51,15 +57,20 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.sleep.as_mut().reset(Instant::now() + *this.idle);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.deadline = Instant::now() + *this.idle;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*this.deadline)));
+        if sleep.deadline() != *this.deadline {
+            // Frames arrived since the timer was armed.
+            sleep.as_mut().reset(*this.deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(*this.idle))))),
         }
     }
 
@@ -176,5 +187,70 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+
+    /// A body fed through a channel.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|d| Ok(Frame::data(d))))
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn gaps_shorter_than_the_idle_timeout_pass_however_long_the_body() {
+        let (tx, rx) = mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(IDLE - Duration::from_millis(100)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let collected = IdleTimeout::new(Fed(rx), IDLE).collect().await.unwrap();
+        assert_eq!(
+            collected.to_bytes().len(),
+            10,
+            "45 s of body, never 5 s idle"
+        );
+        feeder.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_longer_than_the_idle_timeout_fails_at_the_deadline() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut body = IdleTimeout::new(Fed(rx), IDLE);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(body.frame().await.unwrap().is_ok());
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok(), "a frame right away");
+        // Now silent (the sender is kept open): fails IDLE after the last frame.
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.is::<BodyIdleTimeout>(), "{error}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(8) && waited < Duration::from_millis(8100),
+            "{waited:?}"
+        );
+        drop(tx);
     }
 }

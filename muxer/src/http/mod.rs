@@ -2,17 +2,20 @@
 //! and forwards each request to its route's upstream. Layers, in request order: [`stream`] (the
 //! sniffed bytes replayed), [`path`] (one canonical path), [`router`] (route choice), [`headers`]
 //! (hop-by-hop, forwarding headers), [`proxy`] (forwarding, upgrades, errors), [`upstream`]
-//! (pooled client, round robin, passive health), [`body`] (streaming adapters).
+//! (round robin, passive health), [`pool`] (upstream connections,
+//! driven by the client connection's task), [`body`] (streaming adapters).
 
 pub mod body;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod stream;
 pub mod tunnel;
 pub mod upstream;
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -32,8 +35,6 @@ pub struct HttpContext {
     pub settings: Http,
     /// The routing table.
     pub router: router::Router,
-    /// Upstream clients.
-    pub clients: upstream::Clients,
     /// Named tunnels for `CONNECT`.
     pub tunnels: tunnel::Tunnels,
     /// TCP keepalive for tunnel upstream sockets (`splice.tcp_keepalive`).
@@ -48,32 +49,47 @@ impl HttpContext {
         settings: Http,
         tunnels: &[Tunnel],
         tcp_keepalive: std::time::Duration,
+        workers: usize,
         metrics: Arc<HttpMetrics>,
     ) -> HttpContext {
+        let router = router::Router::new(
+            &settings.routes,
+            settings.failure_cooldown,
+            pool::PoolSettings {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.pool_idle_timeout,
+                tcp_keepalive,
+                workers,
+            },
+            &metrics,
+        );
         HttpContext {
             tcp_keepalive,
             metrics,
-            router: router::Router::new(&settings.routes, settings.failure_cooldown),
-            clients: upstream::Clients::new(&settings),
+            router,
             tunnels: tunnel::Tunnels::new(tunnels),
             settings,
         }
     }
 }
 
-/// Drives a hyper server connection until it ends; on shutdown, lets in-flight requests finish
-/// and closes it.
+/// Drives a hyper server connection, and the upstream connections its requests use, until it
+/// ends; on shutdown, lets in-flight requests finish and closes it.
 macro_rules! drive {
-    ($connection:expr, $shutdown:expr) => {{
+    ($connection:expr, $in_use:expr, $shutdown:expr) => {{
         let connection = $connection;
         tokio::pin!(connection);
-        tokio::select! {
-            result = connection.as_mut() => result,
-            () = $shutdown.cancelled() => {
+        let cancelled = $shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut shutting_down = false;
+        std::future::poll_fn(|cx| {
+            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+                shutting_down = true;
                 connection.as_mut().graceful_shutdown();
-                connection.await
             }
-        }
+            pool::poll_with_upstreams(&$in_use, cx, |cx| connection.as_mut().poll(cx))
+        })
+        .await
     }};
 }
 
@@ -97,6 +113,8 @@ pub async fn serve(
     let header_limit = context.settings.max_header_bytes;
     let header_read_timeout = context.settings.header_read_timeout;
     let shutdown = runtime.shutdown.clone();
+    let in_use = pool::InUse::default();
+    let handler_in_use = in_use.clone();
     let service = hyper::service::service_fn(move |request| {
         let current = runtime
             .current
@@ -104,7 +122,7 @@ pub async fn serve(
             .http
             .clone()
             .unwrap_or_else(|| Arc::clone(&context));
-        proxy::handle(request, current, peer, local)
+        proxy::handle(request, current, peer, local, handler_in_use.clone())
     });
     match version {
         HttpVersion::Http1 => {
@@ -116,6 +134,7 @@ pub async fn serve(
                 .keep_alive(true);
             drive!(
                 builder.serve_connection(io, service).with_upgrades(),
+                in_use,
                 shutdown
             )
         }
@@ -124,7 +143,7 @@ pub async fn serve(
             builder
                 .timer(TokioTimer::new())
                 .max_header_list_size(header_limit as u32);
-            drive!(builder.serve_connection(io, service), shutdown)
+            drive!(builder.serve_connection(io, service), in_use, shutdown)
         }
     }
 }

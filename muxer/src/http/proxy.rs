@@ -17,6 +17,7 @@ use tracing::{debug, info};
 use super::body::{BodyEnd, IdleTimeout, Observed};
 use super::headers;
 use super::path::canonicalize;
+use super::pool::{ConnectError, InUse, Pool};
 use super::router::{normalize_host, Route};
 use super::upstream::UpstreamBody;
 use super::HttpContext;
@@ -40,15 +41,18 @@ pub fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
     response
 }
 
-/// What the access log line needs, filled as the request goes.
+/// What the access log line and the metrics need, filled as the request goes.
 struct Access {
     method: Method,
-    host: String,
+    host: Option<String>,
     path: String,
-    route: String,
-    upstream: String,
+    route: Option<Arc<Route>>,
+    /// Index of the upstream in the route's set.
+    upstream: Option<usize>,
     started: Instant,
-    bytes_in: Arc<AtomicU64>,
+    /// Request body bytes, counted as the body streams (absent for bodiless requests).
+    bytes_in: Option<Arc<AtomicU64>>,
+    /// For requests answered before a route was found.
     metrics: Arc<HttpMetrics>,
     /// From sending upstream to the response head.
     upstream_latency: Option<Duration>,
@@ -59,17 +63,26 @@ impl Access {
         let ttfb = ttfb_ms
             .map(Duration::from_millis)
             .or(Some(self.started.elapsed()));
-        self.metrics
-            .record(&self.route, status.as_u16(), self.upstream_latency, ttfb);
+        match &self.route {
+            Some(route) => route
+                .metrics
+                .record(status.as_u16(), self.upstream_latency, ttfb),
+            None => self
+                .metrics
+                .record("-", status.as_u16(), self.upstream_latency, ttfb),
+        }
+        let route = self.route.as_deref();
         info!(
             target: "muxer::access",
             method = %self.method,
-            host = %self.host,
+            host = %self.host.as_deref().unwrap_or(""),
             path = %self.path,
-            route = %self.route,
-            upstream = %self.upstream,
+            route = %route.map_or("-", |r| r.name.as_str()),
+            upstream = %route
+                .zip(self.upstream)
+                .map_or("-", |(r, index)| r.upstreams.authority(index)),
             status = status.as_u16(),
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(Ordering::Relaxed)),
             bytes_out,
             duration_ms = self.started.elapsed().as_millis() as u64,
             ttfb_ms = ttfb_ms.unwrap_or(0),
@@ -112,11 +125,9 @@ fn caused_by<'a, E: std::error::Error + 'static>(
 
 /// A pooled connection the upstream had already closed: safe to retry when nothing of the
 /// request body can have been consumed.
-fn stale_connection(error: &hyper_util::client::legacy::Error) -> bool {
-    if let Some(hyper_error) = caused_by::<hyper::Error>(error) {
-        if hyper_error.is_incomplete_message() || hyper_error.is_canceled() {
-            return true;
-        }
+fn stale_connection(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
     }
     caused_by::<std::io::Error>(error).is_some_and(|io| {
         matches!(
@@ -126,56 +137,92 @@ fn stale_connection(error: &hyper_util::client::legacy::Error) -> bool {
     })
 }
 
+/// Why an exchange with an upstream failed.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    /// No connection could be opened; the request comes back unsent.
+    #[error("{0}")]
+    Connect(ConnectError, Request<UpstreamBody>),
+    /// The connection failed the request; the request comes back if it was never sent.
+    #[error("{0}")]
+    Request(hyper::Error, Option<Request<UpstreamBody>>),
+}
+
+/// Sends `request` on a pooled connection to `pool`'s upstream (when `reuse`) or a new one, which
+/// `in_use` drives, and waits for the response head.
+async fn exchange(
+    pool: &Arc<Pool>,
+    reuse: bool,
+    request: Request<UpstreamBody>,
+    in_use: &InUse,
+) -> Result<Response<Incoming>, ExchangeError> {
+    let pooled = if reuse { pool.checkout() } else { None };
+    let mut connection = match pooled {
+        Some(connection) => connection,
+        None => match pool.connect().await {
+            Ok(connection) => connection,
+            Err(error) => return Err(ExchangeError::Connect(error, request)),
+        },
+    };
+    let response = connection.send(request);
+    in_use.adopt(connection);
+    response.await.map_err(|mut error| {
+        let returned = error.take_message();
+        ExchangeError::Request(error.into_error(), returned)
+    })
+}
+
 /// Serves one request from `client`.
 pub async fn handle(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
     client: SocketAddr,
     local: SocketAddr,
+    in_use: InUse,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let raw_host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let host = raw_host.as_deref().map(normalize_host);
-    let mut access = Access {
-        method: request.method().clone(),
-        host: host.clone().unwrap_or_default(),
-        path: request.uri().path().to_owned(),
-        route: "-".into(),
-        upstream: "-".into(),
-        started: Instant::now(),
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        metrics: Arc::clone(&context.metrics),
-        upstream_latency: None,
-    };
     if request.method() == Method::CONNECT {
         return Ok(super::tunnel::connect(request, context, client, local).await);
     }
-    let path = match canonicalize(request.uri().path()) {
-        Ok(path) => path,
-        Err(error) => {
-            return Ok(access.local(text(
-                StatusCode::BAD_REQUEST,
-                format!("400 bad request: {error}"),
-            )))
-        }
+    let started = Instant::now();
+    let raw_host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
+        .map(str::to_owned);
+    let host = raw_host.as_deref().map(normalize_host);
+    let canonical = canonicalize(request.uri().path());
+    let mut access = Access {
+        method: request.method().clone(),
+        host,
+        path: match &canonical {
+            Ok(path) => path.clone(),
+            Err(_) => request.uri().path().to_owned(),
+        },
+        route: None,
+        upstream: None,
+        started,
+        bytes_in: None,
+        metrics: Arc::clone(&context.metrics),
+        upstream_latency: None,
     };
-    access.path = path.clone();
-    let Some(route) = context.router.find(host.as_deref(), &path).cloned() else {
+    if let Err(error) = canonical {
+        return Ok(access.local(text(
+            StatusCode::BAD_REQUEST,
+            format!("400 bad request: {error}"),
+        )));
+    }
+    let Some(route) = context
+        .router
+        .find(access.host.as_deref(), &access.path)
+        .cloned()
+    else {
         return Ok(access.local(text(
             StatusCode::NOT_FOUND,
             "404 no route for this host and path".into(),
         )));
     };
-    access.route = route.name.clone();
+    access.route = Some(Arc::clone(&route));
 
     let limit = context.settings.max_body_bytes;
     let declared = request
@@ -214,49 +261,67 @@ pub async fn handle(
     if let Some(protocol) = upgrade.clone() {
         headers::set_upgrade(&mut parts.headers, protocol);
     }
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{}?{query}", route.forwarded_path(&path)),
-        None => route.forwarded_path(&path).to_owned(),
+    // Origin form (`/path?query`): the upstream connection is already chosen.
+    let forwarded_path = route.forwarded_path(&access.path);
+    let target = match parts.uri.query() {
+        Some(query) => Uri::try_from(format!("{forwarded_path}?{query}")),
+        None => Uri::try_from(forwarded_path),
+    };
+    let Ok(target) = target else {
+        return Ok(access.local(text(
+            StatusCode::BAD_REQUEST,
+            "400 bad request: unusable request target".into(),
+        )));
     };
 
-    let request_body = Observed::new(
-        IdleTimeout::new(
-            Limited::new(body, limit as usize),
-            context.settings.body_idle_timeout,
-        ),
-        Arc::clone(&access.bytes_in),
-        |_| {},
-    )
-    .boxed_unsync();
-    let mut body = Some(request_body);
+    // A bodiless request needs no body adapters (nor their timer and counter).
+    let mut body = (!bodiless).then(|| {
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        access.bytes_in = Some(Arc::clone(&bytes_in));
+        Observed::new(
+            IdleTimeout::new(
+                Limited::new(body, limit as usize),
+                context.settings.body_idle_timeout,
+            ),
+            bytes_in,
+            |_| {},
+        )
+        .boxed_unsync()
+    });
 
     let mut attempt = 0;
+    // A request the upstream never received, to send again elsewhere.
+    let mut unsent: Option<Request<UpstreamBody>> = None;
     let response = loop {
         let index = route.upstreams.pick();
-        access.upstream = route.upstreams.authority(index).to_owned();
-        let Ok(uri) = Uri::try_from(format!("http://{}{path_and_query}", access.upstream)) else {
-            return Ok(access.local(text(
-                StatusCode::BAD_REQUEST,
-                "400 bad request: unusable request target".into(),
-            )));
-        };
-        let mut upstream_request = Request::new(body.take().unwrap_or_else(empty));
-        *upstream_request.method_mut() = parts.method.clone();
-        *upstream_request.uri_mut() = uri;
-        *upstream_request.version_mut() = Version::HTTP_11;
-        // Only a request that may be retried needs its headers twice.
-        *upstream_request.headers_mut() = if bodiless && attempt == 0 {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let client_to_use = if attempt == 0 {
-            &context.clients.pooled
-        } else {
-            &context.clients.fresh
-        };
+        access.upstream = Some(index);
+        let mut upstream_request = unsent.take().unwrap_or_else(|| {
+            let mut request = Request::new(body.take().unwrap_or_else(empty));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = target.clone();
+            *request.version_mut() = Version::HTTP_11;
+            // Only a request that may be retried needs its headers twice.
+            *request.headers_mut() = if bodiless && attempt == 0 {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            request
+        });
+        if route.host_header.is_none() && raw_host.is_none() {
+            // A client without Host (HTTP/1.0): name the upstream, as HTTP/1.1 requires.
+            if let Ok(value) = HeaderValue::from_str(route.upstreams.authority(index)) {
+                upstream_request.headers_mut().insert(HOST, value);
+            }
+        }
         let sent_at = Instant::now();
-        let sent = client_to_use.request(upstream_request);
+        // The retry goes on a new connection: a second pooled one may be just as stale.
+        let sent = exchange(
+            route.upstreams.pool(index),
+            attempt == 0,
+            upstream_request,
+            &in_use,
+        );
         let result = match route.response_timeout {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(result) => result.map_err(Some),
@@ -264,33 +329,41 @@ pub async fn handle(
             },
             None => sent.await.map_err(Some),
         };
-        match result {
+        let error = match result {
             Ok(response) => {
                 access.upstream_latency = Some(sent_at.elapsed());
                 break Ok(response);
             }
             Err(None) => break Err(Failure::Timeout),
-            Err(Some(error)) => {
-                debug!(route = %route.name, upstream = %access.upstream, error = ?error, "upstream request failed");
+            Err(Some(error)) => error,
+        };
+        debug!(route = %route.name, upstream = route.upstreams.authority(index), error = %error, "upstream request failed");
+        match error {
+            ExchangeError::Connect(_, request) => {
+                route.upstreams.mark_failed(index);
+                if attempt == 0 && route.upstreams.len() > 1 {
+                    attempt += 1;
+                    unsent = Some(request);
+                    continue;
+                }
+                break Err(Failure::Unreachable);
+            }
+            ExchangeError::Request(error, returned) => {
                 if caused_by::<LengthLimitError>(&error).is_some() {
                     break Err(Failure::BodyTooLarge);
                 }
-                if error.is_connect() {
-                    route.upstreams.mark_failed(index);
+                if attempt == 0 {
+                    if let Some(request) = returned {
+                        attempt += 1;
+                        unsent = Some(request);
+                        continue;
+                    }
+                    if bodiless && stale_connection(&error) {
+                        attempt += 1;
+                        continue;
+                    }
                 }
-                let retriable = bodiless
-                    && attempt == 0
-                    && (error.is_connect() && route.upstreams.len() > 1
-                        || stale_connection(&error));
-                if retriable {
-                    attempt += 1;
-                    continue;
-                }
-                break Err(if error.is_connect() {
-                    Failure::Unreachable
-                } else {
-                    Failure::Broken
-                });
+                break Err(Failure::Broken);
             }
         }
     };

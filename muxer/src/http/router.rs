@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use crate::config::HttpRoute;
 
+use super::pool::PoolSettings;
 use super::upstream::UpstreamSet;
+use crate::metrics::{HttpMetrics, RouteMetrics};
 
 /// How a route matches the request's host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +86,8 @@ pub struct Route {
     pub host_header: Option<String>,
     /// Longest wait for the response head.
     pub response_timeout: Option<Duration>,
+    /// This route's request metrics.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -117,7 +121,12 @@ pub fn normalize_host(host: &str) -> String {
 
 impl Router {
     /// Compiles the configured routes.
-    pub fn new(routes: &[HttpRoute], failure_cooldown: Duration) -> Router {
+    pub fn new(
+        routes: &[HttpRoute],
+        failure_cooldown: Duration,
+        pool: PoolSettings,
+        metrics: &Arc<HttpMetrics>,
+    ) -> Router {
         let mut compiled: Vec<Arc<Route>> = routes
             .iter()
             .map(|route| {
@@ -128,12 +137,14 @@ impl Router {
                         None => HostMatch::Exact(host),
                     },
                 };
+                let name = route.display_name();
                 Arc::new(Route {
-                    name: route.display_name(),
+                    metrics: RouteMetrics::new(Arc::clone(metrics), &name),
+                    name,
                     host,
                     prefix: route.path.as_deref().map(Prefix::new),
                     strip_prefix: route.strip_prefix,
-                    upstreams: UpstreamSet::new(&route.upstreams, failure_cooldown),
+                    upstreams: UpstreamSet::new(&route.upstreams, failure_cooldown, pool),
                     host_header: route.host_header.clone(),
                     response_timeout: route.response_timeout,
                 })
@@ -178,6 +189,13 @@ mod tests {
         }
     }
 
+    const POOL: PoolSettings = PoolSettings {
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        tcp_keepalive: Duration::from_secs(60),
+        workers: 1,
+    };
+
     fn table() -> Router {
         Router::new(
             &[
@@ -190,6 +208,8 @@ mod tests {
                 route("api-admin", Some("API.example.com"), Some("/admin"), false),
             ],
             Duration::from_secs(1),
+            POOL,
+            &Arc::new(HttpMetrics::default()),
         )
     }
 
@@ -224,6 +244,8 @@ mod tests {
         let router = Router::new(
             &[route("only", None, Some("/a/"), false)],
             Duration::from_secs(1),
+            POOL,
+            &Arc::new(HttpMetrics::default()),
         );
         assert!(router.find(None, "/b").is_none());
         assert!(router.find(None, "/a").is_none());
@@ -248,6 +270,8 @@ mod tests {
         let bare = Router::new(
             &[route("bare", None, Some("/svc"), true)],
             Duration::from_secs(1),
+            POOL,
+            &Arc::new(HttpMetrics::default()),
         );
         let route = bare.find(None, "/svc").unwrap();
         assert_eq!(route.forwarded_path("/svc"), "/");

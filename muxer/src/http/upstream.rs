@@ -1,16 +1,14 @@
-//! Upstreams: round robin that skips recently failed upstreams (passive health), and the pooled
-//! HTTP client that talks to them.
+//! Upstreams: round robin that skips recently failed upstreams (passive health), each upstream
+//! with its pool of idle connections.
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Http, Upstream};
+use super::pool::{Pool, PoolSettings};
+use crate::config::Upstream;
 
 /// Errors carried by bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -24,7 +22,7 @@ fn millis_since_start() -> u64 {
 
 #[derive(Debug)]
 struct UpstreamState {
-    authority: String,
+    pool: Arc<Pool>,
     /// Skip until this many milliseconds after process start.
     failed_until: AtomicU64,
 }
@@ -39,12 +37,12 @@ pub struct UpstreamSet {
 
 impl UpstreamSet {
     /// The set for `upstreams`; one that fails to connect is skipped for `cooldown`.
-    pub fn new(upstreams: &[Upstream], cooldown: Duration) -> UpstreamSet {
+    pub fn new(upstreams: &[Upstream], cooldown: Duration, pool: PoolSettings) -> UpstreamSet {
         UpstreamSet {
             upstreams: upstreams
                 .iter()
                 .map(|u| UpstreamState {
-                    authority: u.as_str().to_owned(),
+                    pool: Pool::new(u.as_str().to_owned(), pool),
                     failed_until: AtomicU64::new(0),
                 })
                 .collect(),
@@ -76,7 +74,12 @@ impl UpstreamSet {
 
     /// `host:port` of upstream `index`.
     pub fn authority(&self, index: usize) -> &str {
-        &self.upstreams[index].authority
+        self.upstreams[index].pool.authority()
+    }
+
+    /// The connection pool of upstream `index`.
+    pub fn pool(&self, index: usize) -> &Arc<Pool> {
+        &self.upstreams[index].pool
     }
 
     /// Takes upstream `index` out of rotation for the cooldown.
@@ -88,42 +91,16 @@ impl UpstreamSet {
     }
 }
 
-/// The two clients: `pooled` for normal traffic, `fresh` (no idle connections kept) for the one
-/// retry after a pooled connection turned out to be closed by the upstream.
-#[derive(Clone, Debug)]
-pub struct Clients {
-    /// Keeps idle connections for `pool_idle_timeout`.
-    pub pooled: Client<HttpConnector, UpstreamBody>,
-    /// Always opens a new connection.
-    pub fresh: Client<HttpConnector, UpstreamBody>,
-}
-
-impl Clients {
-    /// Builds both clients from `[http]`.
-    pub fn new(http: &Http) -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(http.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let build = |idle_per_host: usize| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(http.pool_idle_timeout)
-                .pool_max_idle_per_host(idle_per_host)
-                .retry_canceled_requests(true)
-                .build(connector.clone())
-        };
-        Clients {
-            pooled: build(usize::MAX),
-            fresh: build(0),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const POOL: PoolSettings = PoolSettings {
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        tcp_keepalive: Duration::from_secs(60),
+        workers: 1,
+    };
 
     #[test]
     fn round_robin_skips_failed_upstreams_until_the_cooldown_ends() {
@@ -131,7 +108,7 @@ mod tests {
             .iter()
             .map(|u| u.parse().unwrap())
             .collect();
-        let set = UpstreamSet::new(&upstreams, Duration::from_millis(100));
+        let set = UpstreamSet::new(&upstreams, Duration::from_millis(100), POOL);
         let picks: Vec<usize> = (0..6).map(|_| set.pick()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         set.mark_failed(1);
@@ -145,7 +122,7 @@ mod tests {
     #[test]
     fn all_failed_still_picks_something() {
         let upstreams: Vec<Upstream> = ["a:1", "b:1"].iter().map(|u| u.parse().unwrap()).collect();
-        let set = UpstreamSet::new(&upstreams, Duration::from_secs(60));
+        let set = UpstreamSet::new(&upstreams, Duration::from_secs(60), POOL);
         set.mark_failed(0);
         set.mark_failed(1);
         let index = set.pick();

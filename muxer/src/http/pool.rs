@@ -1,0 +1,323 @@
+//! Upstream HTTP/1.1 connections: a pool of idle ones per upstream, and [`InUse`], the set of
+//! connections one client connection is using, which that client connection's own task drives.
+//!
+//! Why not a pool whose connections run in their own tasks (hyper-util's): every request would
+//! then cross tasks twice (request in, response out), each crossing a wake-up and often a thread
+//! switch. Here a connection is driven by whichever client connection holds it, so a keep-alive
+//! request is read, forwarded, answered and written back by one task. A connection goes back to
+//! its pool as soon as its exchange is complete, so an idle client holds no upstream connection.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use super::upstream::UpstreamBody;
+use crate::connection::connect_tuned;
+
+/// A connection's I/O (hyper's upgradeable HTTP/1 client connection, which cannot be named).
+type Driver = dyn Future<Output = hyper::Result<()>> + Send;
+
+/// How upstream connections are opened and kept.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// Longest wait for the TCP handshake.
+    pub connect_timeout: Duration,
+    /// An idle connection older than this is closed, not reused.
+    pub idle_timeout: Duration,
+    /// TCP keepalive on upstream sockets.
+    pub tcp_keepalive: Duration,
+    /// Worker threads: each keeps its own idle connections, registered with its own runtime.
+    pub workers: usize,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection failed or timed out.
+    #[error("connecting to {authority}: {source}")]
+    Tcp {
+        /// The upstream.
+        authority: String,
+        /// What the connect returned.
+        source: std::io::Error,
+    },
+    /// The HTTP/1 handshake failed (it does no I/O, so this is not expected).
+    #[error("HTTP handshake with {authority}: {source}")]
+    Handshake {
+        /// The upstream.
+        authority: String,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+}
+
+/// One upstream connection: the handle that sends requests and the future that does its I/O.
+pub struct UpstreamConnection {
+    sender: http1::SendRequest<UpstreamBody>,
+    driver: Pin<Box<Driver>>,
+    pool: Weak<Pool>,
+    idle_since: Instant,
+}
+
+impl std::fmt::Debug for UpstreamConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConnection").finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConnection {
+    /// Queues `request` on this connection; the returned future yields the response once the
+    /// connection is driven (hand the connection to [`InUse::adopt`]). A request the connection
+    /// could not take comes back in the error.
+    pub fn send(
+        &mut self,
+        request: hyper::Request<UpstreamBody>,
+    ) -> impl Future<
+        Output = Result<
+            hyper::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<hyper::Request<UpstreamBody>>,
+        >,
+    > + use<> {
+        self.sender.try_send_request(request)
+    }
+
+    /// Polls the connection once without a task to wake: a pooled connection nobody drove may
+    /// have been closed by the upstream meanwhile, and this notices the end of stream.
+    fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.driver.as_mut().poll(&mut cx) {
+            Poll::Ready(_) => false,
+            Poll::Pending => self.sender.is_ready(),
+        }
+    }
+}
+
+/// Idle connections to one upstream, one list per worker thread (a connection's socket belongs
+/// to the runtime of the worker that opened it, so it is only reused there).
+#[derive(Debug)]
+pub struct Pool {
+    authority: String,
+    settings: PoolSettings,
+    shards: Box<[Shard]>,
+}
+
+/// One worker's idle connections, most recently used last.
+#[derive(Debug, Default)]
+struct Shard {
+    idle: Mutex<Vec<UpstreamConnection>>,
+    reaper_running: AtomicBool,
+}
+
+impl Shard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<UpstreamConnection>> {
+        // A panic while holding the lock cannot leave the list inconsistent.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Pool {
+    /// An empty pool for `authority` (`host:port`).
+    pub fn new(authority: String, settings: PoolSettings) -> Arc<Pool> {
+        Arc::new(Pool {
+            authority,
+            settings,
+            shards: (0..settings.workers.max(1))
+                .map(|_| Shard::default())
+                .collect(),
+        })
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    fn shard(&self, index: usize) -> &Shard {
+        &self.shards[index % self.shards.len()]
+    }
+
+    /// The calling worker's most recently used idle connection that is still open, if any.
+    pub fn checkout(&self) -> Option<UpstreamConnection> {
+        let shard = self.shard(crate::workers::current());
+        loop {
+            let mut connection = shard.lock().pop()?;
+            if connection.idle_since.elapsed() >= self.settings.idle_timeout {
+                // The rest are older still.
+                let expired = std::mem::take(&mut *shard.lock());
+                drop(expired);
+                return None;
+            }
+            if connection.still_open() {
+                return Some(connection);
+            }
+        }
+    }
+
+    /// A new connection.
+    pub async fn connect(self: &Arc<Self>) -> Result<UpstreamConnection, ConnectError> {
+        let stream = connect_tuned(
+            &self.authority,
+            self.settings.connect_timeout,
+            self.settings.tcp_keepalive,
+        )
+        .await
+        .map_err(|source| ConnectError::Tcp {
+            authority: self.authority.clone(),
+            source,
+        })?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                authority: self.authority.clone(),
+                source,
+            })?;
+        Ok(UpstreamConnection {
+            sender,
+            driver: Box::pin(driver.with_upgrades()),
+            pool: Arc::downgrade(self),
+            idle_since: Instant::now(),
+        })
+    }
+
+    fn checkin(self: &Arc<Self>, mut connection: UpstreamConnection) {
+        connection.idle_since = Instant::now();
+        let index = crate::workers::current() % self.shards.len();
+        let shard = &self.shards[index];
+        shard.lock().push(connection);
+        if !shard.reaper_running.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(reap(Arc::downgrade(self), index));
+                }
+                Err(_) => shard.reaper_running.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Idle connections held, over all workers.
+    pub fn idle_count(&self) -> usize {
+        self.shards.iter().map(|shard| shard.lock().len()).sum()
+    }
+}
+
+/// Closes worker `index`'s idle connections that outlived the idle timeout (nobody drives them,
+/// so an upstream that closed one would otherwise leave it in CLOSE_WAIT); ends when that list
+/// is empty or the pool is gone.
+async fn reap(pool: Weak<Pool>, index: usize) {
+    loop {
+        let Some(idle_timeout) = pool.upgrade().map(|pool| pool.settings.idle_timeout) else {
+            return;
+        };
+        tokio::time::sleep(idle_timeout / 2).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let shard = pool.shard(index);
+        let expired: Vec<UpstreamConnection> = {
+            let mut idle = shard.lock();
+            let fresh_from = idle
+                .iter()
+                .position(|c| c.idle_since.elapsed() < idle_timeout)
+                .unwrap_or(idle.len());
+            idle.drain(..fresh_from).collect()
+        };
+        drop(expired);
+        if shard.lock().is_empty() {
+            shard.reaper_running.store(false, Ordering::Release);
+            // A checkin between the check and the store saw the flag still set and started no
+            // reaper: keep this one.
+            if shard.lock().is_empty() || shard.reaper_running.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
+}
+
+/// The upstream connections one client connection is using, driven by that connection's task
+/// through [`InUse::poll_drive`]. Cloned into each request's handler.
+#[derive(Clone, Debug, Default)]
+pub struct InUse {
+    inner: Arc<InUseInner>,
+}
+
+#[derive(Debug, Default)]
+struct InUseInner {
+    connections: Mutex<Vec<UpstreamConnection>>,
+    waker: AtomicWaker,
+    /// Set by [`InUse::adopt`], cleared by [`poll_with_upstreams`].
+    adopted: AtomicBool,
+}
+
+impl InUse {
+    /// Takes `connection` (with a request queued on it) to drive until its exchange completes.
+    pub fn adopt(&self, connection: UpstreamConnection) {
+        self.lock().push(connection);
+        self.inner.adopted.store(true, Ordering::Release);
+        self.inner.waker.wake();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<UpstreamConnection>> {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Does the I/O of every connection in use; returns those whose exchange is complete to their
+    /// pool and drops those that closed (or were upgraded, their socket now a tunnel's).
+    pub fn poll_drive(&self, cx: &mut Context<'_>) {
+        self.inner.waker.register(cx.waker());
+        let mut connections = self.lock();
+        let mut index = 0;
+        while index < connections.len() {
+            let connection = &mut connections[index];
+            let open = connection.driver.as_mut().poll(cx).is_pending();
+            if open && !connection.sender.is_ready() {
+                index += 1;
+                continue;
+            }
+            let connection = connections.swap_remove(index);
+            if open {
+                if let Some(pool) = connection.pool.upgrade() {
+                    pool.checkin(connection);
+                }
+            }
+        }
+    }
+
+    /// Connections currently in use.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is in use.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Runs `server` (a client connection being served) and the upstream connections its requests
+/// use in one task. `server` is polled through `poll_server`, so the caller keeps control of it
+/// (graceful shutdown).
+pub fn poll_with_upstreams<T>(
+    in_use: &InUse,
+    cx: &mut Context<'_>,
+    poll_server: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+) -> Poll<T> {
+    // Upstream first: a response that just arrived is then ready for the server side below.
+    in_use.poll_drive(cx);
+    in_use.inner.adopted.store(false, Ordering::Release);
+    let polled = poll_server(cx);
+    if polled.is_pending() && in_use.inner.adopted.swap(false, Ordering::AcqRel) {
+        // A request was just queued on a connection: start writing it now, not after a wake-up.
+        in_use.poll_drive(cx);
+    }
+    polled
+}

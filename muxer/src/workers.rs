@@ -1,0 +1,124 @@
+//! Worker threads: each runs its own single-threaded tokio runtime and accepts from its own
+//! listening socket per address (one SO_REUSEPORT group per address), so a connection, the
+//! upstream connections its requests use, and every wake-up between them stay on one thread.
+//!
+//! Why not one work-stealing runtime: with one, each proxied request crossed threads (the
+//! client's task on one worker, the upstream's I/O event on another), and on a 2-core machine
+//! shared with the backends those crossings cost more than the HTTP work itself.
+use std::cell::Cell;
+use std::net::TcpListener as StdTcpListener;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::error;
+
+use crate::listener;
+use crate::runtime::Runtime;
+
+thread_local! {
+    static WORKER_INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the worker thread running the caller (0 outside workers): per-worker state,
+/// such as idle upstream connections, is picked by it.
+pub fn current() -> usize {
+    WORKER_INDEX.with(Cell::get)
+}
+
+/// A worker that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Its runtime could not be built.
+    #[error("cannot start worker {index}'s async runtime: {source}")]
+    Runtime {
+        /// Which worker.
+        index: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Its thread could not be spawned.
+    #[error("cannot spawn worker thread {index}: {source}")]
+    Thread {
+        /// Which worker.
+        index: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The running workers.
+pub struct Workers {
+    threads: Vec<JoinHandle<()>>,
+    stop_accepting: CancellationToken,
+    accepting: TaskTracker,
+    exit: CancellationToken,
+}
+
+impl Workers {
+    /// Starts one worker per entry of `listeners` (each entry: that worker's socket for every
+    /// listen address), serving with `runtime`.
+    pub fn start(
+        listeners: Vec<Vec<StdTcpListener>>,
+        runtime: &Arc<Runtime>,
+    ) -> Result<Workers, WorkerError> {
+        let stop_accepting = CancellationToken::new();
+        let accepting = TaskTracker::new();
+        let exit = CancellationToken::new();
+        let mut threads = Vec::with_capacity(listeners.len());
+        for (index, sockets) in listeners.into_iter().enumerate() {
+            let tokio_runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| WorkerError::Runtime { index, source })?;
+            let runtime = Arc::clone(runtime);
+            let stop_accepting = stop_accepting.clone();
+            let accepting_token = accepting.token();
+            let exit = exit.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("muxer-worker-{index}"))
+                .spawn(move || {
+                    WORKER_INDEX.with(|cell| cell.set(index));
+                    tokio_runtime.block_on(async move {
+                        tokio::select! {
+                            result = listener::accept_loop(sockets, runtime) => {
+                                if let Err(error) = result {
+                                    error!(worker = index, %error, "cannot register listening sockets");
+                                }
+                            }
+                            () = stop_accepting.cancelled() => {}
+                        }
+                        // The listeners are closed now.
+                        drop(accepting_token);
+                        exit.cancelled().await;
+                    });
+                })
+                .map_err(|source| WorkerError::Thread { index, source })?;
+            threads.push(thread);
+        }
+        accepting.close();
+        Ok(Workers {
+            threads,
+            stop_accepting,
+            accepting,
+            exit,
+        })
+    }
+
+    /// Closes every listening socket and returns once all are closed; connections already
+    /// accepted go on.
+    pub async fn stop_accepting(&self) {
+        self.stop_accepting.cancel();
+        self.accepting.wait().await;
+    }
+
+    /// Ends every worker, dropping the connections they still serve, and waits for the threads.
+    pub fn exit(self) {
+        self.stop_accepting.cancel();
+        self.exit.cancel();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
