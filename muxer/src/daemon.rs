@@ -127,6 +127,9 @@ impl Daemon {
         if config.listen.addresses != old.config.listen.addresses {
             notes.push("listen.addresses changed: restart to apply".to_owned());
         }
+        if config.listen.workers != old.config.listen.workers {
+            notes.push("listen.workers changed: restart to apply".to_owned());
+        }
         if config.control.socket != old.config.control.socket {
             notes.push("control.socket changed: restart to apply".to_owned());
         }

@@ -79,6 +79,19 @@ fn server() -> Server {
 }
 
 impl Server {
+    /// A plain TCP connection to muxer from the client namespace, with a 10 s read timeout.
+    fn raw_connection(&self) -> TcpStream {
+        let stream = self
+            .link
+            .client
+            .enter(|| TcpStream::connect((SERVER_V4, 2222)))
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
     /// curl ARGS, returning (status code, body).
     fn curl(&self, args: &[&str]) -> (u16, String) {
         let mut all = vec!["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"];
@@ -127,14 +140,7 @@ fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() 
     assert!(lower.contains("\r\nhost: 198.18.0.2:2222\r\n"), "{head:?}");
 
     // HTTP/1.0 allows a request without Host; HTTP/1.1 upstreams require one.
-    let mut stream = server
-        .link
-        .client
-        .enter(|| TcpStream::connect((SERVER_V4, 2222)))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = server.raw_connection();
     stream.write_all(b"GET /raw/old HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
@@ -415,14 +421,7 @@ fn a_slow_header_client_is_cut_at_the_header_timeout() {
         return;
     }
     let server = server();
-    let mut stream = server
-        .link
-        .client
-        .enter(|| TcpStream::connect(SocketAddr::from((SERVER_V4, 2222))))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = server.raw_connection();
     stream
         .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
@@ -606,4 +605,92 @@ fn idle_upstream_connections_are_reused_then_closed_after_the_pool_idle_timeout(
         "one connection for the first five requests, a new one after the timeout"
     );
     muxer.process.assert_running();
+}
+
+/// Reads HTTP/1.1 responses with `Content-Length` bodies from `stream`, returning each response's
+/// head and body.
+fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn an_idle_keep_alive_connection_serves_again_and_pipelined_requests_stay_in_order() {
+    if !netns_available(
+        "an_idle_keep_alive_connection_serves_again_and_pipelined_requests_stay_in_order",
+    ) {
+        return;
+    }
+    let server = server();
+    let mut stream = server.raw_connection();
+    // Idle between requests (muxer keeps only the socket then), shorter than the 1 s header
+    // read timeout of this config.
+    for (round, pause) in [0u64, 300, 600].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(pause));
+        write!(stream, "GET /round/{round} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, body) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, format!("llm GET /round/{round}"));
+    }
+    // Three requests in one write, one with a body: answered in order on the same connection.
+    stream
+        .write_all(
+            b"GET /p/1 HTTP/1.1\r\nHost: t\r\n\r\n\
+              POST /p/2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello\
+              GET /p/3 HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
+    for expected in ["llm GET /p/1", "llm POST /p/2", "llm GET /p/3"] {
+        let (head, body) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, expected);
+    }
+    // Idle past the header read timeout: closed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut rest = Vec::new();
+    assert_eq!(
+        stream.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed when idle"
+    );
+}
+
+#[test]
+fn bytes_after_an_unread_request_body_are_never_served_as_a_request() {
+    if !netns_available("bytes_after_an_unread_request_body_are_never_served_as_a_request") {
+        return;
+    }
+    let server = server();
+    let mut stream = server.raw_connection();
+    // Declared larger than max_body_bytes: answered 413 without reading the body, whose first
+    // bytes look like a request of their own.
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 300000000\r\n\r\n\
+              GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+    assert!(!reply.contains("smuggled"), "{reply}");
+    assert!(!server.muxer.log().contains("path=/smuggled"));
 }

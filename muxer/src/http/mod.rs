@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod keepalive;
 pub mod path;
 pub mod pool;
 pub mod proxy;
@@ -109,12 +110,13 @@ pub async fn serve(
     let local = client
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
     let header_limit = context.settings.max_header_bytes;
     let header_read_timeout = context.settings.header_read_timeout;
     let shutdown = runtime.shutdown.clone();
     let in_use = pool::InUse::default();
     let handler_in_use = in_use.clone();
+    let activity = Arc::new(keepalive::Activity::default());
+    let handler_activity = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request| {
         let current = runtime
             .current
@@ -122,7 +124,21 @@ pub async fn serve(
             .http
             .clone()
             .unwrap_or_else(|| Arc::clone(&context));
-        proxy::handle(request, current, peer, local, handler_in_use.clone())
+        let in_flight = handler_activity.begin();
+        let handled = proxy::handle(
+            request,
+            current,
+            peer,
+            local,
+            handler_in_use.clone(),
+            Arc::clone(&handler_activity),
+        );
+        async move {
+            let response = handled.await?;
+            Ok::<_, std::convert::Infallible>(
+                response.map(|body| keepalive::Tracked::new(body, in_flight)),
+            )
+        }
     });
     match version {
         HttpVersion::Http1 => {
@@ -132,17 +148,29 @@ pub async fn serve(
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(header_limit)
                 .keep_alive(true);
-            drive!(
-                builder.serve_connection(io, service).with_upgrades(),
-                in_use,
-                shutdown
-            )
+            // A concrete `dyn Future + Send` here: left generic, the compiler cannot prove the
+            // connection task `Send` for every lifetime.
+            let serving: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send + '_>,
+            > = Box::pin(keepalive::serve(
+                client,
+                prefix,
+                traffic,
+                &builder,
+                service,
+                &in_use,
+                &activity,
+                &shutdown,
+                header_read_timeout,
+            ));
+            serving.await
         }
         HttpVersion::Http2PriorKnowledge => {
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
                 .max_header_list_size(header_limit as u32);
+            let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
             drive!(builder.serve_connection(io, service), in_use, shutdown)
         }
     }

@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use super::body::{BodyEnd, IdleTimeout, Observed};
 use super::headers;
+use super::keepalive::{self, Activity};
 use super::path::canonicalize;
 use super::pool::{ConnectError, InUse, Pool};
 use super::router::{normalize_host, Route};
@@ -179,7 +180,11 @@ pub async fn handle(
     client: SocketAddr,
     local: SocketAddr,
     in_use: InUse,
+    activity: Arc<Activity>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    // Dropped without `complete` (any early answer): the connection is never parked.
+    let request_body =
+        (!request.body().is_end_stream()).then(|| keepalive::RequestBody::new(&activity));
     if request.method() == Method::CONNECT {
         return Ok(super::tunnel::connect(request, context, client, local).await);
     }
@@ -284,7 +289,11 @@ pub async fn handle(
                 context.settings.body_idle_timeout,
             ),
             bytes_in,
-            |_| {},
+            move |end| {
+                if let (BodyEnd::Complete, Some(watch)) = (end, request_body) {
+                    watch.complete();
+                }
+            },
         )
         .boxed_unsync()
     });

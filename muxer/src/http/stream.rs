@@ -43,6 +43,30 @@ impl<S> Replayed<S> {
     }
 }
 
+impl<S> Replayed<S> {
+    /// `inner` with `prefix` in front, where `prefix` was already counted (bytes a previous
+    /// reader took from this stream and did not use).
+    pub fn resume(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
+        Replayed {
+            prefix,
+            consumed: 0,
+            inner,
+            traffic,
+        }
+    }
+
+    /// Where this stream's bytes are counted.
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
+    }
+
+    /// The prefix bytes not read yet, and the stream.
+    pub fn into_parts(mut self) -> (Vec<u8>, S) {
+        let rest = self.prefix.split_off(self.consumed);
+        (rest, self.inner)
+    }
+}
+
 impl<S: AsyncRead> AsyncRead for Replayed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -120,6 +144,22 @@ impl<S: AsyncWrite> AsyncWrite for Replayed<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn unread_prefix_comes_back_and_resumes_without_counting_twice() {
+        let (_client, server) = tokio::io::duplex(64);
+        let traffic = Arc::new(Traffic::default());
+        let mut replayed = Replayed::new(b"GET / ".to_vec(), server, Arc::clone(&traffic));
+        let mut first = [0u8; 4];
+        replayed.read_exact(&mut first).await.unwrap();
+        let (rest, server) = replayed.into_parts();
+        assert_eq!(rest, b"/ ");
+        let mut resumed = Replayed::resume(rest, server, Arc::clone(&traffic));
+        let mut again = [0u8; 2];
+        resumed.read_exact(&mut again).await.unwrap();
+        assert_eq!(&again, b"/ ");
+        assert_eq!(traffic.read.load(Ordering::Relaxed), 6);
+    }
 
     #[tokio::test]
     async fn prefix_first_then_the_stream_with_counts() {
