@@ -246,7 +246,8 @@ where
             inner: replayed,
             activity: Arc::clone(activity),
         });
-        let mut connection = builder.serve_connection(io, service).with_upgrades();
+        // Boxed: freed while parked, instead of sizing the parked connection's state.
+        let mut connection = Box::new(builder.serve_connection(io, service).with_upgrades());
         let result = drive(&mut connection, in_use, activity, shutdown).await;
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {
             return result;
@@ -306,12 +307,12 @@ trait GracefulShutdown {
     fn shut_down_gracefully(&mut self);
 }
 
-impl<S> GracefulShutdown for http1::UpgradeableConnection<ClientIo, S>
+impl<S> GracefulShutdown for Box<http1::UpgradeableConnection<ClientIo, S>>
 where
     S: HttpService<Incoming, ResBody = Tracked, Error = Infallible>,
 {
     fn shut_down_gracefully(&mut self) {
-        Pin::new(self).graceful_shutdown();
+        Pin::new(&mut **self).graceful_shutdown();
     }
 }
 

@@ -171,7 +171,13 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .max_header_list_size(header_limit as u32);
             let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
-            drive!(builder.serve_connection(io, service), in_use, shutdown)
+            // Boxed, so that HTTP/2's connection state does not size every HTTP/1 connection.
+            let serving: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send + '_>,
+            > = Box::pin(
+                async move { drive!(builder.serve_connection(io, service), in_use, shutdown) },
+            );
+            serving.await
         }
     }
 }
