@@ -409,7 +409,11 @@ fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16, method: &str) 
     command
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn");
+        // Access logs off, as in the other contenders; MUXER_BENCH_LOG overrides, for debugging.
+        .env(
+            "RUST_LOG",
+            std::env::var("MUXER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     let mut process = Running::spawn("muxer", command, dir.join("muxer.log"));
     wait_for("muxer", Duration::from_secs(10), || {
         process.assert_running();
@@ -525,8 +529,36 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|n| n * factor)
 }
 
-/// `(requests/s, p50 ms, p99 ms)` from wrk.
-fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f64)> {
+/// Waits until an HTTP request from the client namespace to `port` gets an HTTP answer: a proxy
+/// may listen (and its control socket exist) before its redirect of port 22 is in place, and until
+/// then port 22 is sshd's.
+fn wait_for_http(link: &Link, port: u16) {
+    wait_for(
+        &format!("HTTP through port {port}"),
+        Duration::from_secs(20),
+        || {
+            let mut stream = link
+                .client
+                .enter(|| {
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from((SERVER_V4, port)),
+                        Duration::from_secs(2),
+                    )
+                })
+                .ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut head = [0u8; 5];
+            stream.read_exact(&mut head).ok()?;
+            (&head == b"HTTP/").then_some(())
+        },
+    );
+}
+
+/// `(requests/s, p50 ms, p99 ms, whether wrk reported errors)` from wrk.
+fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f64, bool)> {
     let url = format!("http://{SERVER_V4}:{port}/");
     let duration = format!("{seconds}s");
     let mut args = vec!["-t2", "-c32", "-d", &duration, "--latency"];
@@ -550,7 +582,7 @@ fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f
     if errors {
         eprintln!("bench: wrk reported errors on port {port}:\n{text}");
     }
-    Some((rps, percentile("50%")?, percentile("99%")?))
+    Some((rps, percentile("50%")?, percentile("99%")?, errors))
 }
 
 /// `(Gbit/s, bytes)` from iperf3.
@@ -618,14 +650,27 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
     let backends = backends(&link);
     let processes = start(contender, &link, &backends, IPERF_PORT);
     let (http_port, bulk_port, sse_port) = contender.ports();
+    wait_for_http(&link, http_port);
     let mut add =
         |figure: Figure, value: f64| samples.entry((figure, contender)).or_default().push(value);
-    if let Some((rps, p50, p99)) = wrk(&link, http_port, options.seconds, false) {
+    let show_log_on_errors = |errors: bool| {
+        if let (true, Some(proxy)) = (errors, processes.first()) {
+            let log = proxy.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("bench: the proxy's last log lines:");
+            for line in tail.into_iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
+    };
+    if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, false) {
+        show_log_on_errors(errors);
         add(Figure::KeepAliveRps, rps);
         add(Figure::KeepAliveP50, p50);
         add(Figure::KeepAliveP99, p99);
     }
-    if let Some((rps, _, p99)) = wrk(&link, http_port, options.seconds, true) {
+    if let Some((rps, _, p99, errors)) = wrk(&link, http_port, options.seconds, true) {
+        show_log_on_errors(errors);
         add(Figure::NewConnRps, rps);
         add(Figure::NewConnP99, p99);
     }
@@ -664,6 +709,7 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
     if processes.is_empty() {
         return;
     }
+    wait_for_http(&link, 22);
     // Every process of the contender counts (the seed stack is sslh and Caddy).
     let rss = || processes.iter().map(|p| rss_kib(p.pid())).sum::<f64>();
     let mut open = |request: &[u8], expect: &[u8]| {
