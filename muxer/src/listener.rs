@@ -21,7 +21,7 @@ use crate::runtime::Runtime;
 
 /// How long the accept loop sleeps after the process or system ran out of descriptors.
 const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
-/// Least time between two warnings of the same kind from one accept loop.
+/// Least time between two warnings of the same kind, over all accept loops.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A listening socket that could not be set up.
