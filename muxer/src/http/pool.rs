@@ -321,3 +321,150 @@ pub fn poll_with_upstreams<T>(
     }
     polled
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const SETTINGS: PoolSettings = PoolSettings {
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(30),
+        tcp_keepalive: Duration::from_secs(60),
+        workers: 1,
+    };
+
+    /// A keep-alive HTTP/1.1 server on loopback answering `ok` to every request; each accepted
+    /// connection is closed 50 ms after its `requests`th answer.
+    async fn server(requests: usize) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for _ in 0..requests {
+                        let mut seen = Vec::new();
+                        while !seen.ends_with(b"\r\n\r\n") {
+                            let n = stream.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            seen.extend_from_slice(&buf[..n]);
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            }
+        });
+        (address, task)
+    }
+
+    fn request() -> hyper::Request<UpstreamBody> {
+        let mut request = hyper::Request::new(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        request
+            .headers_mut()
+            .insert(hyper::header::HOST, "t".parse().unwrap());
+        request
+    }
+
+    /// Sends one request on `connection`, driven by `in_use`, and reads the whole response.
+    async fn exchange(in_use: &InUse, mut connection: UpstreamConnection) -> String {
+        let response = connection.send(request());
+        in_use.adopt(connection);
+        let drive = std::future::poll_fn(|cx| {
+            in_use.poll_drive(cx);
+            Poll::<()>::Pending
+        });
+        let body = async {
+            let response = response.await.unwrap();
+            response.into_body().collect().await.unwrap().to_bytes()
+        };
+        let body = tokio::select! {
+            body = body => body,
+            () = drive => unreachable!(),
+        };
+        // One more drive: the completed exchange hands the connection back.
+        std::future::poll_fn(|cx| {
+            in_use.poll_drive(cx);
+            Poll::Ready(())
+        })
+        .await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_finished_exchange_returns_its_connection_for_the_next_request() {
+        let (address, _server) = server(usize::MAX).await;
+        let pool = Pool::new(address, SETTINGS);
+        let in_use = InUse::default();
+        assert!(pool.checkout().is_none());
+        let first = pool.connect().await.unwrap();
+        assert_eq!(exchange(&in_use, first).await, "ok");
+        assert!(in_use.is_empty());
+        assert_eq!(pool.idle_count(), 1, "back in the pool");
+        let again = pool.checkout().expect("the same connection, reused");
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(exchange(&in_use, again).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_handed_out() {
+        // The server closes each connection after one answer.
+        let (address, _server) = server(1).await;
+        let pool = Pool::new(address, SETTINGS);
+        let in_use = InUse::default();
+        let first = pool.connect().await.unwrap();
+        assert_eq!(exchange(&in_use, first).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        // The server closes it while it sits idle in the pool (nobody drives it there).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            pool.checkout().is_none(),
+            "closed upstream connection reused"
+        );
+        assert_eq!(pool.idle_count(), 0, "and dropped");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_dropped_not_reused() {
+        let (address, _server) = server(usize::MAX).await;
+        let settings = PoolSettings {
+            idle_timeout: Duration::from_millis(200),
+            ..SETTINGS
+        };
+        let pool = Pool::new(address, settings);
+        let in_use = InUse::default();
+        let first = pool.connect().await.unwrap();
+        assert_eq!(exchange(&in_use, first).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        // The reaper (started by the checkin) closes it after the timeout.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(pool.idle_count(), 0, "reaped");
+        assert!(pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_connect_error_naming_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let pool = Pool::new(address.clone(), SETTINGS);
+        let error = pool.connect().await.unwrap_err();
+        assert!(matches!(error, ConnectError::Tcp { .. }), "{error}");
+        assert!(error.to_string().contains(&address), "{error}");
+    }
+}
