@@ -694,3 +694,43 @@ fn bytes_after_an_unread_request_body_are_never_served_as_a_request() {
     assert!(!reply.contains("smuggled"), "{reply}");
     assert!(!server.muxer.log().contains("path=/smuggled"));
 }
+
+#[test]
+fn a_slowly_read_large_response_and_the_next_request_share_one_connection() {
+    if !netns_available("a_slowly_read_large_response_and_the_next_request_share_one_connection") {
+        return;
+    }
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let (big, small) = (dir.path().join("big"), dir.path().join("small"));
+    // Read at 20 MB/s: muxer's writes to the client block again and again, and the connection
+    // must not be parked until the last byte is written.
+    let connects = server.link.client.run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "30",
+            "--limit-rate",
+            "20M",
+            "-w",
+            "%{num_connects} ",
+            "-o",
+            big.to_str().unwrap(),
+            &format!("{BASE}/bytes/8000000"),
+            "-o",
+            small.to_str().unwrap(),
+            &format!("{BASE}/v1/models"),
+        ],
+    );
+    assert_eq!(
+        connects.split_whitespace().collect::<Vec<_>>(),
+        ["1", "0"],
+        "the second request reuses the first connection"
+    );
+    let body = std::fs::read(&big).unwrap();
+    assert_eq!(body.len(), 8_000_000);
+    assert_eq!(sha256_hex(&body), sha256_hex(&test_data(8_000_000)));
+    let models = std::fs::read_to_string(&small).unwrap();
+    assert!(models.contains("\"id\":\"llm\""), "{models}");
+}
