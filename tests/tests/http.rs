@@ -734,3 +734,28 @@ fn a_slowly_read_large_response_and_the_next_request_share_one_connection() {
     let models = std::fs::read_to_string(&small).unwrap();
     assert!(models.contains("\"id\":\"llm\""), "{models}");
 }
+
+#[test]
+fn a_request_head_arriving_in_pieces_keeps_the_connection_alive() {
+    if !netns_available("a_request_head_arriving_in_pieces_keeps_the_connection_alive") {
+        return;
+    }
+    let server = server();
+    let mut stream = server.raw_connection();
+    stream.set_nodelay(true).unwrap();
+    // On a fresh connection, then on the same connection after a response (while it is idle).
+    for round in 0..3 {
+        write!(stream, "GET /pieces/{round} HT").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stream.write_all(b"TP/1.1\r\nHost: t\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stream.write_all(b"\r\n").unwrap();
+        let (head, body) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "round {round}: keep-alive dropped: {head}"
+        );
+        assert_eq!(body, format!("llm GET /pieces/{round}"));
+    }
+}

@@ -45,6 +45,8 @@ type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
 pub struct Activity {
     /// Requests whose response (or request body) is not finished.
     in_flight: AtomicUsize,
+    /// Requests started on this client connection, ever.
+    started: AtomicUsize,
     /// The last write or flush did not complete: hyper still holds bytes to send.
     write_pending: AtomicBool,
     /// A request body ended early: leave the connection to hyper from now on.
@@ -58,6 +60,15 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
+    }
+
+    /// Counts a request as started; see [`Activity::begin`] for its response.
+    pub fn request_started(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn started(&self) -> usize {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Marks the connection as one that must not be parked.
@@ -284,6 +295,10 @@ where
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut shutting_down = false;
+    // A hyper connection is idle only after its first message: before that, a graceful shutdown
+    // would not end it but turn keep-alive off (a request whose head arrives in pieces would then
+    // be answered with `Connection: close`). So a connection is parked only once it has served.
+    let started_before = activity.started();
     std::future::poll_fn(|cx| {
         if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
             shutting_down = true;
@@ -291,7 +306,12 @@ where
         }
         let polled =
             pool::poll_with_upstreams(in_use, cx, |cx| Pin::new(&mut *connection).poll(cx));
-        if polled.is_pending() && !shutting_down && activity.parkable() && in_use.is_empty() {
+        if polled.is_pending()
+            && !shutting_down
+            && activity.started() != started_before
+            && activity.parkable()
+            && in_use.is_empty()
+        {
             // Idle at a message boundary: hyper closes an idle connection at once.
             activity.parking.store(true, Ordering::Relaxed);
             connection.shut_down_gracefully();

@@ -124,6 +124,7 @@ pub async fn serve(
             .http
             .clone()
             .unwrap_or_else(|| Arc::clone(&context));
+        handler_activity.request_started();
         let in_flight = handler_activity.begin();
         let handled = proxy::handle(
             request,
