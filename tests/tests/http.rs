@@ -2,7 +2,7 @@
 //! header hygiene, streaming (SSE latency, 100 MiB both ways), client aborts, WebSocket, h2c,
 //! failures and limits.
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -346,11 +346,7 @@ fn websocket_upgrades_are_tunnelled() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let server = server();
-    let stream = server
-        .link
-        .client
-        .enter(|| TcpStream::connect(SocketAddr::from((SERVER_V4, 2222))))
-        .unwrap();
+    let stream = server.raw_connection();
     stream.set_nonblocking(true).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -32,13 +32,13 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use super::pool::{self, InUse};
+use super::pool::InUse;
 use super::proxy::ResponseBody;
 use super::stream::{Replayed, Traffic};
 use super::upstream::BoxError;
 
-/// The client socket as a hyper connection sees it.
-type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
+/// The client socket as a hyper HTTP/1 connection sees it.
+pub type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
 
 /// What one client connection is doing, shared by its requests and its socket wrapper.
 #[derive(Debug, Default)]
@@ -259,7 +259,20 @@ where
         });
         // Boxed: freed while parked, instead of sizing the parked connection's state.
         let mut connection = Box::new(builder.serve_connection(io, service).with_upgrades());
-        let result = drive(&mut connection, in_use, activity, shutdown).await;
+        // A hyper connection is idle only after its first message: before that, a graceful
+        // shutdown would not end it but turn keep-alive off (a request whose head arrives in
+        // pieces would then be answered with `Connection: close`). So a connection is parked only
+        // once it has served a request.
+        let started_before = activity.started();
+        let result = super::drive(&mut connection, in_use, shutdown, || {
+            let idle =
+                activity.started() != started_before && activity.parkable() && in_use.is_empty();
+            if idle {
+                activity.parking.store(true, Ordering::Relaxed);
+            }
+            idle
+        })
+        .await;
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {
             return result;
         }
@@ -278,61 +291,6 @@ where
             }
         }
         replayed = Replayed::resume(unread, stream, traffic);
-    }
-}
-
-/// Drives `connection` and the upstream connections its requests use until it ends, parking it
-/// as soon as it is idle.
-async fn drive<C>(
-    connection: &mut C,
-    in_use: &InUse,
-    activity: &Activity,
-    shutdown: &CancellationToken,
-) -> Result<(), hyper::Error>
-where
-    C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown + Unpin,
-{
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let mut shutting_down = false;
-    // A hyper connection is idle only after its first message: before that, a graceful shutdown
-    // would not end it but turn keep-alive off (a request whose head arrives in pieces would then
-    // be answered with `Connection: close`). So a connection is parked only once it has served.
-    let started_before = activity.started();
-    std::future::poll_fn(|cx| {
-        if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
-            shutting_down = true;
-            connection.shut_down_gracefully();
-        }
-        let polled =
-            pool::poll_with_upstreams(in_use, cx, |cx| Pin::new(&mut *connection).poll(cx));
-        if polled.is_pending()
-            && !shutting_down
-            && activity.started() != started_before
-            && activity.parkable()
-            && in_use.is_empty()
-        {
-            // Idle at a message boundary: hyper closes an idle connection at once.
-            activity.parking.store(true, Ordering::Relaxed);
-            connection.shut_down_gracefully();
-            return Pin::new(&mut *connection).poll(cx);
-        }
-        polled
-    })
-    .await
-}
-
-/// hyper's graceful shutdown, for [`drive`].
-trait GracefulShutdown {
-    fn shut_down_gracefully(&mut self);
-}
-
-impl<S> GracefulShutdown for Box<http1::UpgradeableConnection<ClientIo, S>>
-where
-    S: HttpService<Incoming, ResBody = Tracked, Error = Infallible>,
-{
-    fn shut_down_gracefully(&mut self) {
-        Pin::new(&mut **self).graceful_shutdown();
     }
 }
 

@@ -16,13 +16,18 @@ pub mod stream;
 pub mod tunnel;
 pub mod upstream;
 
-use std::future::Future as _;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Http, Tunnel};
 use crate::metrics::HttpMetrics;
@@ -75,23 +80,59 @@ impl HttpContext {
 }
 
 /// Drives a hyper server connection, and the upstream connections its requests use, until it
-/// ends; on shutdown, lets in-flight requests finish and closes it.
-macro_rules! drive {
-    ($connection:expr, $in_use:expr, $shutdown:expr) => {{
-        let connection = $connection;
-        tokio::pin!(connection);
-        let cancelled = $shutdown.cancelled();
-        tokio::pin!(cancelled);
-        let mut shutting_down = false;
-        std::future::poll_fn(|cx| {
-            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
-                shutting_down = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            pool::poll_with_upstreams(&$in_use, cx, |cx| connection.as_mut().poll(cx))
-        })
-        .await
-    }};
+/// ends; on shutdown, lets in-flight requests finish and closes it. Whenever the connection waits,
+/// `idle` is asked whether to end it now (gracefully: hyper closes an idle connection at once).
+async fn drive<C>(
+    connection: &mut C,
+    in_use: &pool::InUse,
+    shutdown: &CancellationToken,
+    mut idle: impl FnMut() -> bool,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown + Unpin,
+{
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut shutting_down = false;
+    std::future::poll_fn(|cx| {
+        if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+            shutting_down = true;
+            connection.shut_down_gracefully();
+        }
+        let polled =
+            pool::poll_with_upstreams(in_use, cx, |cx| Pin::new(&mut *connection).poll(cx));
+        if polled.is_pending() && !shutting_down && idle() {
+            connection.shut_down_gracefully();
+            return Pin::new(&mut *connection).poll(cx);
+        }
+        polled
+    })
+    .await
+}
+
+/// hyper's graceful shutdown, for [`drive`].
+trait GracefulShutdown {
+    fn shut_down_gracefully(&mut self);
+}
+
+impl<S> GracefulShutdown for Box<http1::UpgradeableConnection<keepalive::ClientIo, S>>
+where
+    S: HttpService<Incoming, ResBody = keepalive::Tracked, Error = Infallible>,
+{
+    fn shut_down_gracefully(&mut self) {
+        Pin::new(&mut **self).graceful_shutdown();
+    }
+}
+
+impl<S> GracefulShutdown
+    for Box<http2::Connection<TokioIo<stream::Replayed<TcpStream>>, S, TokioExecutor>>
+where
+    S: HttpService<Incoming, ResBody = keepalive::Tracked, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    fn shut_down_gracefully(&mut self) {
+        Pin::new(&mut **self).graceful_shutdown();
+    }
 }
 
 /// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
@@ -136,12 +177,14 @@ pub async fn serve(
         );
         async move {
             let response = handled.await?;
-            Ok::<_, std::convert::Infallible>(
-                response.map(|body| keepalive::Tracked::new(body, in_flight)),
-            )
+            Ok::<_, Infallible>(response.map(|body| keepalive::Tracked::new(body, in_flight)))
         }
     });
-    match version {
+    // Boxed, and as a concrete `dyn Future + Send`: HTTP/2's connection state then does not size
+    // every HTTP/1 connection, and the compiler can prove the connection task `Send` (left
+    // generic, it cannot for every lifetime).
+    let serving: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + '_>> = match version
+    {
         HttpVersion::Http1 => {
             let mut builder = http1::Builder::new();
             builder
@@ -149,22 +192,20 @@ pub async fn serve(
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(header_limit)
                 .keep_alive(true);
-            // A concrete `dyn Future + Send` here: left generic, the compiler cannot prove the
-            // connection task `Send` for every lifetime.
-            let serving: std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send + '_>,
-            > = Box::pin(keepalive::serve(
-                client,
-                prefix,
-                traffic,
-                &builder,
-                service,
-                &in_use,
-                &activity,
-                &shutdown,
-                header_read_timeout,
-            ));
-            serving.await
+            Box::pin(async move {
+                keepalive::serve(
+                    client,
+                    prefix,
+                    traffic,
+                    &builder,
+                    service,
+                    &in_use,
+                    &activity,
+                    &shutdown,
+                    header_read_timeout,
+                )
+                .await
+            })
         }
         HttpVersion::Http2PriorKnowledge => {
             let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -172,13 +213,11 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .max_header_list_size(header_limit as u32);
             let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
-            // Boxed, so that HTTP/2's connection state does not size every HTTP/1 connection.
-            let serving: std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send + '_>,
-            > = Box::pin(
-                async move { drive!(builder.serve_connection(io, service), in_use, shutdown) },
-            );
-            serving.await
+            Box::pin(async move {
+                let mut connection = Box::new(builder.serve_connection(io, service));
+                drive(&mut connection, &in_use, &shutdown, || false).await
+            })
         }
-    }
+    };
+    serving.await
 }

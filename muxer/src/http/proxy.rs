@@ -196,14 +196,14 @@ pub async fn handle(
         .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
         .map(str::to_owned);
     let host = raw_host.as_deref().map(normalize_host);
-    let canonical = canonicalize(request.uri().path());
+    let (path, invalid_path) = match canonicalize(request.uri().path()) {
+        Ok(path) => (path, None),
+        Err(error) => (request.uri().path().to_owned(), Some(error)),
+    };
     let mut access = Access {
         method: request.method().clone(),
         host,
-        path: match &canonical {
-            Ok(path) => path.clone(),
-            Err(_) => request.uri().path().to_owned(),
-        },
+        path,
         route: None,
         upstream: None,
         started,
@@ -211,7 +211,7 @@ pub async fn handle(
         metrics: Arc::clone(&context.metrics),
         upstream_latency: None,
     };
-    if let Err(error) = canonical {
+    if let Some(error) = invalid_path {
         return Ok(access.local(text(
             StatusCode::BAD_REQUEST,
             format!("400 bad request: {error}"),
@@ -236,10 +236,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
-        return Ok(access.local(text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("413 request body larger than {limit} bytes"),
-        )));
+        return Ok(access.local(failure_response(Failure::BodyTooLarge, &route, limit)));
     }
     let upgrade = headers::upgrade_requested(request.headers())
         .filter(|_| request.version() == Version::HTTP_11);
