@@ -25,24 +25,20 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The header names listed in `Connection` headers, lower-cased.
-fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
+/// The options listed in `Connection` headers, as sent (trimmed, case preserved).
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|token| {
-            HeaderName::from_bytes(token.trim().to_ascii_lowercase().as_bytes()).ok()
-        })
-        .collect()
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
 }
 
 /// Whether the request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = connection_options(headers)
-        .iter()
-        .any(|name| name.as_str() == "upgrade");
+    let asks = connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(UPGRADE).cloned()).flatten()
 }
 
@@ -52,8 +48,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    for name in connection_options(headers) {
-        headers.remove(name);
+    // A nominated header is removed as soon as it is found: the option borrows from the
+    // `Connection` header, so collecting them first would copy every one (usually just "close").
+    // Each round removes a header, so this ends.
+    loop {
+        let nominated = connection_options(headers)
+            .find(|option| headers.contains_key(*option))
+            .and_then(|option| HeaderName::from_bytes(option.as_bytes()).ok());
+        let Some(nominated) = nominated else { break };
+        headers.remove(nominated);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -67,23 +70,36 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 }
 
 /// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Option<&str>) {
-    use std::fmt::Write as _;
-    let mut chain = String::with_capacity(48);
-    for previous in headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        chain.push_str(previous);
-        chain.push_str(", ");
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Option<HeaderValue>) {
+    use std::io::Write as _;
+    // Room for the three headers at once: inserting them one by one can grow the map twice.
+    headers.reserve(3);
+    // Longest textual IP address (IPv4-mapped IPv6).
+    let mut address = [0u8; 45];
+    let address_len = {
+        let mut cursor = &mut address[..];
+        let _ = write!(cursor, "{client}");
+        45 - cursor.len()
+    };
+    let previous = || {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+    };
+    // Sized exactly, so that `Bytes` takes this one allocation over as it is.
+    let mut chain =
+        Vec::with_capacity(previous().map(|value| value.len() + 2).sum::<usize>() + address_len);
+    for value in previous() {
+        chain.extend_from_slice(value.as_bytes());
+        chain.extend_from_slice(b", ");
     }
-    let _ = write!(chain, "{client}");
+    chain.extend_from_slice(&address[..address_len]);
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    match original_host.and_then(|host| HeaderValue::from_str(host).ok()) {
+    match original_host {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
         }
@@ -97,22 +113,41 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Opt
 mod tests {
     use super::*;
 
+    /// The header names left after [`strip_hop_by_hop`] on these headers (appended in order).
+    fn left_after_strip(headers: &[(&'static str, &'static str)]) -> Vec<String> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut map);
+        map.keys().map(|name| name.as_str().to_owned()).collect()
+    }
+
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
-        headers.insert("te", HeaderValue::from_static("trailers"));
-        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        headers.insert("authorization", HeaderValue::from_static("Bearer x"));
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
-        strip_hop_by_hop(&mut headers);
-        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        let left = left_after_strip(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("authorization", "Bearer x"),
+            ("content-type", "application/json"),
+        ]);
         assert_eq!(left, ["authorization", "content-type"]);
+    }
+
+    #[test]
+    fn connection_options_repeated_in_any_case_or_absent_are_handled() {
+        let left = left_after_strip(&[
+            ("connection", "close, X-A, , x-a"),
+            ("connection", "X-B,not a name,x-missing"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("close", "3"),
+            ("x-kept", "4"),
+        ]);
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]
@@ -123,7 +158,7 @@ mod tests {
         set_forwarded(
             &mut headers,
             "198.18.0.1".parse().unwrap(),
-            Some("gpu.example:22"),
+            Some(HeaderValue::from_static("gpu.example:22")),
         );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 198.18.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
