@@ -31,6 +31,7 @@ const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209
     [[http.route]]\nname = \"pair\"\npath = \"/pair/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:39999\", \"127.0.0.1:30000\"]\n\
     [[http.route]]\nname = \"impatient\"\npath = \"/impatient/\"\nstrip_prefix = true\nresponse_timeout = \"300ms\"\nupstreams = [\"127.0.0.1:30000\"]\n\
     [[http.route]]\nname = \"raw\"\npath = \"/raw/\"\nupstreams = [\"127.0.0.1:30009\"]\n\
+    [[http.route]]\nname = \"rawhost\"\npath = \"/rawhost/\"\nhost_header = \"internal.svc:8080\"\nupstreams = [\"127.0.0.1:30009\"]\n\
     [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n";
 
 struct Server {
@@ -138,6 +139,32 @@ fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() 
     assert!(head.starts_with("GET /raw/x?y=1 HTTP/1.1\r\n"), "{head:?}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("\r\nhost: 198.18.0.2:2222\r\n"), "{head:?}");
+
+    // A route's host_header replaces Host; the client's Host goes on in X-Forwarded-Host.
+    let (code, head) = server.curl(&[
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: secret",
+        &format!("{BASE}/rawhost/a"),
+    ]);
+    assert_eq!(code, 200);
+    let lower = head.to_ascii_lowercase();
+    for expected in [
+        "get /rawhost/a http/1.1\r\n",
+        "\r\nhost: internal.svc:8080\r\n",
+        "\r\nx-forwarded-host: 198.18.0.2:2222\r\n",
+        "\r\nx-forwarded-for: 198.18.0.1\r\n",
+        "\r\nx-forwarded-proto: http\r\n",
+    ] {
+        assert!(lower.contains(expected), "{expected:?} missing in {head:?}");
+    }
+    assert_eq!(lower.matches("\r\nhost:").count(), 1, "{head:?}");
+    assert!(!lower.contains("x-hop"), "{head:?}");
+    assert!(
+        !lower.contains("\r\nconnection: keep-alive, x-hop"),
+        "{head:?}"
+    );
 
     // HTTP/1.0 allows a request without Host; HTTP/1.1 upstreams require one.
     let mut stream = server.raw_connection();

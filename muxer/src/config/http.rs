@@ -188,6 +188,14 @@ impl Http {
             if route.response_timeout.is_some_and(|t| t.is_zero()) {
                 return Err((key("response_timeout"), "must be greater than 0".into()));
             }
+            if let Some(host) = &route.host_header {
+                if host.is_empty() || hyper::header::HeaderValue::from_str(host).is_err() {
+                    return Err((
+                        key("host_header"),
+                        format!("{host:?} is not a usable Host header value"),
+                    ));
+                }
+            }
             let identity = (
                 route.host.as_deref().map(str::to_ascii_lowercase),
                 route.path.clone(),

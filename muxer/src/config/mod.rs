@@ -695,6 +695,8 @@ mod tests {
             ("[[http.route]]\npath = \"/a/../b\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].path"),
             ("[[http.route]]\nhost = \"*.\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].host"),
             ("[[http.route]]\nstrip_prefix = true\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].strip_prefix"),
+            ("[[http.route]]\nhost_header = \"a\\nb\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].host_header"),
+            ("[[http.route]]\nhost_header = \"\"\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].host_header"),
             (
                 "[[http.route]]\npath = \"/a\"\nupstreams = [\"a:1\"]\n[[http.route]]\npath = \"/a\"\nupstreams = [\"b:1\"]\n[ssh]\nupstream = \"a:1\"",
                 "http.route[1].path",

@@ -189,13 +189,16 @@ pub async fn handle(
         return Ok(super::tunnel::connect(request, context, client, local).await);
     }
     let started = Instant::now();
-    let raw_host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
-        .map(str::to_owned);
-    let host = raw_host.as_deref().map(normalize_host);
+    // As a header value: forwarding it (Host, X-Forwarded-Host) is then a reference count, not a copy.
+    let raw_host = match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => request.headers().get(HOST).cloned(),
+    }
+    .filter(|value| value.to_str().is_ok());
+    let host = raw_host
+        .as_ref()
+        .and_then(|value| value.to_str().ok())
+        .map(normalize_host);
     let (path, invalid_path) = match canonicalize(request.uri().path()) {
         Ok(path) => (path, None),
         Err(error) => (request.uri().path().to_owned(), Some(error)),
@@ -245,18 +248,14 @@ pub async fn handle(
     let (mut parts, body) = request.into_parts();
     let bodiless = body.is_end_stream();
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.as_deref());
+    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.clone());
     match (&route.host_header, &raw_host) {
         (Some(host), _) => {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                parts.headers.insert(HOST, value);
-            }
+            parts.headers.insert(HOST, host.clone());
         }
         // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host.
         (None, Some(host)) if !parts.headers.contains_key(HOST) => {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                parts.headers.insert(HOST, value);
-            }
+            parts.headers.insert(HOST, host.clone());
         }
         _ => {}
     }

@@ -1,5 +1,6 @@
 //! Route selection: most specific host first, then longest path prefix on segment boundaries; a
 //! route with neither host nor path is the fallback.
+use hyper::header::HeaderValue;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,8 +83,8 @@ pub struct Route {
     strip_prefix: bool,
     /// Where requests go.
     pub upstreams: UpstreamSet,
-    /// `Host` override for the upstream request.
-    pub host_header: Option<String>,
+    /// `Host` override for the upstream request (validated with the config).
+    pub host_header: Option<HeaderValue>,
     /// Longest wait for the response head.
     pub response_timeout: Option<Duration>,
     /// This route's request metrics.
@@ -145,7 +146,10 @@ impl Router {
                     prefix: route.path.as_deref().map(Prefix::new),
                     strip_prefix: route.strip_prefix,
                     upstreams: UpstreamSet::new(&route.upstreams, failure_cooldown, pool),
-                    host_header: route.host_header.clone(),
+                    host_header: route
+                        .host_header
+                        .as_deref()
+                        .and_then(|host| HeaderValue::from_str(host).ok()),
                     response_timeout: route.response_timeout,
                 })
             })
