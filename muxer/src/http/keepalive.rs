@@ -276,14 +276,10 @@ where
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {
             return result;
         }
-        let Some(parts) = connection.into_parts() else {
+        let Some((unread, stream, traffic, next_service)) = unpark(connection) else {
             return result;
         };
-        service = parts.service;
-        let Parkable { inner, .. } = parts.io.into_inner();
-        let traffic = Arc::clone(inner.traffic());
-        let (mut unread, stream) = inner.into_parts();
-        unread.extend_from_slice(&parts.read_buf);
+        service = next_service;
         if unread.is_empty() {
             let deadline = Instant::now() + idle_timeout;
             if !next_request(&stream, deadline, &mut idle_timer, shutdown).await {
@@ -292,6 +288,26 @@ where
         }
         replayed = Replayed::resume(unread, stream, traffic);
     }
+}
+
+/// Takes a hyper connection that ended for parking apart: the bytes it read but did not use, the
+/// socket, its byte counters and the service. A function of its own so that everything else —
+/// hyper's read buffer, which the unread bytes would otherwise still point into, and the
+/// connection's box — is freed here, before the parked wait, not when the caller's loop turns.
+// Takes the box itself, so that its allocation is freed here too.
+#[allow(clippy::boxed_local)]
+fn unpark<S>(
+    connection: Box<http1::UpgradeableConnection<ClientIo, S>>,
+) -> Option<(Vec<u8>, TcpStream, Arc<Traffic>, S)>
+where
+    S: HttpService<Incoming, ResBody = Tracked, Error = Infallible>,
+{
+    let parts = connection.into_parts()?;
+    let Parkable { inner, .. } = parts.io.into_inner();
+    let traffic = Arc::clone(inner.traffic());
+    let (mut unread, stream) = inner.into_parts();
+    unread.extend_from_slice(&parts.read_buf);
+    Some((unread, stream, traffic, parts.service))
 }
 
 /// Waits, holding no buffer, until `stream` has bytes (or an end) to read: true. False when the
