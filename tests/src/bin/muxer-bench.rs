@@ -41,18 +41,20 @@ enum Contender {
     SeedSelect,
     SeedFork,
     Haproxy,
+    HaproxyHttp,
     MuxerTc,
     MuxerTcSplice,
     MuxerIptables,
 }
 
 impl Contender {
-    const ALL: [Contender; 8] = [
+    const ALL: [Contender; 9] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
         Contender::SeedFork,
         Contender::Haproxy,
+        Contender::HaproxyHttp,
         Contender::MuxerTc,
         Contender::MuxerTcSplice,
         Contender::MuxerIptables,
@@ -66,6 +68,7 @@ impl Contender {
             Contender::SeedSelect => "seed-select",
             Contender::SeedFork => "seed-fork",
             Contender::Haproxy => "haproxy",
+            Contender::HaproxyHttp => "haproxy-http",
             Contender::MuxerTc => "muxer",
             Contender::MuxerTcSplice => "muxer-splice",
             Contender::MuxerIptables => "muxer-iptables",
@@ -79,6 +82,7 @@ impl Contender {
             Contender::SeedSelect => "seed: iptables+sslh-select+Caddy",
             Contender::SeedFork => "seed: iptables+sslh-fork+Caddy",
             Contender::Haproxy => "iptables+HAProxy (TCP)",
+            Contender::HaproxyHttp => "iptables+HAProxy (HTTP router)",
             Contender::MuxerTc => "muxer (TC redirect)",
             Contender::MuxerTcSplice => "muxer (TC, splice(2) instead of copying)",
             Contender::MuxerIptables => "muxer off + iptables",
@@ -176,7 +180,12 @@ fn main() {
                     })
             })
             .collect(),
-        None => Contender::ALL.to_vec(),
+        // Quick mode leaves out HAProxy's HTTP router, a reference rather than a target, to stay
+        // under two minutes.
+        None => Contender::ALL
+            .into_iter()
+            .filter(|&c| !(quick && c == Contender::HaproxyHttp))
+            .collect(),
     };
     let options = if quick {
         Options {
@@ -217,6 +226,7 @@ fn main() {
     for contender in [
         Contender::MuxerTc,
         Contender::Haproxy,
+        Contender::HaproxyHttp,
         Contender::SeedSelect,
     ]
     .into_iter()
@@ -381,6 +391,37 @@ fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
     caddy
 }
 
+/// HAProxy on the multiplexer port, sniffing like sslh (SSH by its banner, HTTP, anything else to
+/// the fallback). `http`: HTTP goes to `mode http` backends that parse every request, route `/sse`
+/// by path and reuse upstream connections — the job muxer's router does; otherwise HTTP is spliced
+/// as TCP.
+fn haproxy_config(http: bool, fallback_port: u16) -> String {
+    let (sse_rule, http_mode, sse_mode) = if http {
+        (
+            "  use_backend sse if HTTP { path_beg /sse }\n",
+            "  mode http\n  http-reuse always\n",
+            // http-no-delay: forward each event at once, as SSE needs (HAProxy otherwise holds
+            // small writes back and the first event arrives ~200 ms late).
+            "  mode http\n  http-reuse always\n  option http-no-delay\n",
+        )
+    } else {
+        ("", "  mode tcp\n", "  mode tcp\n")
+    };
+    format!(
+        "global\n  maxconn 9950\n\
+         defaults\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  maxconn 9950\n\
+         frontend mux\n  mode tcp\n  bind 0.0.0.0:{MUX_PORT}\n  tcp-request inspect-delay 2s\n\
+           acl ssh req.payload(0,4) -m bin 5353482d\n\
+           tcp-request content accept if ssh\n  tcp-request content accept if HTTP\n\
+           tcp-request content accept if {{ req.len gt 0 }}\n\
+           use_backend ssh if ssh\n{sse_rule}  use_backend http if HTTP\n  default_backend other\n\
+         backend ssh\n  mode tcp\n  server s 127.0.0.1:22\n\
+         backend http\n{http_mode}  server h 127.0.0.1:{NGINX_PORT}\n\
+         backend sse\n{sse_mode}  server e 127.0.0.1:{SSE_PORT}\n\
+         backend other\n  mode tcp\n  server o 127.0.0.1:{fallback_port}\n"
+    )
+}
+
 fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
     format!(
         "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
@@ -462,25 +503,11 @@ fn start(
             };
             vec![sslh(binary), caddy]
         }
-        Contender::Haproxy => {
+        Contender::Haproxy | Contender::HaproxyHttp => {
             iptables_redirect(&link.server);
             let config = dir.join("haproxy.cfg");
-            std::fs::write(
-                &config,
-                format!(
-                    "global\n  maxconn 9950\n\
-                     defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  maxconn 9950\n\
-                     frontend mux\n  bind 0.0.0.0:{MUX_PORT}\n  tcp-request inspect-delay 2s\n\
-                       acl ssh req.payload(0,4) -m bin 5353482d\n\
-                       tcp-request content accept if ssh\n  tcp-request content accept if HTTP\n\
-                       tcp-request content accept if {{ req.len gt 0 }}\n\
-                       use_backend ssh if ssh\n  use_backend http if HTTP\n  default_backend other\n\
-                     backend ssh\n  server s 127.0.0.1:22\n\
-                     backend http\n  server h 127.0.0.1:{NGINX_PORT}\n\
-                     backend other\n  server o 127.0.0.1:{fallback_port}\n"
-                ),
-            )
-            .unwrap();
+            let http = contender == Contender::HaproxyHttp;
+            std::fs::write(&config, haproxy_config(http, fallback_port)).unwrap();
             let mut command = link.server.command("haproxy");
             command.arg("-db").arg("-f").arg(&config);
             let process = Running::spawn("haproxy", command, dir.join("haproxy.log"));
@@ -835,11 +862,11 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     }
     let _ = writeln!(
         out,
-        " muxer ÷ direct | muxer ÷ seed (sslh-select) | muxer ÷ Caddy alone |"
+        " muxer ÷ direct | muxer ÷ seed (sslh-select) | muxer ÷ Caddy alone | muxer ÷ HAProxy (HTTP router) |"
     );
     let _ = writeln!(
         out,
-        "|---|{}---|---|---|",
+        "|---|{}---|---|---|---|",
         "---|".repeat(options.contenders.len())
     );
     let figures = [
@@ -876,10 +903,11 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         let muxer = value(figure, Contender::MuxerTc);
         let _ = writeln!(
             out,
-            " {} | {} | {} |",
+            " {} | {} | {} | {} |",
             ratio(muxer, value(figure, Contender::Direct)),
             ratio(muxer, value(figure, Contender::SeedSelect)),
-            ratio(muxer, value(figure, Contender::Caddy))
+            ratio(muxer, value(figure, Contender::Caddy)),
+            ratio(muxer, value(figure, Contender::HaproxyHttp))
         );
     }
 
