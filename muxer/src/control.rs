@@ -72,6 +72,9 @@ pub struct DaemonCounters {
     pub upstream_connect_errors: u64,
     /// Connections closed for want of a configured route.
     pub no_route: u64,
+    /// HTTP/1.1 connections parked now (idle, holding no buffers).
+    #[serde(default)]
+    pub http_parked: u64,
 }
 
 /// The answer to `stats`.
@@ -138,6 +141,7 @@ impl ControlState {
                 refused_per_ip: load(&stats.refused_per_ip),
                 upstream_connect_errors: load(&stats.upstream_connect_errors),
                 no_route: load(&stats.no_route),
+                http_parked: load(&stats.http_parked),
             },
             redirect: self
                 .redirect_report

@@ -245,6 +245,12 @@ impl prometheus_client::collector::Collector for CountersCollector {
                 MetricType::Counter,
             )?)?;
         }
+        ConstGauge::new(daemon.http_parked as i64).encode(encoder.encode_descriptor(
+            "muxer_http_parked_connections",
+            "HTTP/1.1 connections idle between requests, parked without buffers",
+            None,
+            MetricType::Gauge,
+        )?)?;
         if let Some(kernel) = &report.kernel {
             let mut metric = encoder.encode_descriptor(
                 "muxer_kernel_packets",

@@ -36,6 +36,8 @@ pub struct Stats {
     pub upstream_connect_errors: AtomicU64,
     /// Connections closed because no backend is configured for them.
     pub no_route: AtomicU64,
+    /// HTTP/1.1 connections parked now: idle between requests, holding no buffers.
+    pub http_parked: AtomicU64,
 }
 
 /// A point-in-time copy of [`RouteCounters`].

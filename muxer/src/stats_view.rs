@@ -68,8 +68,8 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
     let daemon = &report.daemon;
     let _ = writeln!(
         out,
-        "\nprobe timeouts {}   refused (per-address limit) {}   upstream connect errors {}   no route {}",
-        daemon.probe_timeouts, daemon.refused_per_ip, daemon.upstream_connect_errors, daemon.no_route
+        "\nprobe timeouts {}   refused (per-address limit) {}   upstream connect errors {}   no route {}   idle HTTP connections parked {}",
+        daemon.probe_timeouts, daemon.refused_per_ip, daemon.upstream_connect_errors, daemon.no_route, daemon.http_parked
     );
     if let Some(kernel) = &report.kernel {
         let _ = writeln!(out, "\nkernel");

@@ -751,13 +751,54 @@ fn idle_keep_alive_connections_hold_no_hyper_buffers() {
         per_connection < 8.0,
         "{per_connection:.1} KiB per idle keep-alive connection"
     );
-    // Every connection is still open, and parked ones still serve.
+    let parked = || muxer.stats()["daemon"]["http_parked"].as_u64().unwrap();
+    assert_eq!(
+        parked(),
+        held.len() as u64,
+        "parked after their first request"
+    );
+    // Every connection is still open, and parked ones still serve. Answered at once, they count
+    // as busy: left to hyper for the grace period, then parked again.
     for (index, stream) in held.iter_mut().enumerate() {
         let request = format!("GET /again/{index} HTTP/1.1\r\nHost: t\r\n\r\n");
         stream.write_all(request.as_bytes()).unwrap();
         let (_, body) = read_response(stream);
         assert_eq!(body, format!("llm GET /again/{index}"));
     }
+    // A client with requests 10 ms apart is busy: its connection stays with hyper between them.
+    let mut busy = held.pop().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                busy.write_all(b"GET /busy HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .unwrap();
+                read_response(&mut busy);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            busy
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        parked(),
+        held.len() as u64,
+        "a busy connection is not parked"
+    );
+    stop.store(true, Ordering::Relaxed);
+    held.push(client.join().unwrap());
+    wait_for(
+        "the quiet connection parked",
+        Duration::from_secs(3),
+        || (parked() == held.len() as u64).then_some(()),
+    );
+    drop(held);
+    wait_for(
+        "closed connections unparked",
+        Duration::from_secs(3),
+        || (parked() == 0).then_some(()),
+    );
 }
 
 #[test]

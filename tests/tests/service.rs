@@ -375,6 +375,8 @@ fn metrics_and_json_logs() {
         "muxer_connections_total{protocol=\"http\"} 2",
         "muxer_connections_total{protocol=\"ssh\"} 1",
         "muxer_probe_outcomes_total{outcome=\"timeout\"} 0",
+        // curl closed its connections: none parked.
+        "muxer_http_parked_connections 0",
         "muxer_kernel_packets_total{counter=\"flows_tracked\"} 2",
         "muxer_kernel_port_packets_total{port=\"22\",direction=\"in\"}",
         "# EOF",

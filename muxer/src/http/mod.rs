@@ -86,7 +86,7 @@ async fn drive<C>(
     connection: &mut C,
     in_use: &pool::InUse,
     shutdown: &CancellationToken,
-    mut idle: impl FnMut() -> bool,
+    mut idle: impl FnMut(&mut std::task::Context<'_>) -> bool,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown + Unpin,
@@ -101,7 +101,7 @@ where
         }
         let polled =
             pool::poll_with_upstreams(in_use, cx, |cx| Pin::new(&mut *connection).poll(cx));
-        if polled.is_pending() && !shutting_down && idle() {
+        if polled.is_pending() && !shutting_down && idle(cx) {
             connection.shut_down_gracefully();
             return Pin::new(&mut *connection).poll(cx);
         }
@@ -154,6 +154,7 @@ pub async fn serve(
     let header_limit = context.settings.max_header_bytes;
     let header_read_timeout = context.settings.header_read_timeout;
     let shutdown = runtime.shutdown.clone();
+    let stats = Arc::clone(&runtime.stats);
     let in_use = pool::InUse::default();
     let handler_in_use = in_use.clone();
     let activity = Arc::new(keepalive::Activity::default());
@@ -203,6 +204,7 @@ pub async fn serve(
                     &activity,
                     &shutdown,
                     header_read_timeout,
+                    &stats.http_parked,
                 )
                 .await
             })
@@ -215,7 +217,7 @@ pub async fn serve(
             let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
             Box::pin(async move {
                 let mut connection = Box::new(builder.serve_connection(io, service));
-                drive(&mut connection, &in_use, &shutdown, || false).await
+                drive(&mut connection, &in_use, &shutdown, |_| false).await
             })
         }
     };
