@@ -842,7 +842,7 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     );
     let _ = writeln!(
         out,
-        "Machine: {} cores, kernel {}; {}; {}; {}; {}; {}; {}; {}.\n",
+        "Machine: {} cores, kernel {}; {}; {}; Caddy {}; {}; {}; {}; {}.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         version("uname", &["-r"]),
         version(
