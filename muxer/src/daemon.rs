@@ -87,7 +87,11 @@ fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
     let target = config
         .redirect_target_port()
         .expect("validated: one listen port");
-    match Redirect::attach(&config.redirect, target) {
+    let attached = Redirect::attach(&config.redirect, target);
+    // Parsing and loading the eBPF object allocates and frees ~26 MB on this thread; without this
+    // the allocator would keep it resident for the daemon's life.
+    crate::memory::release_freed();
+    match attached {
         Ok(redirect) => {
             let report = attached_report(&redirect);
             (Some(redirect), report)

@@ -13,6 +13,7 @@ pub mod http;
 pub mod install;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod redirect;

@@ -84,3 +84,14 @@ impl Drop for Running {
         }
     }
 }
+
+/// A memory figure of process `pid` from `/proc/PID/status` in KiB (`field`: "VmRSS", "VmHWM",
+/// …), or `None` when the process or the field is gone.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+}

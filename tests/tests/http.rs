@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use muxer_tests::backends::{self, Backend, HttpBackend, HttpOptions};
 use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{Link, SERVER_V4};
+use muxer_tests::process::status_kib;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
 const BASE: &str = "http://198.18.0.2:2222";
@@ -355,14 +356,7 @@ fn hundred_mib_upload_and_download_stream_with_equal_checksums() {
     assert_eq!(sha256_hex(&std::fs::read(&download).unwrap()), expected);
 
     // Streaming, not buffering: muxer's peak memory stays far below one body.
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", server.muxer.process.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let peak_kib = status_kib(server.muxer.process.pid(), "VmHWM").unwrap();
     assert!(
         peak_kib < 48 * 1024,
         "muxer peaked at {peak_kib} KiB while moving 100 MiB bodies"
@@ -704,17 +698,6 @@ fn an_idle_keep_alive_connection_serves_again_and_pipelined_requests_stay_in_ord
     );
 }
 
-/// muxer's resident memory in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn idle_keep_alive_connections_hold_no_hyper_buffers() {
     if !netns_available("idle_keep_alive_connections_hold_no_hyper_buffers") {
@@ -738,12 +721,12 @@ fn idle_keep_alive_connections_hold_no_hyper_buffers() {
     let mut held = Vec::new();
     open(50, &mut held);
     std::thread::sleep(Duration::from_millis(200));
-    let before = rss_kib(pid);
+    let before = status_kib(pid, "VmRSS").unwrap();
     // Below the per-address limit of 1000.
     let count = 900;
     open(count, &mut held);
     std::thread::sleep(Duration::from_millis(200));
-    let per_connection = (rss_kib(pid) - before) as f64 / count as f64;
+    let per_connection = (status_kib(pid, "VmRSS").unwrap() - before) as f64 / count as f64;
     eprintln!("{per_connection:.1} KiB per idle keep-alive connection");
     // Parked, a connection keeps its socket, task and counters (~4 KiB); with hyper's 8 KiB read
     // buffer still referenced it was ~13 KiB.

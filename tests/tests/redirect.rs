@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{BpfFs, Link, SERVER_V4, SERVER_V6};
-use muxer_tests::process::Running;
+use muxer_tests::process::{status_kib, Running};
 use muxer_tests::sshd::Sshd;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
@@ -98,6 +98,16 @@ fn redirect_end_to_end(mode: &str, test: &str) {
         &server.link.server,
         &config(mode, ""),
         READY.parse().unwrap(),
+    );
+    // Loading the eBPF object allocates tens of MB once; muxer gives them back after attaching.
+    let pid = muxer.process.pid();
+    let (peak, resident) = (
+        status_kib(pid, "VmHWM").unwrap(),
+        status_kib(pid, "VmRSS").unwrap(),
+    );
+    assert!(
+        peak - resident > 10 * 1024,
+        "start-up memory kept resident: {resident} KiB now, {peak} KiB at the peak"
     );
     let v6 = format!("[{SERVER_V6}]");
     let (mut ssh_connections, mut http_connections) = (0u64, 0u64);
