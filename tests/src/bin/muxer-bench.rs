@@ -143,6 +143,9 @@ type Samples = BTreeMap<(Figure, Contender), Vec<f64>>;
 /// Idle connections held for the memory figures (the 10 000).
 const IDLE_CONNECTIONS: usize = 10_000;
 
+/// Of those, the first ones, opened before the baseline is taken.
+const IDLE_WARM_UP: usize = 50;
+
 /// This machine's hard limit on open files is 20 000 and cannot be raised here (no
 /// CAP_SYS_RESOURCE). A spliced connection holds two descriptors in the proxy (client and
 /// upstream), so the spliced figure uses at most this many; an HTTP keep-alive connection holds
@@ -538,13 +541,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    muxer_tests::process::status_kib(pid, "VmRSS").unwrap_or(0) as f64
 }
 
 fn parse_duration_ms(text: &str) -> Option<f64> {
@@ -749,8 +746,6 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
         _ => options.idle_connections,
     };
     let mut open = |request: &[u8], expect: &[u8]| {
-        std::thread::sleep(Duration::from_millis(300));
-        let before = rss();
         let mut held = Vec::with_capacity(wanted);
         let exchange = || -> Option<TcpStream> {
             let mut stream = link
@@ -768,7 +763,14 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
             stream.read_exact(&mut reply).ok()?;
             (reply == expect).then_some(stream)
         };
+        // The first connections are not counted: they pay for one-off set-up (pools, the
+        // allocator's first pages) that the rest do not.
+        let mut before = None;
         while held.len() < wanted {
+            if held.len() == IDLE_WARM_UP {
+                std::thread::sleep(Duration::from_millis(300));
+                before = Some(rss());
+            }
             match exchange() {
                 Some(stream) => held.push(stream),
                 None => break,
@@ -785,11 +787,11 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
                 wanted
             ));
         }
-        if !held.is_empty() {
+        if let Some(before) = before.filter(|_| held.len() > IDLE_WARM_UP) {
             samples
                 .entry((figure, contender))
                 .or_default()
-                .push((after - before) / held.len() as f64);
+                .push((after - before) / (held.len() - IDLE_WARM_UP) as f64);
         }
         drop(held);
     };
