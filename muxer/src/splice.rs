@@ -5,6 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -73,16 +74,51 @@ enum Side {
 
 /// Forwards between `client` and `upstream` until both directions finish, one fails, or nothing
 /// moves for `idle_timeout`. Dropping the streams on return closes both sockets.
-pub async fn splice(
+///
+/// A plain function returning a concrete future, not an `async fn`: every spliced connection's
+/// task carries this future for its whole life, and an `async fn` would add room for its
+/// arguments beside the state they move into.
+pub fn splice(
     client: TcpStream,
     upstream: TcpStream,
     idle_timeout: Duration,
     method: Method,
-) -> SpliceReport {
+) -> Splice {
     match method {
-        Method::Copy => Copying::new(client, upstream, idle_timeout).await,
+        Method::Copy => Splice::Copy {
+            copying: Copying::new(client, upstream, idle_timeout),
+        },
         // Boxed: the common path's task should not carry this future's state.
-        Method::Splice => Box::pin(pipe_splice(client, upstream, idle_timeout)).await,
+        Method::Splice => Splice::Pipe {
+            piping: Box::pin(pipe_splice(client, upstream, idle_timeout)),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`splice`] returns.
+    #[project = SpliceProjection]
+    pub enum Splice {
+        /// read/write through pooled buffers.
+        Copy {
+            #[pin]
+            copying: Copying,
+        },
+        /// splice(2) through pipes.
+        Pipe {
+            piping: Pin<Box<dyn Future<Output = SpliceReport> + Send>>,
+        },
+    }
+}
+
+impl Future for Splice {
+    type Output = SpliceReport;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceReport> {
+        match self.project() {
+            SpliceProjection::Copy { copying } => copying.poll(cx),
+            SpliceProjection::Pipe { piping } => piping.as_mut().poll(cx),
+        }
     }
 }
 
@@ -355,7 +391,7 @@ pin_project_lite::pin_project! {
     /// [`splice`] with read/write through pooled buffers, as a hand-written future: every open
     /// connection is one of these, so it is kept small (no per-direction futures, no buffer while
     /// idle).
-    struct Copying {
+    pub struct Copying {
         client: TcpStream,
         upstream: TcpStream,
         up: Direction,

@@ -1,6 +1,7 @@
 //! The daemon's own counters: connections and bytes per route, probe outcomes, errors. Cheap
 //! relaxed atomics, read by `muxer stats` through the control socket.
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -63,29 +64,45 @@ impl RouteCounters {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
         }
     }
+}
 
-    /// Counts a connection as open until the guard drops.
-    pub fn open_guard(&self) -> OpenGuard<'_> {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self)
+/// Picks one route's counters out of [`Stats`].
+pub type PickRoute = fn(&Stats) -> &RouteCounters;
+
+impl Stats {
+    /// Counts a connection on the route `pick` names as open until the guard drops. The guard
+    /// owns its way to the counters, so it can move to another task.
+    pub fn open(self: &Arc<Self>, pick: PickRoute) -> OpenGuard {
+        let counters = pick(self);
+        counters.total.fetch_add(1, Ordering::Relaxed);
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard {
+            stats: Arc::clone(self),
+            pick,
+        }
     }
 }
 
 /// Decrements [`RouteCounters::open`] when dropped.
 #[derive(Debug)]
-pub struct OpenGuard<'a>(&'a RouteCounters);
+pub struct OpenGuard {
+    stats: Arc<Stats>,
+    pick: PickRoute,
+}
 
-impl OpenGuard<'_> {
+impl OpenGuard {
     /// Adds bytes moved in each direction.
     pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
-        self.0.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        self.0.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        let counters = (self.pick)(&self.stats);
+        counters.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        counters.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     }
 }
 
-impl Drop for OpenGuard<'_> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        (self.pick)(&self.stats)
+            .open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
