@@ -305,7 +305,7 @@ where
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {
             return result;
         }
-        let Some((unread, stream, traffic, next_service)) = unpark(connection) else {
+        let Some((unread, stream, traffic, next_service)) = take_apart(connection) else {
             return result;
         };
         service = next_service;
@@ -344,7 +344,7 @@ impl Drop for Parked<'_> {
 /// connection's box — is freed here, before the parked wait, not when the caller's loop turns.
 // Takes the box itself, so that its allocation is freed here too.
 #[allow(clippy::boxed_local)]
-fn unpark<S>(
+fn take_apart<S>(
     connection: Box<http1::UpgradeableConnection<ClientIo, S>>,
 ) -> Option<(Vec<u8>, TcpStream, Arc<Traffic>, S)>
 where
