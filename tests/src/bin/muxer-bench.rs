@@ -106,6 +106,7 @@ enum Figure {
     KeepAliveP50,
     KeepAliveP99,
     NewConnRps,
+    NewConnP50,
     NewConnP99,
     BulkGbits,
     SseTtfbMs,
@@ -121,6 +122,7 @@ impl Figure {
             Figure::KeepAliveP50 => "HTTP keep-alive, p50 latency (ms)",
             Figure::KeepAliveP99 => "HTTP keep-alive, p99 latency (ms)",
             Figure::NewConnRps => "HTTP new connection per request, requests/s",
+            Figure::NewConnP50 => "HTTP new connection per request, p50 latency (ms)",
             Figure::NewConnP99 => "HTTP new connection per request, p99 latency (ms)",
             Figure::BulkGbits => "bulk TCP via the SSH/fallback route (Gbit/s)",
             Figure::SseTtfbMs => "SSE time to first byte, median (ms)",
@@ -697,9 +699,10 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
         add(Figure::KeepAliveP50, p50);
         add(Figure::KeepAliveP99, p99);
     }
-    if let Some((rps, _, p99, errors)) = wrk(&link, http_port, options.seconds, true) {
+    if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, true) {
         show_log_on_errors(errors);
         add(Figure::NewConnRps, rps);
+        add(Figure::NewConnP50, p50);
         add(Figure::NewConnP99, p99);
     }
     if let Some(port) = bulk_port {
@@ -876,6 +879,7 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         Figure::KeepAliveP50,
         Figure::KeepAliveP99,
         Figure::NewConnRps,
+        Figure::NewConnP50,
         Figure::NewConnP99,
         Figure::BulkGbits,
         Figure::SseTtfbMs,
