@@ -145,6 +145,19 @@ fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() 
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("\r\nhost: 198.18.0.2:2222\r\n"), "{head:?}");
 
+    // Absolute form from the client and a path that needs canonicalising: origin form upstream.
+    for (target, expected) in [
+        ("http://198.18.0.2:2222/raw/abs?q=1", "GET /raw/abs?q=1 HTTP/1.1\r\n"),
+        ("/raw/a/./b//c?q=2", "GET /raw/a/b/c?q=2 HTTP/1.1\r\n"),
+    ] {
+        let mut stream = server.raw_connection();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: 198.18.0.2:2222\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let (head, body) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body.starts_with(expected), "{target}: {body:?}");
+    }
+
     // A route's host_header replaces Host; the client's Host goes on in X-Forwarded-Host.
     let (code, head) = server.curl(&[
         "-H",

@@ -264,9 +264,12 @@ pub async fn handle(
     }
     // Origin form (`/path?query`): the upstream connection is already chosen.
     let forwarded_path = route.forwarded_path(&access.path);
-    let target = match parts.uri.query() {
-        Some(query) => Uri::try_from(format!("{forwarded_path}?{query}")),
-        None => Uri::try_from(forwarded_path),
+    let target = match (parts.uri.path_and_query(), parts.uri.query()) {
+        // Path unchanged (already canonical, no prefix stripped): the client's own target,
+        // shared rather than copied.
+        (Some(original), _) if original.path() == forwarded_path => Ok(Uri::from(original.clone())),
+        (_, Some(query)) => Uri::try_from(format!("{forwarded_path}?{query}")),
+        (_, None) => Uri::try_from(forwarded_path),
     };
     let Ok(target) = target else {
         return Ok(access.local(text(
