@@ -147,7 +147,10 @@ fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() 
 
     // Absolute form from the client and a path that needs canonicalising: origin form upstream.
     for (target, expected) in [
-        ("http://198.18.0.2:2222/raw/abs?q=1", "GET /raw/abs?q=1 HTTP/1.1\r\n"),
+        (
+            "http://198.18.0.2:2222/raw/abs?q=1",
+            "GET /raw/abs?q=1 HTTP/1.1\r\n",
+        ),
         ("/raw/a/./b//c?q=2", "GET /raw/a/b/c?q=2 HTTP/1.1\r\n"),
     ] {
         let mut stream = server.raw_connection();
