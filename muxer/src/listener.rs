@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::net::TcpListener as StdTcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -130,15 +130,18 @@ fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error() || code == rustix::io::Errno::NOBUFS.raw_os_error() || code == rustix::io::Errno::NOMEM.raw_os_error())
 }
 
-/// Waits until one of `listeners` has a connection queued and returns its index, starting the
-/// scan after the listener that won last time so that no listener starves.
-async fn ready_listener(listeners: &[AsyncFd<StdTcpListener>], next: &mut usize) -> usize {
+/// Waits until one of `listeners` has a connection queued and returns its readiness, starting
+/// the scan after the listener that won last time so that no listener starves.
+async fn ready_listener<'a>(
+    listeners: &'a [AsyncFd<StdTcpListener>],
+    next: &mut usize,
+) -> io::Result<AsyncFdReadyGuard<'a, StdTcpListener>> {
     std::future::poll_fn(|cx| {
         for offset in 0..listeners.len() {
             let index = (*next + offset) % listeners.len();
-            if listeners[index].poll_read_ready(cx).is_ready() {
+            if let Poll::Ready(ready) = listeners[index].poll_read_ready(cx) {
                 *next = index + 1;
-                return Poll::Ready(index);
+                return Poll::Ready(ready);
             }
         }
         Poll::Pending
@@ -176,7 +179,9 @@ pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) 
     let limits = Arc::clone(&runtime.limits);
     let mut next = 0;
     loop {
-        let index = ready_listener(&listeners, &mut next).await;
+        let Ok(mut ready) = ready_listener(&listeners, &mut next).await else {
+            continue;
+        };
         if limits.global_exhausted() && LIMIT_WARNING.ready() {
             warn!(
                 max_connections = runtime.current.load().config.limits.max_connections,
@@ -184,9 +189,6 @@ pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) 
             );
         }
         let permit = limits.wait_for_global().await;
-        let Ok(mut ready) = listeners[index].readable().await else {
-            continue;
-        };
         let (stream, peer) = match ready.try_io(|listener| accept(listener.get_ref())) {
             Ok(Ok(accepted)) => accepted,
             // Nothing queued after all (the client gave up): the slot goes back.

@@ -191,7 +191,7 @@ impl Pool {
     fn checkin(self: &Arc<Self>, mut connection: UpstreamConnection) {
         connection.idle_since = Instant::now();
         let index = crate::workers::current() % self.shards.len();
-        let shard = &self.shards[index];
+        let shard = self.shard(index);
         shard.lock().push(connection);
         if !shard.reaper_running.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {

@@ -1,8 +1,9 @@
 //! Route selection: most specific host first, then longest path prefix on segment boundaries; a
 //! route with neither host nor path is the fallback.
-use hyper::header::HeaderValue;
 use std::sync::Arc;
 use std::time::Duration;
+
+use hyper::header::HeaderValue;
 
 use crate::config::HttpRoute;
 

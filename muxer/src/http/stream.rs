@@ -34,16 +34,9 @@ impl<S> Replayed<S> {
         traffic
             .read
             .fetch_add(prefix.len() as u64, Ordering::Relaxed);
-        Replayed {
-            prefix,
-            consumed: 0,
-            inner,
-            traffic,
-        }
+        Self::resume(prefix, inner, traffic)
     }
-}
 
-impl<S> Replayed<S> {
     /// `inner` with `prefix` in front, where `prefix` was already counted (bytes a previous
     /// reader took from this stream and did not use).
     pub fn resume(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
