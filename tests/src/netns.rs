@@ -1,8 +1,9 @@
 //! Network namespaces and the veth link between a client and a server namespace.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// The client end's addresses.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -177,6 +178,19 @@ impl Link {
             client_if,
             server_if,
         }
+    }
+
+    /// A TCP connection from the client namespace to `to` (5 s to connect, reads time out after
+    /// 10 s); panics when it cannot be made.
+    pub fn connect(&self, to: SocketAddr) -> TcpStream {
+        let stream = self
+            .client
+            .enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
     }
 
     /// The server's address of the given family.

@@ -52,18 +52,6 @@ fn server(sniff_timeout: &str, extra: &str) -> Server {
     }
 }
 
-/// Connects from the client namespace.
-fn connect(link: &Link, to: SocketAddr) -> TcpStream {
-    let stream = link
-        .client
-        .enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
-        .expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
-
 fn read_to_end(mut stream: TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     stream.read_to_end(&mut out).expect("read to end");
@@ -163,7 +151,7 @@ fn silent_client_gets_the_sshd_banner_after_the_probe_timeout() {
         return;
     }
     let server = server("600ms", "");
-    let mut stream = connect(&server.link, mux_v4());
+    let mut stream = server.link.connect(mux_v4());
     let started = Instant::now();
     let mut banner = [0u8; 8];
     stream.read_exact(&mut banner).expect("banner");
@@ -185,8 +173,8 @@ fn ssh_and_http_interleaved_byte_by_byte_both_reach_the_right_backend() {
         return;
     }
     let server = server("5s", "");
-    let mut ssh = connect(&server.link, mux_v4());
-    let mut http = connect(&server.link, mux_v4());
+    let mut ssh = server.link.connect(mux_v4());
+    let mut http = server.link.connect(mux_v4());
     ssh.set_nodelay(true).unwrap();
     http.set_nodelay(true).unwrap();
     let ssh_hello = b"SSH-2.0-interleaved_test\r\n";
@@ -216,7 +204,7 @@ fn many_connections_leak_no_descriptors_or_threads() {
     let server = server("300ms", "");
     // Warm up the runtime's worker threads before taking the baseline.
     let request = b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n";
-    let mut warm = connect(&server.link, mux_v4());
+    let mut warm = server.link.connect(mux_v4());
     warm.write_all(request).unwrap();
     read_to_end(warm);
     let baseline_fds = wait_for("muxer to settle", Duration::from_secs(5), || {
@@ -228,7 +216,7 @@ fn many_connections_leak_no_descriptors_or_threads() {
 
     let mut open = Vec::new();
     for round in 0..300 {
-        let mut stream = connect(&server.link, mux_v4());
+        let mut stream = server.link.connect(mux_v4());
         match round % 4 {
             0 => {
                 stream.write_all(request).unwrap();
@@ -266,7 +254,7 @@ fn junk_reaches_the_fallback_unchanged_and_half_close_travels_both_ways() {
     let server = server("2s", "[fallback]\nupstream = \"127.0.0.1:7000\"\n");
     let _echo = backends::echo(&server.link.server, "127.0.0.1:7000".parse().unwrap());
     let junk = b"\x00\xffnot a protocol\r\n".repeat(1000);
-    let mut stream = connect(&server.link, mux_v4());
+    let mut stream = server.link.connect(mux_v4());
     stream.write_all(&junk).unwrap();
     // Half-close: the echo server only closes its side after it sees our FIN through muxer.
     stream.shutdown(Shutdown::Write).unwrap();
@@ -284,7 +272,7 @@ fn idle_spliced_connections_cost_little_memory() {
     let mut held = Vec::new();
     let mut open = |count: usize| {
         for _ in 0..count {
-            let mut stream = connect(&server.link, mux_v4());
+            let mut stream = server.link.connect(mux_v4());
             stream.write_all(b"hello, idle\n").unwrap();
             let mut echoed = [0u8; 12];
             stream.read_exact(&mut echoed).unwrap();
@@ -320,7 +308,7 @@ fn unknown_traffic_without_a_fallback_is_closed_and_disturbs_nothing() {
         return;
     }
     let server = server("2s", "");
-    let mut ssh = connect(&server.link, mux_v4());
+    let mut ssh = server.link.connect(mux_v4());
     ssh.write_all(b"SSH-2.0-bystander\r\n").unwrap();
     let mut banner = [0u8; 8];
     ssh.read_exact(&mut banner).unwrap();
@@ -329,7 +317,7 @@ fn unknown_traffic_without_a_fallback_is_closed_and_disturbs_nothing() {
         b"BREW /pot HTTP/1.1\r\n",
         b"\x00\x00\x00\x00",
     ] {
-        let mut stream = connect(&server.link, mux_v4());
+        let mut stream = server.link.connect(mux_v4());
         stream.write_all(junk).unwrap();
         assert!(read_to_end(stream).is_empty());
     }
@@ -350,7 +338,7 @@ fn idle_spliced_connections_are_closed_after_the_idle_timeout() {
         "[fallback]\nupstream = \"127.0.0.1:7000\"\n[splice]\nidle_timeout = \"500ms\"\n",
     );
     let _echo = backends::echo(&server.link.server, "127.0.0.1:7000".parse().unwrap());
-    let mut stream = connect(&server.link, mux_v4());
+    let mut stream = server.link.connect(mux_v4());
     // Activity keeps it open past the timeout...
     for _ in 0..4 {
         stream.write_all(b"ping").unwrap();
@@ -388,10 +376,10 @@ fn connection_limits_refuse_per_address_and_pause_globally() {
         matches!(stream.read(&mut b), Ok(1))
     };
     // Per address: the client namespace's IPv4 address gets two; the third is closed.
-    let mut first = connect(&server.link, mux_v4());
-    let mut second = connect(&server.link, mux_v4());
+    let mut first = server.link.connect(mux_v4());
+    let mut second = server.link.connect(mux_v4());
     assert!(echo_once(&mut first) && echo_once(&mut second));
-    let mut third = connect(&server.link, mux_v4());
+    let mut third = server.link.connect(mux_v4());
     assert!(
         !echo_once(&mut third),
         "third connection from one address must be refused"
@@ -399,9 +387,9 @@ fn connection_limits_refuse_per_address_and_pause_globally() {
 
     // Globally: a third connection from another address (IPv6) is served; a fourth waits.
     let v6 = SocketAddr::from((SERVER_V6, MUX_PORT));
-    let mut other = connect(&server.link, v6);
+    let mut other = server.link.connect(v6);
     assert!(echo_once(&mut other));
-    let mut waiting = connect(&server.link, v6);
+    let mut waiting = server.link.connect(v6);
     waiting
         .set_read_timeout(Some(Duration::from_millis(400)))
         .unwrap();
@@ -515,7 +503,7 @@ fn both_forwarding_methods_carry_bulk_data_and_half_close() {
         let muxer = Muxer::start(&link.server, &config, "127.0.0.1:2222".parse().unwrap());
         let mut data = b"\x00not a protocol".to_vec();
         data.extend(test_data(8 * 1024 * 1024));
-        let stream = connect(&link, mux_v4());
+        let stream = link.connect(mux_v4());
         let mut writer = stream.try_clone().unwrap();
         let sent = data.clone();
         let sending = std::thread::spawn(move || {

@@ -80,22 +80,10 @@ fn server() -> Server {
     }
 }
 
-/// A plain TCP connection to muxer from the client namespace, with a 10 s read timeout.
-fn raw_connection(link: &Link) -> TcpStream {
-    let stream = link
-        .client
-        .enter(|| TcpStream::connect((SERVER_V4, 2222)))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
-
 impl Server {
-    /// See [`raw_connection`].
+    /// A plain TCP connection to muxer from the client namespace.
     fn raw_connection(&self) -> TcpStream {
-        raw_connection(&self.link)
+        self.link.connect((SERVER_V4, 2222).into())
     }
 
     /// curl ARGS, returning (status code, body).
@@ -724,7 +712,7 @@ fn idle_keep_alive_connections_hold_no_hyper_buffers() {
     let pid = muxer.process.pid();
     let open = |count: usize, held: &mut Vec<TcpStream>| {
         for index in 0..count {
-            let mut stream = raw_connection(&link);
+            let mut stream = link.connect((SERVER_V4, 2222).into());
             // One write: write! would send pieces, each waiting out Nagle and a delayed ACK.
             let request = format!("GET /idle/{index} HTTP/1.1\r\nHost: t\r\n\r\n");
             stream.write_all(request.as_bytes()).unwrap();

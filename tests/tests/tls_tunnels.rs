@@ -333,7 +333,7 @@ fn proxy_protocol_carries_the_real_client_both_ways_and_spoofing_is_rejected() {
     let muxer = Muxer::start(&link.server, &config, READY.parse().unwrap());
     let v4 = SocketAddr::from((SERVER_V4, 2222));
     let v6 = SocketAddr::from((SERVER_V6, 2222));
-    let connect = |to: SocketAddr| link.client.enter(|| TcpStream::connect(to)).unwrap();
+    let connect = |to: SocketAddr| link.connect(to);
 
     // Outbound v1: the checker sees this client's own address.
     let mut stream = connect(v4);

@@ -34,6 +34,17 @@ struct Options {
     out: PathBuf,
 }
 
+impl Options {
+    /// Idle connections to hold for a memory figure: spliced ones are capped by the descriptor
+    /// limit ([`MAX_SPLICED_IDLE_CONNECTIONS`]).
+    fn idle_connections_for(&self, figure: Figure) -> usize {
+        match figure {
+            Figure::IdleSplicedKib => self.idle_connections.min(MAX_SPLICED_IDLE_CONNECTIONS),
+            _ => self.idle_connections,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Contender {
     Direct,
@@ -559,6 +570,17 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|n| n * factor)
 }
 
+/// A connection from the client namespace to the server's `port`; `timeout` bounds the connect
+/// and every read.
+fn client_connect(link: &Link, port: u16, timeout: Duration) -> Option<TcpStream> {
+    let stream = link
+        .client
+        .enter(|| TcpStream::connect_timeout(&SocketAddr::from((SERVER_V4, port)), timeout))
+        .ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    Some(stream)
+}
+
 /// Waits until an HTTP request from the client namespace to `port` gets an HTTP answer: a proxy
 /// may listen (and its control socket exist) before its redirect of port 22 is in place, and until
 /// then port 22 is sshd's.
@@ -567,16 +589,7 @@ fn wait_for_http(link: &Link, port: u16) {
         &format!("HTTP through port {port}"),
         Duration::from_secs(20),
         || {
-            let mut stream = link
-                .client
-                .enter(|| {
-                    TcpStream::connect_timeout(
-                        &SocketAddr::from((SERVER_V4, port)),
-                        Duration::from_secs(2),
-                    )
-                })
-                .ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            let mut stream = client_connect(link, port, Duration::from_secs(2))?;
             stream
                 .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
                 .ok()?;
@@ -642,17 +655,8 @@ fn sse_ttfb(link: &Link, port: u16) -> Option<f64> {
     let mut times = Vec::new();
     for _ in 0..25 {
         let started = Instant::now();
-        let mut stream = link
-            .client
-            .enter(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddr::from((SERVER_V4, port)),
-                    Duration::from_secs(5),
-                )
-            })
-            .ok()?;
+        let mut stream = client_connect(link, port, Duration::from_secs(5))?;
         stream.set_nodelay(true).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         stream
             .write_all(b"GET /sse HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
             .ok()?;
@@ -744,23 +748,11 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
     wait_for_http(&link, 22);
     // Every process of the contender counts (the seed stack is sslh and Caddy).
     let rss = || processes.iter().map(|p| rss_kib(p.pid())).sum::<f64>();
-    let wanted = match figure {
-        Figure::IdleSplicedKib => options.idle_connections.min(MAX_SPLICED_IDLE_CONNECTIONS),
-        _ => options.idle_connections,
-    };
+    let wanted = options.idle_connections_for(figure);
     let mut open = |request: &[u8], expect: &[u8]| {
         let mut held = Vec::with_capacity(wanted);
         let exchange = || -> Option<TcpStream> {
-            let mut stream = link
-                .client
-                .enter(|| {
-                    TcpStream::connect_timeout(
-                        &SocketAddr::from((SERVER_V4, 22)),
-                        Duration::from_secs(3),
-                    )
-                })
-                .ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            let mut stream = client_connect(&link, 22, Duration::from_secs(3))?;
             stream.write_all(request).ok()?;
             let mut reply = vec![0u8; expect.len()];
             stream.read_exact(&mut reply).ok()?;
@@ -840,8 +832,8 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         options.runs,
         if options.runs > 1 { "interleaved" } else { "quick mode" },
         options.seconds,
-        options.idle_connections,
-        options.idle_connections.min(MAX_SPLICED_IDLE_CONNECTIONS),
+        options.idle_connections_for(Figure::IdleHttpKib),
+        options.idle_connections_for(Figure::IdleSplicedKib),
         if quick { " --quick" } else { "" },
         elapsed.as_secs_f64()
     );
