@@ -113,7 +113,14 @@ fn ingress<P: Packet>(packet: &mut P) -> Verdict {
             public_port,
             slot: slot as u16,
         };
-        if FLOWS.insert(key, value, 0).is_err() {
+        // A client reusing its port finds its previous flow's record, usually with the same
+        // value: replacing it costs an LRU node allocation and free per SYN, looking costs a read.
+        let recorded = FLOWS.get_ptr(key).is_some_and(|flow| {
+            // SAFETY: a valid map value pointer; copied out at once.
+            let flow = unsafe { *flow };
+            flow.public_port == value.public_port && flow.slot == value.slot
+        });
+        if !recorded && FLOWS.insert(key, value, 0).is_err() {
             return pass(Counter::PassedNoListener);
         }
         count(Counter::FlowsTracked);

@@ -257,6 +257,31 @@ fn egress_restores_the_public_port_of_tracked_flows_only() {
 }
 
 #[test]
+fn a_client_port_reused_for_a_new_connection_follows_the_new_connection() {
+    in_namespace(
+        "a_client_port_reused_for_a_new_connection_follows_the_new_connection",
+        |programs| {
+            let reply = packets::build(&Spec::tcp(SERVER4, MUXER, CLIENT4, 42101, SYN | ACK));
+            // The same public port again (the usual reuse): the recorded flow is kept as it is.
+            for _ in 0..2 {
+                programs.ingress(
+                    Ingress::Tc,
+                    &packets::build(&Spec::tcp(CLIENT4, 42101, SERVER4, 443, SYN)),
+                );
+                assert_redirected(&reply, &programs.egress(&reply), (443, 42101));
+            }
+            // Another public port from the same client port: its replies carry the new port.
+            programs.ingress(
+                Ingress::Tc,
+                &packets::build(&Spec::tcp(CLIENT4, 42101, SERVER4, PUBLIC, SYN)),
+            );
+            assert_redirected(&reply, &programs.egress(&reply), (PUBLIC, 42101));
+            assert_eq!(programs.counter("flows_tracked"), 3);
+        },
+    );
+}
+
+#[test]
 fn no_listener_on_the_muxer_port_means_no_redirect() {
     if !netns_available("no_listener_on_the_muxer_port_means_no_redirect") {
         return;
