@@ -503,6 +503,7 @@ mod tests {
             }),
             started: std::time::Instant::now(),
             reload: std::sync::Mutex::new(None),
+            steering: std::sync::OnceLock::new(),
         });
         let metrics = Metrics::new(control);
         let limits = Arc::new(ConnectionLimits::new(10, 10));

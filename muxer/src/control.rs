@@ -2,7 +2,7 @@
 //! line. `muxer stats` is its client.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use crate::redirect::{IngressHook, KernelCounters, Redirect};
 use crate::stats::{RouteSnapshot, Stats};
+use crate::steering::{Steering, WorkerSnapshot};
 
 /// A control socket that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,9 @@ pub struct DaemonCounters {
     /// HTTP/1.1 connections parked now (idle, holding no buffers).
     #[serde(default)]
     pub http_parked: u64,
+    /// Per worker thread: the connections it serves and the CPU it claims.
+    #[serde(default)]
+    pub workers: Vec<WorkerSnapshot>,
 }
 
 /// The answer to `stats`.
@@ -103,6 +107,8 @@ pub struct ControlState {
     pub started: Instant,
     /// The daemon, for `reload` (weak: the daemon owns this state).
     pub reload: Mutex<Option<std::sync::Weak<crate::daemon::Daemon>>>,
+    /// The workers' steering state, once they run.
+    pub steering: OnceLock<Arc<Steering>>,
 }
 
 impl ControlState {
@@ -142,6 +148,11 @@ impl ControlState {
                 upstream_connect_errors: load(&stats.upstream_connect_errors),
                 no_route: load(&stats.no_route),
                 http_parked: load(&stats.http_parked),
+                workers: self
+                    .steering
+                    .get()
+                    .map(|steering| steering.snapshot())
+                    .unwrap_or_default(),
             },
             redirect: self
                 .redirect_report

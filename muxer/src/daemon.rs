@@ -248,6 +248,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         redirect_report: Mutex::new(redirect_report),
         started,
         reload: Mutex::new(None),
+        steering: std::sync::OnceLock::new(),
     });
     let metrics = Arc::new(Metrics::new(Arc::clone(&control)));
     let metrics_listener = match config.metrics.listen {
@@ -283,6 +284,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
 
     let workers = Workers::start(per_worker, &runtime)?;
+    let _ = control.steering.set(workers.steering());
     let controlling = tokio::spawn(control_socket.serve(Arc::clone(&control)));
     let metrics_task = metrics_listener.map(|listener| {
         if let Ok(address) = listener.local_addr() {

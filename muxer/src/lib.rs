@@ -1,6 +1,7 @@
 //! muxer: one public port for SSH, HTTP and TLS.
 //!
-//! The data path in the order a connection meets it: [`listener`] (accept, [`limits`]) →
+//! The data path in the order a connection meets it: [`listener`] (accept, [`limits`],
+//! [`steering`] between workers) →
 //! [`sniff`] (probes over the first bytes) → [`connection`] (route decision and dispatch) →
 //! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
 
@@ -22,5 +23,6 @@ pub mod sniff;
 pub mod splice;
 pub mod stats;
 pub mod stats_view;
+pub mod steering;
 pub mod tls_router;
 pub mod workers;

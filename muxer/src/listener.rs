@@ -14,10 +14,13 @@ use std::sync::OnceLock;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
 use crate::connection;
 use crate::runtime::Runtime;
+use crate::steering::{Handoff, Steering, WorkerSteering};
 
 /// How long the accept loop sleeps after the process or system ran out of descriptors.
 const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
@@ -166,7 +169,17 @@ fn accept(listener: &StdTcpListener) -> io::Result<(std::net::TcpStream, SocketA
 /// A slot of the global connection limit is taken only once a connection is queued on one of
 /// this worker's listeners, so a worker with nothing to accept never holds a slot that another
 /// worker's client waits for. At the limit, connections wait in the kernel's backlog.
-pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) -> io::Result<()> {
+///
+/// With steering on, the worker claims its CPU's new connections and hands connections to a less
+/// loaded worker when it is far ahead (see [`crate::steering`]); `handoffs` brings the connections
+/// other workers hand to this one.
+pub async fn accept_loop(
+    listeners: Vec<StdTcpListener>,
+    runtime: Arc<Runtime>,
+    worker: usize,
+    steering: Arc<Steering>,
+    mut handoffs: UnboundedReceiver<Handoff>,
+) -> io::Result<()> {
     let listeners = listeners
         .into_iter()
         .map(|listener| {
@@ -178,8 +191,20 @@ pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) 
         .collect::<io::Result<Vec<_>>>()?;
     let limits = Arc::clone(&runtime.limits);
     let mut next = 0;
+    let mut steering = WorkerSteering::new(steering, worker);
+    // Claim this worker's CPU before the first connection arrives.
+    steering.after_accept(steering_enabled(&runtime), &listeners);
     loop {
-        let Ok(mut ready) = ready_listener(&listeners, &mut next).await else {
+        let ready = tokio::select! {
+            biased;
+            Some(handoff) = handoffs.recv() => {
+                steering.taken();
+                serve_accepted(handoff.stream, handoff.peer, handoff.permit, &runtime);
+                continue;
+            }
+            ready = ready_listener(&listeners, &mut next) => ready,
+        };
+        let Ok(mut ready) = ready else {
             continue;
         };
         if limits.global_exhausted() && LIMIT_WARNING.ready() {
@@ -207,22 +232,46 @@ pub async fn accept_loop(listeners: Vec<StdTcpListener>, runtime: Arc<Runtime>) 
                 continue;
             }
         };
-        let stream = match TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(error) => {
-                warn!(%error, "cannot register an accepted connection");
-                continue;
-            }
+        let hand_to = steering.after_accept(steering_enabled(&runtime), &listeners);
+        let (stream, peer, permit) = match hand_to {
+            Some(to) => match steering.hand_off(
+                to,
+                Handoff {
+                    stream,
+                    peer,
+                    permit,
+                },
+            ) {
+                Ok(()) => continue,
+                Err(back) => (back.stream, back.peer, back.permit),
+            },
+            None => (stream, peer, permit),
         };
-        // Per-address admission happens in the connection task, once the real client address is
-        // known (it may arrive in a PROXY header).
-        tokio::spawn(connection::serve(
-            stream,
-            peer,
-            Arc::clone(&runtime),
-            permit,
-        ));
+        serve_accepted(stream, peer, permit, &runtime);
     }
+}
+
+fn steering_enabled(runtime: &Runtime) -> bool {
+    runtime.current.load().config.listen.cpu_steering
+}
+
+/// Registers an accepted connection with this worker's runtime and serves it in a task of its own.
+fn serve_accepted(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    runtime: &Arc<Runtime>,
+) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(%error, "cannot register an accepted connection");
+            return;
+        }
+    };
+    // Per-address admission happens in the connection task, once the real client address is
+    // known (it may arrive in a PROXY header).
+    tokio::spawn(connection::serve(stream, peer, Arc::clone(runtime), permit));
 }
 
 #[cfg(test)]

@@ -251,6 +251,19 @@ impl prometheus_client::collector::Collector for CountersCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        if !daemon.workers.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "muxer_worker_connections",
+                "Connections each worker thread serves now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (index, worker) in daemon.workers.iter().enumerate() {
+                let index = index.to_string();
+                ConstGauge::new(worker.connections as i64)
+                    .encode(metric.encode_family(&[("worker", index.as_str())])?)?;
+            }
+        }
         if let Some(kernel) = &report.kernel {
             let mut metric = encoder.encode_descriptor(
                 "muxer_kernel_packets",

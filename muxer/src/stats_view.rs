@@ -71,6 +71,22 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
         "\nprobe timeouts {}   refused (per-address limit) {}   upstream connect errors {}   no route {}   idle HTTP connections parked {}",
         daemon.probe_timeouts, daemon.refused_per_ip, daemon.upstream_connect_errors, daemon.no_route, daemon.http_parked
     );
+    if !daemon.workers.is_empty() {
+        let workers: Vec<String> = daemon
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(index, worker)| match worker.claimed_cpu {
+                Some(cpu) => format!("{index}: {} (CPU {cpu})", worker.connections),
+                None => format!("{index}: {}", worker.connections),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "connections per worker (CPU claimed)   {}",
+            workers.join("   ")
+        );
+    }
     if let Some(kernel) = &report.kernel {
         let _ = writeln!(out, "\nkernel");
         let _ = writeln!(

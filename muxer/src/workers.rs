@@ -16,6 +16,7 @@ use tracing::error;
 
 use crate::listener;
 use crate::runtime::Runtime;
+use crate::steering::Steering;
 
 thread_local! {
     static WORKER_INDEX: Cell<usize> = const { Cell::new(0) };
@@ -51,6 +52,7 @@ pub enum WorkerError {
 /// The running workers.
 pub struct Workers {
     threads: Vec<JoinHandle<()>>,
+    steering: Arc<Steering>,
     stop_accepting: CancellationToken,
     accepting: TaskTracker,
     exit: CancellationToken,
@@ -66,13 +68,25 @@ impl Workers {
         let stop_accepting = CancellationToken::new();
         let accepting = TaskTracker::new();
         let exit = CancellationToken::new();
+        let tokio_runtimes = (0..listeners.len())
+            .map(|index| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| WorkerError::Runtime { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (steering, handoffs) = Steering::new(
+            tokio_runtimes
+                .iter()
+                .map(|runtime| runtime.handle().clone())
+                .collect(),
+        );
         let mut threads = Vec::with_capacity(listeners.len());
-        for (index, sockets) in listeners.into_iter().enumerate() {
-            let tokio_runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|source| WorkerError::Runtime { index, source })?;
+        let per_worker = listeners.into_iter().zip(tokio_runtimes).zip(handoffs);
+        for (index, ((sockets, tokio_runtime), handoffs)) in per_worker.enumerate() {
             let runtime = Arc::clone(runtime);
+            let steering = Arc::clone(&steering);
             let stop_accepting = stop_accepting.clone();
             let accepting_token = accepting.token();
             let exit = exit.clone();
@@ -82,7 +96,7 @@ impl Workers {
                     WORKER_INDEX.with(|cell| cell.set(index));
                     tokio_runtime.block_on(async move {
                         tokio::select! {
-                            result = listener::accept_loop(sockets, runtime) => {
+                            result = listener::accept_loop(sockets, runtime, index, steering, handoffs) => {
                                 if let Err(error) = result {
                                     error!(worker = index, %error, "cannot register listening sockets");
                                 }
@@ -100,10 +114,16 @@ impl Workers {
         accepting.close();
         Ok(Workers {
             threads,
+            steering,
             stop_accepting,
             accepting,
             exit,
         })
+    }
+
+    /// The workers' loads and CPU claims.
+    pub fn steering(&self) -> Arc<Steering> {
+        Arc::clone(&self.steering)
     }
 
     /// Closes every listening socket and returns once all are closed; connections already

@@ -377,6 +377,7 @@ fn metrics_and_json_logs() {
         "muxer_probe_outcomes_total{outcome=\"timeout\"} 0",
         // curl closed its connections: none parked.
         "muxer_http_parked_connections 0",
+        "muxer_worker_connections{worker=\"0\"} ",
         "muxer_kernel_packets_total{counter=\"flows_tracked\"} 2",
         "muxer_kernel_port_packets_total{port=\"22\",direction=\"in\"}",
         "# EOF",

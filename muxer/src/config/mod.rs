@@ -130,6 +130,10 @@ pub struct Listen {
     /// (SO_REUSEPORT); default: one per CPU.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Steer each new connection to the worker running on the CPU that received it, while the
+    /// workers' loads stay close (SO_INCOMING_CPU; see `muxer::steering`); off: spread by hash.
+    #[serde(default = "Listen::default_cpu_steering")]
+    pub cpu_steering: bool,
 }
 
 impl Listen {
@@ -138,6 +142,10 @@ impl Listen {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
+    }
+
+    fn default_cpu_steering() -> bool {
+        true
     }
 
     fn default_addresses() -> Vec<SocketAddr> {
@@ -153,6 +161,7 @@ impl Default for Listen {
         Listen {
             addresses: Self::default_addresses(),
             workers: None,
+            cpu_steering: Self::default_cpu_steering(),
         }
     }
 }

@@ -1,0 +1,207 @@
+//! Connection steering between workers, end to end: a new connection goes to the worker running
+//! on the CPU that received it, and a worker far ahead of the others gives way. Clients and
+//! workers are pinned to CPUs so that which CPU handles each handshake is known.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use muxer::steering::{CLAIM_SLACK, HANDOFF_SLACK};
+use muxer_tests::backends::{self, Backend};
+use muxer_tests::muxer::Muxer;
+use muxer_tests::netns::{Link, SERVER_V4};
+use muxer_tests::netns_available;
+use rustix::thread::{sched_setaffinity, CpuSet, Pid};
+
+const MUX_PORT: u16 = 2222;
+
+struct Server {
+    link: Link,
+    _echo: Backend,
+    muxer: Muxer,
+}
+
+/// Two workers; every connection goes to an echo backend (the fallback route) and stays open.
+fn server(cpu_steering: bool) -> Server {
+    let link = Link::new();
+    let echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
+    let muxer = Muxer::start(
+        &link.server,
+        &format!(
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\nworkers = 2\ncpu_steering = {cpu_steering}\n\
+             [sniff]\ntimeout = \"2s\"\n\
+             [ssh]\nupstream = \"127.0.0.1:22\"\n\
+             [fallback]\nupstream = \"127.0.0.1:7000\"\n"
+        ),
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    Server {
+        link,
+        _echo: echo,
+        muxer,
+    }
+}
+
+fn only(cpu: usize) -> CpuSet {
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    set
+}
+
+impl Server {
+    /// A connection made by a thread running on `cpu` (its handshake is processed there: veth
+    /// delivers in the sender's context), carried through to the echo backend.
+    fn connect_from(&self, cpu: usize) -> TcpStream {
+        let to = SocketAddr::from((SERVER_V4, MUX_PORT));
+        let mut stream = self.link.client.enter(|| {
+            sched_setaffinity(None, &only(cpu)).expect("pin the client thread");
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
+        });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(b"steer me\n").unwrap();
+        let mut echoed = [0u8; 9];
+        stream.read_exact(&mut echoed).unwrap();
+        stream
+    }
+
+    /// Per worker: (connections, claimed CPU), once the counts have settled.
+    fn workers(&self) -> Vec<(u64, Option<u64>)> {
+        std::thread::sleep(Duration::from_millis(100));
+        self.muxer.stats()["daemon"]["workers"]
+            .as_array()
+            .expect("workers in stats")
+            .iter()
+            .map(|worker| {
+                (
+                    worker["connections"].as_u64().unwrap(),
+                    worker["claimed_cpu"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    /// Pins worker `i` to CPU `i`.
+    fn pin_workers(&self) {
+        let pid = self.muxer.process.pid();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if let Some(index) = name.trim().strip_prefix("muxer-worker-") {
+                let tid: i32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                sched_setaffinity(Pid::from_raw(tid), &only(index.parse().unwrap()))
+                    .expect("pin a worker");
+            }
+        }
+    }
+}
+
+fn two_cpus(test: &str) -> bool {
+    if !netns_available(test) {
+        return false;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("SKIPPED {test}: needs 2 CPUs, this machine has {cpus}");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn each_worker_takes_the_new_connections_of_the_cpu_it_runs_on() {
+    if !two_cpus("each_worker_takes_the_new_connections_of_the_cpu_it_runs_on") {
+        return;
+    }
+    let server = server(true);
+    server.pin_workers();
+    // A worker moves its claim to the CPU it runs on at its next accept: connect from both CPUs
+    // until both claims have followed the pinning.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        held.push(server.connect_from(0));
+        held.push(server.connect_from(1));
+        let claims: Vec<_> = server.workers().iter().map(|w| w.1).collect();
+        if claims == [Some(0), Some(1)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claims never settled: {claims:?}"
+        );
+    }
+    let before = server.workers();
+    // Few enough that the loads stay within the claim slack.
+    let batch = CLAIM_SLACK / 4;
+    for _ in 0..batch {
+        held.push(server.connect_from(1));
+    }
+    let after_cpu1 = server.workers();
+    assert_eq!(
+        (after_cpu1[0].0, after_cpu1[1].0),
+        (before[0].0, before[1].0 + batch as u64),
+        "connections from CPU 1 go to the worker on CPU 1"
+    );
+    for _ in 0..batch {
+        held.push(server.connect_from(0));
+    }
+    let after_cpu0 = server.workers();
+    assert_eq!(
+        (after_cpu0[0].0, after_cpu0[1].0),
+        (after_cpu1[0].0 + batch as u64, after_cpu1[1].0),
+        "connections from CPU 0 go to the worker on CPU 0"
+    );
+    let table = std::process::Command::new(muxer_tests::muxer::binary())
+        .args(["stats", "--socket"])
+        .arg(server.muxer.socket())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("connections per worker (CPU claimed)")
+            && table.contains("(CPU 0)")
+            && table.contains("(CPU 1)"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_worker_far_ahead_leaves_new_connections_to_the_others() {
+    if !two_cpus("a_worker_far_ahead_leaves_new_connections_to_the_others") {
+        return;
+    }
+    let server = server(true);
+    server.pin_workers();
+    // Every handshake on one CPU, as with a network card that has a single receive queue: the
+    // worker there would get them all.
+    let count = 3 * HANDOFF_SLACK;
+    let held: Vec<_> = (0..count).map(|_| server.connect_from(0)).collect();
+    let workers = server.workers();
+    let (first, second) = (workers[0].0, workers[1].0);
+    assert_eq!(first + second, count as u64, "{workers:?}");
+    assert!(
+        first.abs_diff(second) <= HANDOFF_SLACK as u64 + 1,
+        "one worker far ahead: {workers:?}"
+    );
+    drop(held);
+}
+
+#[test]
+fn with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections() {
+    if !two_cpus("with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections") {
+        return;
+    }
+    let server = server(false);
+    let held: Vec<_> = (0..24).map(|_| server.connect_from(0)).collect();
+    let workers = server.workers();
+    assert!(
+        workers.iter().all(|w| w.1.is_none()),
+        "a claim with steering off: {workers:?}"
+    );
+    assert!(
+        workers.iter().all(|w| w.0 > 0),
+        "hashing left a worker without connections: {workers:?}"
+    );
+    drop(held);
+}
