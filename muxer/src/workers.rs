@@ -1,6 +1,8 @@
 //! Worker threads: each runs its own single-threaded tokio runtime and accepts from its own
 //! listening socket per address (one SO_REUSEPORT group per address), so a connection, the
 //! upstream connections its requests use, and every wake-up between them stay on one thread.
+//! Which worker's socket the kernel picks for a new connection is steered by CPU
+//! ([`crate::steering`]); a worker far ahead hands a connection over before serving it.
 //!
 //! Why not one work-stealing runtime: with one, each proxied request crossed threads (the
 //! client's task on one worker, the upstream's I/O event on another), and on a 2-core machine
