@@ -1,6 +1,6 @@
 //! One client connection from accept to close: the real client address (PROXY protocol from
 //! trusted sources), per-address admission, sniffing, the route decision, and the hand-off to the
-//! route's handler. [`dispatch`] is the one place a sniffed connection meets its handler.
+//! route's handler. `dispatch` is the one place a sniffed connection meets its handler.
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
