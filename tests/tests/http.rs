@@ -98,6 +98,7 @@ impl Server {
     /// `curl -N` reading `/sse`, and the lines it prints as they arrive.
     fn sse_with_curl(
         &self,
+        extra: &[&str],
     ) -> (
         std::process::Child,
         std::io::Lines<BufReader<std::process::ChildStdout>>,
@@ -106,7 +107,9 @@ impl Server {
             .link
             .client
             .command("curl")
-            .args(["-sS", "-N", "--max-time", "10", &format!("{BASE}/sse")])
+            .args(["-sS", "-N", "--max-time", "10"])
+            .args(extra)
+            .arg(format!("{BASE}/sse"))
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -271,22 +274,139 @@ fn sse_events_reach_the_client_within_20_ms_of_emission() {
         return;
     }
     let server = server();
-    let (mut curl, mut lines) = server.sse_with_curl();
-    let mut delays = Vec::new();
-    while delays.len() < 40 {
-        let line = lines.next().expect("event").unwrap();
-        let arrived = backends::now_micros();
-        if let Some(emitted) = line.strip_prefix("data: ") {
-            delays.push(arrived - emitted.parse::<u64>().unwrap());
+    // Also as a connection's last request: a streamed response is never corked.
+    for extra in [&[][..], &["-H", "Connection: close"][..]] {
+        let (mut curl, mut lines) = server.sse_with_curl(extra);
+        let mut delays = Vec::new();
+        while delays.len() < 40 {
+            let line = lines.next().expect("event").unwrap();
+            let arrived = backends::now_micros();
+            if let Some(emitted) = line.strip_prefix("data: ") {
+                delays.push(arrived - emitted.parse::<u64>().unwrap());
+            }
         }
+        let _ = curl.kill();
+        let _ = curl.wait();
+        delays.sort_unstable();
+        let worst = *delays.last().unwrap();
+        assert!(
+            worst <= 20_000,
+            "{extra:?}: slowest event took {worst} µs; all: {delays:?}"
+        );
     }
-    let _ = curl.kill();
-    let _ = curl.wait();
-    delays.sort_unstable();
-    let worst = *delays.last().unwrap();
+}
+
+/// The TCP segments the client namespace receives from the muxer port while `exchange` runs
+/// there: (payload bytes, FIN), captured with a packet socket.
+fn segments_from_muxer(link: &Link, exchange: impl FnOnce() + Send) -> Vec<(usize, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let capture = scope.spawn(|| {
+            link.client.enter(|| {
+                // ETH_P_ALL, in network byte order.
+                let socket = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(0x0300)))
+                    .expect("packet socket");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let mut segments = Vec::new();
+                let mut frame = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+                while !done.load(Ordering::Relaxed) {
+                    let Ok(len) = socket.recv(&mut frame) else {
+                        continue;
+                    };
+                    // SAFETY: recv initialised the first `len` bytes.
+                    let frame: Vec<u8> = frame[..len]
+                        .iter()
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
+                    if let Some(segment) = segment_from(&frame, 2222) {
+                        segments.push(segment);
+                    }
+                }
+                segments
+            })
+        });
+        ready_rx.recv().unwrap();
+        exchange();
+        // The last segments may still be in flight.
+        std::thread::sleep(Duration::from_millis(100));
+        done.store(true, Ordering::Relaxed);
+        capture.join().unwrap()
+    })
+}
+
+/// (payload bytes, FIN) of an Ethernet/IPv4/TCP frame whose source port is `port`.
+fn segment_from(frame: &[u8], port: u16) -> Option<(usize, bool)> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+        return None;
+    }
+    let ip_len = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let tcp = frame.get(14 + ip_len..)?;
+    if tcp.len() < 20 || u16::from_be_bytes([tcp[0], tcp[1]]) != port {
+        return None;
+    }
+    let tcp_len = usize::from(tcp[12] >> 4) * 4;
+    Some((total - ip_len - tcp_len, tcp[13] & 0x01 != 0))
+}
+
+#[test]
+fn a_connections_last_short_response_leaves_with_its_fin_at_once() {
+    if !netns_available("a_connections_last_short_response_leaves_with_its_fin_at_once") {
+        return;
+    }
+    let server = server();
+    for request in [
+        "GET /v1/models HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        "GET /v1/models HTTP/1.0\r\n\r\n",
+    ] {
+        let mut elapsed = Duration::ZERO;
+        let segments = segments_from_muxer(&server.link, || {
+            let started = Instant::now();
+            let mut stream = server
+                .link
+                .connect(std::net::SocketAddr::from((SERVER_V4, 2222)));
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).unwrap();
+            elapsed = started.elapsed();
+            assert!(response.starts_with(b"HTTP/1."), "{response:?}");
+        });
+        // TCP_CORK holds a partial segment for up to 200 ms unless the FIN pushes it out.
+        assert!(
+            elapsed < Duration::from_millis(100),
+            "{request:?} took {elapsed:?}"
+        );
+        let with_data: Vec<_> = segments.iter().filter(|s| s.0 > 0).collect();
+        assert_eq!(with_data.len(), 1, "{request:?}: {segments:?}");
+        assert!(
+            with_data[0].1,
+            "{request:?}: the response carries the FIN: {segments:?}"
+        );
+        assert!(
+            !segments.iter().any(|s| s.0 == 0 && s.1),
+            "{request:?}: a FIN of its own: {segments:?}"
+        );
+    }
+    // A keep-alive request's response goes out without a FIN (which follows once the client
+    // closes).
+    let segments = segments_from_muxer(&server.link, || {
+        let mut stream = server
+            .link
+            .connect(std::net::SocketAddr::from((SERVER_V4, 2222)));
+        stream
+            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: m\r\n\r\n")
+            .unwrap();
+        let (head, _) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    });
     assert!(
-        worst <= 20_000,
-        "slowest event took {worst} µs; all: {delays:?}"
+        segments.iter().any(|s| s.0 > 0) && !segments.iter().any(|s| s.0 > 0 && s.1),
+        "{segments:?}"
     );
 }
 
@@ -296,7 +416,7 @@ fn a_client_that_disconnects_cancels_the_upstream_within_a_second() {
         return;
     }
     let server = server();
-    let (mut curl, mut lines) = server.sse_with_curl();
+    let (mut curl, mut lines) = server.sse_with_curl(&[]);
     for _ in 0..6 {
         lines.next().expect("event").unwrap();
     }

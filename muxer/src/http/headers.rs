@@ -6,6 +6,7 @@ use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use hyper::Version;
 
 /// Hop-by-hop headers that are never forwarded. Typed names: removing by `&str` would parse the
 /// name again for every request.
@@ -40,6 +41,22 @@ fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Whether a request is its client's last on the connection, which is then closed once it is
+/// answered (RFC 9112 §9.3): HTTP/1.1 with `Connection: close`, HTTP/1.0 without
+/// `Connection: keep-alive`.
+pub fn last_on_connection(version: Version, headers: &HeaderMap) -> bool {
+    let (mut close, mut keep_alive) = (false, false);
+    for option in connection_options(headers) {
+        close |= option.eq_ignore_ascii_case("close");
+        keep_alive |= option.eq_ignore_ascii_case("keep-alive");
+    }
+    match version {
+        Version::HTTP_10 => close || !keep_alive,
+        Version::HTTP_11 => close,
+        _ => false,
+    }
 }
 
 /// Removes hop-by-hop headers and every header `Connection` names.
@@ -112,6 +129,33 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_request_on_a_connection_is_recognised_by_version_and_connection_options() {
+        let with = |value: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CONNECTION, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        for (version, connection, last) in [
+            (Version::HTTP_11, None, false),
+            (Version::HTTP_11, Some("close"), true),
+            (Version::HTTP_11, Some("Upgrade, CLOSE"), true),
+            (Version::HTTP_11, Some("keep-alive"), false),
+            (Version::HTTP_10, None, true),
+            (Version::HTTP_10, Some("Keep-Alive"), false),
+            (Version::HTTP_10, Some("keep-alive, close"), true),
+            (Version::HTTP_2, Some("close"), false),
+        ] {
+            assert_eq!(
+                last_on_connection(version, &with(connection)),
+                last,
+                "{version:?} {connection:?}"
+            );
+        }
+    }
 
     /// The header names left after [`strip_hop_by_hop`] on these headers (appended in order).
     fn left_after_strip(headers: &[(&'static str, &'static str)]) -> Vec<String> {

@@ -135,6 +135,25 @@ where
     }
 }
 
+/// A connection's last response is corked to leave with its FIN when it is at most this long
+/// (see [`keepalive::Activity::cork_last_response`]).
+const CORK_LIMIT: u64 = 16 * 1024;
+
+/// Whether `request` is its connection's last and its response the last bytes written to the
+/// client: not a tunnel (CONNECT) or protocol upgrade, which keep writing after the response.
+fn last_plain_request<B>(request: &hyper::Request<B>) -> bool {
+    headers::last_on_connection(request.version(), request.headers())
+        && request.method() != hyper::Method::CONNECT
+        && !request.headers().contains_key(hyper::header::UPGRADE)
+}
+
+/// Whether a response body's length is known and at most [`CORK_LIMIT`].
+fn short(body: &impl hyper::body::Body) -> bool {
+    body.size_hint()
+        .exact()
+        .is_some_and(|len| len <= CORK_LIMIT)
+}
+
 /// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
 /// until shutdown, when in-flight requests finish and the connection closes. `version` is what
 /// the sniffer saw, so no second detection runs. Each request uses the router current when it
@@ -167,6 +186,7 @@ pub async fn serve(
             .clone()
             .unwrap_or_else(|| Arc::clone(&context));
         handler_activity.request_started();
+        let last = last_plain_request(&request);
         let in_flight = handler_activity.begin();
         let handled = proxy::handle(
             request,
@@ -176,8 +196,12 @@ pub async fn serve(
             handler_in_use.clone(),
             Arc::clone(&handler_activity),
         );
+        let last = last.then(|| Arc::clone(&handler_activity));
         async move {
             let response = handled.await?;
+            if let Some(activity) = last.filter(|_| short(response.body())) {
+                activity.cork_last_response();
+            }
             Ok::<_, Infallible>(response.map(|body| keepalive::Tracked::new(body, in_flight)))
         }
     });
@@ -222,4 +246,49 @@ pub async fn serve(
         }
     };
     serving.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_last_requests_and_short_known_bodies_are_corked() {
+        let request = |method: &str, upgrade: bool| {
+            let mut builder = hyper::Request::builder()
+                .method(method)
+                .uri("/")
+                .header(hyper::header::CONNECTION, "close");
+            if upgrade {
+                builder = builder.header(hyper::header::UPGRADE, "websocket");
+            }
+            builder.body(()).unwrap()
+        };
+        assert!(last_plain_request(&request("GET", false)));
+        assert!(!last_plain_request(&request("GET", true)));
+        assert!(!last_plain_request(&request("CONNECT", false)));
+        let keep_alive = hyper::Request::builder().uri("/").body(()).unwrap();
+        assert!(!last_plain_request(&keep_alive));
+
+        let full = |len: usize| http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; len]));
+        assert!(short(&full(CORK_LIMIT as usize)));
+        assert!(!short(&full(CORK_LIMIT as usize + 1)));
+        assert!(!short(&Streamed), "unknown length");
+    }
+
+    /// A body of unknown length, like a streamed response.
+    struct Streamed;
+
+    impl hyper::body::Body for Streamed {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>>
+        {
+            std::task::Poll::Ready(None)
+        }
+    }
 }

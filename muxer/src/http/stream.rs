@@ -1,6 +1,7 @@
 //! The client socket as hyper sees it: the sniffed bytes replayed first, and bytes counted both
 //! ways for the connection's log line.
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,6 +87,12 @@ impl<S: AsyncRead> AsyncRead for Replayed<S> {
                 .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
         }
         polled
+    }
+}
+
+impl<S: AsFd> AsFd for Replayed<S> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
     }
 }
 
