@@ -199,8 +199,8 @@ mod tests {
 
     #[test]
     fn unit_grants_exactly_the_needed_capabilities() {
-        let dir = tempfile_dir();
-        let text = unit(&layout(&dir), false);
+        let dir = tempfile::tempdir().unwrap();
+        let text = unit(&layout(dir.path()), false);
         for line in [
             "Type=notify",
             "User=muxer",
@@ -216,14 +216,16 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?}");
         }
-        assert!(unit(&layout(&dir), true)
+        assert!(unit(&layout(dir.path()), true)
             .contains("AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n"));
     }
 
     #[test]
     fn install_into_a_root_keeps_an_existing_config() {
-        let dir = tempfile_dir();
-        let layout = layout(&dir);
+        // Removed when dropped, also when an assertion fails.
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        let layout = layout(dir);
         let report = install(&layout).unwrap();
         assert!(report.iter().any(|line| line.starts_with("wrote default")));
         let config = dir.join("etc/muxer/muxer.toml");
@@ -236,17 +238,5 @@ mod tests {
         );
         assert!(dir.join("usr/local/bin/muxer").exists());
         assert!(dir.join("etc/systemd/system/muxer.service").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "muxer-install-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }
