@@ -539,7 +539,6 @@ fn start(
     }
 }
 
-/// CPU seconds (user + system, including reaped children) of `pid`.
 /// Busy and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`).
 fn machine_cpu_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -583,6 +582,7 @@ fn settle() {
 /// The longest [`settle`] waits.
 const SETTLE_LIMIT: Duration = Duration::from_secs(20);
 
+/// CPU seconds (user + system, including reaped children) of `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
