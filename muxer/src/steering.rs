@@ -171,7 +171,6 @@ impl Steering {
 pub struct WorkerSteering {
     steering: Arc<Steering>,
     me: usize,
-    claimed: Option<usize>,
     /// The least loaded worker found by the last scan, and when.
     least: Option<(usize, Instant)>,
 }
@@ -182,7 +181,6 @@ impl WorkerSteering {
         WorkerSteering {
             steering,
             me,
-            claimed: None,
             least: None,
         }
     }
@@ -226,13 +224,15 @@ impl WorkerSteering {
 
     /// Claims the CPU the caller runs on now (when `claim`), or gives any claim up. A system
     /// call only when that changes the claim.
-    fn claim(&mut self, claim: bool, listeners: &[AsyncFd<StdTcpListener>]) {
-        let wanted = claim.then(rustix::thread::sched_getcpu);
-        if wanted == self.claimed {
+    fn claim(&self, claim: bool, listeners: &[AsyncFd<StdTcpListener>]) {
+        // -1 withdraws the socket from matching by CPU. Only this worker writes its own claim.
+        let value = claim
+            .then(rustix::thread::sched_getcpu)
+            .map_or(-1, |cpu| cpu as i32);
+        let claimed = &self.steering.workers[self.me].claimed;
+        if claimed.load(Ordering::Relaxed) == i64::from(value) {
             return;
         }
-        // -1 withdraws the socket from matching by CPU.
-        let value = wanted.map_or(-1, |cpu| cpu as i32);
         for listener in listeners {
             if let Err(error) =
                 rustix::net::sockopt::set_socket_incoming_cpu(listener.get_ref(), value as u32)
@@ -240,10 +240,7 @@ impl WorkerSteering {
                 debug!(%error, "setsockopt(SO_INCOMING_CPU) failed; connections spread by hash");
             }
         }
-        self.claimed = wanted;
-        self.steering.workers[self.me]
-            .claimed
-            .store(i64::from(value), Ordering::Relaxed);
+        claimed.store(i64::from(value), Ordering::Relaxed);
     }
 
     /// Sends `handoff` to worker `to`; gives it back if that worker no longer accepts.
