@@ -8,6 +8,8 @@ pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 /// TCP RST flag.
 pub const RST: u8 = 0x04;
+/// TCP FIN flag.
+pub const FIN: u8 = 0x01;
 
 /// What to build.
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use muxer_tests::backends::{self, Backend, HttpBackend, HttpOptions};
 use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{Link, SERVER_V4};
+use muxer_tests::packets;
 use muxer_tests::process::status_kib;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
@@ -341,17 +342,17 @@ fn segments_from_muxer(link: &Link, exchange: impl FnOnce() + Send) -> Vec<(usiz
 
 /// (payload bytes, FIN) of an Ethernet/IPv4/TCP frame whose source port is `port`.
 fn segment_from(frame: &[u8], port: u16) -> Option<(usize, bool)> {
+    // IPv4 TCP only: the capture also sees ARP and IPv6 neighbour discovery.
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
         return None;
     }
-    let ip_len = usize::from(frame[14] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
-    let tcp = frame.get(14 + ip_len..)?;
-    if tcp.len() < 20 || u16::from_be_bytes([tcp[0], tcp[1]]) != port {
+    let l4 = packets::tcp_offset(frame);
+    if frame.len() < l4 + 20 || packets::ports(frame).0 != port {
         return None;
     }
-    let tcp_len = usize::from(tcp[12] >> 4) * 4;
-    Some((total - ip_len - tcp_len, tcp[13] & 0x01 != 0))
+    let ip_end = 14 + usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let tcp_len = usize::from(frame[l4 + 12] >> 4) * 4;
+    Some((ip_end - l4 - tcp_len, frame[l4 + 13] & packets::FIN != 0))
 }
 
 #[test]
