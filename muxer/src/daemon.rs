@@ -134,6 +134,9 @@ impl Daemon {
         if config.listen.workers != old.config.listen.workers {
             notes.push("listen.workers changed: restart to apply".to_owned());
         }
+        if config.listen.pin_workers != old.config.listen.pin_workers {
+            notes.push("listen.pin_workers changed: restart to apply".to_owned());
+        }
         if config.control.socket != old.config.control.socket {
             notes.push("control.socket changed: restart to apply".to_owned());
         }
@@ -257,6 +260,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     };
     let shutdown_grace = config.shutdown_grace;
     let listener_keepalive = config.splice.tcp_keepalive;
+    let pin_workers = config.listen.pin_workers;
     let runtime = Arc::new(Runtime {
         limits: Arc::new(ConnectionLimits::new(
             config.limits.max_connections,
@@ -283,7 +287,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         .lock()
         .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
 
-    let workers = Workers::start(per_worker, &runtime)?;
+    let workers = Workers::start(per_worker, &runtime, pin_workers)?;
     let _ = control.steering.set(workers.steering());
     let controlling = tokio::spawn(control_socket.serve(Arc::clone(&control)));
     let metrics_task = metrics_listener.map(|listener| {

@@ -76,9 +76,19 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
             .workers
             .iter()
             .enumerate()
-            .map(|(index, worker)| match worker.claimed_cpu {
-                Some(cpu) => format!("{index}: {} (CPU {cpu})", worker.connections),
-                None => format!("{index}: {}", worker.connections),
+            .map(|(index, worker)| {
+                let cpus = match (worker.claimed_cpu, worker.pinned_cpu) {
+                    (Some(claimed), Some(pinned)) if claimed == pinned => {
+                        format!(" (CPU {claimed}, pinned)")
+                    }
+                    (Some(claimed), Some(pinned)) => {
+                        format!(" (CPU {claimed}, pinned to {pinned})")
+                    }
+                    (Some(claimed), None) => format!(" (CPU {claimed})"),
+                    (None, Some(pinned)) => format!(" (pinned to {pinned})"),
+                    (None, None) => String::new(),
+                };
+                format!("{index}: {}{cpus}", worker.connections)
             })
             .collect();
         let _ = writeln!(

@@ -96,6 +96,8 @@ struct Worker {
     handoffs: UnboundedSender<Handoff>,
     /// The CPU this worker claims, or -1.
     claimed: AtomicI64,
+    /// The CPU this worker's thread is pinned to, or -1.
+    pinned: AtomicI64,
 }
 
 /// Every worker's load, claim and hand-off channel, shared by all workers.
@@ -116,6 +118,9 @@ pub struct WorkerSnapshot {
     pub connections: u64,
     /// The CPU whose new connections it claims, if any.
     pub claimed_cpu: Option<u32>,
+    /// The CPU its thread is pinned to, if any (`listen.pin_workers`).
+    #[serde(default)]
+    pub pinned_cpu: Option<u32>,
 }
 
 impl Steering {
@@ -131,6 +136,7 @@ impl Steering {
                     pending: AtomicUsize::new(0),
                     handoffs,
                     claimed: AtomicI64::new(-1),
+                    pinned: AtomicI64::new(-1),
                 };
                 (worker, receiver)
             })
@@ -161,8 +167,15 @@ impl Steering {
                 connections: self.load(index) as u64,
                 claimed_cpu: u32::try_from(self.workers[index].claimed.load(Ordering::Relaxed))
                     .ok(),
+                pinned_cpu: u32::try_from(self.workers[index].pinned.load(Ordering::Relaxed)).ok(),
             })
             .collect()
+    }
+
+    /// Records that worker `index`'s thread is pinned to `cpu`, for `muxer stats`.
+    pub fn record_pinned(&self, index: usize, cpu: usize) {
+        let cpu = i64::try_from(cpu).unwrap_or(-1);
+        self.workers[index].pinned.store(cpu, Ordering::Relaxed);
     }
 }
 

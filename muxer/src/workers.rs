@@ -14,8 +14,9 @@ use std::thread::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::error;
+use tracing::{error, warn};
 
+use crate::affinity;
 use crate::listener;
 use crate::runtime::Runtime;
 use crate::steering::Steering;
@@ -62,11 +63,21 @@ pub struct Workers {
 
 impl Workers {
     /// Starts one worker per entry of `listeners` (each entry: that worker's socket for every
-    /// listen address), serving with `runtime`.
+    /// listen address), serving with `runtime`; with `pin`, each worker's thread is pinned to a
+    /// CPU of its own ([`crate::affinity`]).
     pub fn start(
         listeners: Vec<Vec<StdTcpListener>>,
         runtime: &Arc<Runtime>,
+        pin: bool,
     ) -> Result<Workers, WorkerError> {
+        let allowed_cpus = if pin {
+            affinity::allowed_cpus().unwrap_or_else(|error| {
+                warn!(%error, "workers not pinned to CPUs");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
         let stop_accepting = CancellationToken::new();
         let accepting = TaskTracker::new();
         let exit = CancellationToken::new();
@@ -92,10 +103,18 @@ impl Workers {
             let stop_accepting = stop_accepting.clone();
             let accepting_token = accepting.token();
             let exit = exit.clone();
+            let cpu = affinity::cpu_for_worker(index, &allowed_cpus);
             let thread = std::thread::Builder::new()
                 .name(format!("muxer-worker-{index}"))
                 .spawn(move || {
                     WORKER_INDEX.with(|cell| cell.set(index));
+                    // Before the runtime starts: the claim of the first accept is then right.
+                    if let Some(cpu) = cpu {
+                        match affinity::pin_current_thread(cpu) {
+                            Ok(()) => steering.record_pinned(index, cpu),
+                            Err(error) => warn!(worker = index, %error, "worker not pinned"),
+                        }
+                    }
                     tokio_runtime.block_on(async move {
                         tokio::select! {
                             result = listener::accept_loop(sockets, runtime, index, steering, handoffs) => {

@@ -1,6 +1,7 @@
-//! Connection steering between workers, end to end: a new connection goes to the worker running
-//! on the CPU that received it, and a worker far ahead of the others gives way. Clients and
-//! workers are pinned to CPUs so that which CPU handles each handshake is known.
+//! Worker placement, end to end: each worker thread is pinned to a CPU of its own
+//! (`listen.pin_workers`), a new connection goes to the worker running on the CPU that received
+//! it, and a worker far ahead of the others gives way. Clients are pinned to CPUs so that which
+//! CPU handles each handshake is known.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{Link, SERVER_V4};
 use muxer_tests::netns_available;
-use rustix::thread::{sched_setaffinity, CpuSet, Pid};
+use rustix::thread::{sched_setaffinity, CpuSet};
 
 const MUX_PORT: u16 = 2222;
 
@@ -21,18 +22,21 @@ struct Server {
 }
 
 /// Two workers; every connection goes to an echo backend (the fallback route) and stays open.
-fn server(cpu_steering: bool) -> Server {
+/// `wrapper` goes in front of the muxer command.
+fn server(cpu_steering: bool, pin_workers: bool, wrapper: &[&str]) -> Server {
     let link = Link::new();
     let echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
-    let muxer = Muxer::start(
+    let muxer = Muxer::start_as(
         &link.server,
         &format!(
-            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\nworkers = 2\ncpu_steering = {cpu_steering}\n\
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\nworkers = 2\n\
+             cpu_steering = {cpu_steering}\npin_workers = {pin_workers}\n\
              [sniff]\ntimeout = \"2s\"\n\
              [ssh]\nupstream = \"127.0.0.1:22\"\n\
              [fallback]\nupstream = \"127.0.0.1:7000\"\n"
         ),
         "127.0.0.1:2222".parse().unwrap(),
+        wrapper,
     );
     Server {
         link,
@@ -81,19 +85,46 @@ impl Server {
             .collect()
     }
 
-    /// Pins worker `i` to CPU `i`.
-    fn pin_workers(&self) {
+    /// Per worker, in worker order: the CPUs its thread may run on, as the kernel reports them.
+    fn worker_affinities(&self) -> Vec<String> {
         let pid = self.muxer.process.pid();
+        let mut workers = Vec::new();
         for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
             let task = task.unwrap().path();
             let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
             if let Some(index) = name.trim().strip_prefix("muxer-worker-") {
-                let tid: i32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                sched_setaffinity(Pid::from_raw(tid), &only(index.parse().unwrap()))
-                    .expect("pin a worker");
+                workers.push((index.parse::<usize>().unwrap(), cpus_allowed(&task)));
             }
         }
+        workers.sort();
+        workers.into_iter().map(|(_, cpus)| cpus).collect()
     }
+
+    /// Per worker: the CPU `muxer stats` says it is pinned to.
+    fn pinned_cpus(&self) -> Vec<Option<u64>> {
+        self.muxer.stats()["daemon"]["workers"]
+            .as_array()
+            .expect("workers in stats")
+            .iter()
+            .map(|worker| worker["pinned_cpu"].as_u64())
+            .collect()
+    }
+}
+
+/// The CPUs the task at `/proc` path `task` may run on, as the kernel lists them (`0-1`).
+fn cpus_allowed(task: &std::path::Path) -> String {
+    std::fs::read_to_string(task.join("status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc status")
+        .trim()
+        .to_owned()
+}
+
+/// This test process's CPUs.
+fn all_cpus() -> String {
+    cpus_allowed(std::path::Path::new("/proc/self"))
 }
 
 fn two_cpus(test: &str) -> bool {
@@ -113,8 +144,7 @@ fn each_worker_takes_the_new_connections_of_the_cpu_it_runs_on() {
     if !two_cpus("each_worker_takes_the_new_connections_of_the_cpu_it_runs_on") {
         return;
     }
-    let server = server(true);
-    server.pin_workers();
+    let server = server(true, true, &[]);
     // A worker moves its claim to the CPU it runs on at its next accept: connect from both CPUs
     // until both claims have followed the pinning.
     let mut held = Vec::new();
@@ -160,8 +190,8 @@ fn each_worker_takes_the_new_connections_of_the_cpu_it_runs_on() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.contains("connections per worker (CPU claimed)")
-            && table.contains("(CPU 0)")
-            && table.contains("(CPU 1)"),
+            && table.contains("(CPU 0, pinned)")
+            && table.contains("(CPU 1, pinned)"),
         "{table}"
     );
 }
@@ -171,8 +201,7 @@ fn a_worker_far_ahead_leaves_new_connections_to_the_others() {
     if !two_cpus("a_worker_far_ahead_leaves_new_connections_to_the_others") {
         return;
     }
-    let server = server(true);
-    server.pin_workers();
+    let server = server(true, true, &[]);
     // Every handshake on one CPU, as with a network card that has a single receive queue: the
     // worker there would get them all.
     let count = 3 * HANDOFF_SLACK;
@@ -192,7 +221,7 @@ fn with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections() {
     if !two_cpus("with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections") {
         return;
     }
-    let server = server(false);
+    let server = server(false, false, &[]);
     let held: Vec<_> = (0..24).map(|_| server.connect_from(0)).collect();
     let workers = server.workers();
     assert!(
@@ -204,4 +233,41 @@ fn with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections() {
         "hashing left a worker without connections: {workers:?}"
     );
     drop(held);
+}
+
+#[test]
+fn each_worker_thread_is_pinned_to_a_cpu_of_its_own() {
+    if !two_cpus("each_worker_thread_is_pinned_to_a_cpu_of_its_own") {
+        return;
+    }
+    let allowed = muxer::affinity::allowed_cpus().unwrap();
+    let server = server(true, true, &[]);
+    assert_eq!(
+        server.worker_affinities(),
+        [allowed[0].to_string(), allowed[1].to_string()]
+    );
+    assert_eq!(
+        server.pinned_cpus(),
+        [Some(allowed[0] as u64), Some(allowed[1] as u64)]
+    );
+}
+
+#[test]
+fn workers_float_with_pinning_off() {
+    if !two_cpus("workers_float_with_pinning_off") {
+        return;
+    }
+    let server = server(true, false, &[]);
+    assert_eq!(server.worker_affinities(), [all_cpus(), all_cpus()]);
+    assert_eq!(server.pinned_cpus(), [None, None]);
+}
+
+#[test]
+fn a_daemon_confined_to_one_cpu_pins_nothing() {
+    if !two_cpus("a_daemon_confined_to_one_cpu_pins_nothing") {
+        return;
+    }
+    let server = server(true, true, &["taskset", "-c", "1"]);
+    assert_eq!(server.worker_affinities(), ["1", "1"]);
+    assert_eq!(server.pinned_cpus(), [None, None]);
 }

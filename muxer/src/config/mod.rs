@@ -134,6 +134,11 @@ pub struct Listen {
     /// workers' loads stay close (SO_INCOMING_CPU; see `muxer::steering`); off: spread by hash.
     #[serde(default = "Listen::default_cpu_steering")]
     pub cpu_steering: bool,
+    /// Pin worker i to the i-th CPU the daemon may run on, so the scheduler moves other busy
+    /// threads away from a worker rather than the worker next to them (see `muxer::affinity`);
+    /// off: workers float. Takes effect at start.
+    #[serde(default = "Listen::default_pin_workers")]
+    pub pin_workers: bool,
 }
 
 impl Listen {
@@ -145,6 +150,10 @@ impl Listen {
     }
 
     fn default_cpu_steering() -> bool {
+        true
+    }
+
+    fn default_pin_workers() -> bool {
         true
     }
 
@@ -162,6 +171,7 @@ impl Default for Listen {
             addresses: Self::default_addresses(),
             workers: None,
             cpu_steering: Self::default_cpu_steering(),
+            pin_workers: Self::default_pin_workers(),
         }
     }
 }
