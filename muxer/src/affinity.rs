@@ -33,10 +33,14 @@ pub fn allowed_cpus() -> Result<Vec<usize>, AffinityError> {
         .collect())
 }
 
-/// The CPU worker `index` is pinned to: the allowed CPUs in turn. `None` when fewer than two
-/// CPUs are allowed, where pinning would change nothing.
-pub fn cpu_for_worker(index: usize, allowed: &[usize]) -> Option<usize> {
-    (allowed.len() >= 2).then(|| allowed[index % allowed.len()])
+/// The CPU worker `index` of `workers` is pinned to: the allowed CPUs in turn.
+///
+/// `None` when fewer than two CPUs are allowed (pinning would change nothing), or when there are
+/// fewer workers than allowed CPUs: then which CPUs the workers should keep is anyone's guess (a
+/// cgroup CPU quota sizes the default worker count below the CPUs the mask allows, and the
+/// first CPUs of a big host are often its busiest), and the scheduler picks better.
+pub fn cpu_for_worker(index: usize, workers: usize, allowed: &[usize]) -> Option<usize> {
+    (allowed.len() >= 2 && workers >= allowed.len()).then(|| allowed[index % allowed.len()])
 }
 
 /// Pins the calling thread to `cpu`.
@@ -53,14 +57,24 @@ mod tests {
     #[test]
     fn workers_take_the_allowed_cpus_in_turn() {
         let allowed = [2, 3, 5];
-        let cpus: Vec<_> = (0..5).map(|i| cpu_for_worker(i, &allowed)).collect();
+        let cpus: Vec<_> = (0..5).map(|i| cpu_for_worker(i, 5, &allowed)).collect();
         assert_eq!(cpus, [Some(2), Some(3), Some(5), Some(2), Some(3)]);
+        let one_each: Vec<_> = (0..3).map(|i| cpu_for_worker(i, 3, &allowed)).collect();
+        assert_eq!(one_each, [Some(2), Some(3), Some(5)]);
     }
 
     #[test]
     fn a_single_allowed_cpu_pins_nothing() {
-        assert_eq!(cpu_for_worker(0, &[4]), None);
-        assert_eq!(cpu_for_worker(3, &[]), None);
+        assert_eq!(cpu_for_worker(0, 2, &[4]), None);
+        assert_eq!(cpu_for_worker(3, 4, &[]), None);
+    }
+
+    #[test]
+    fn fewer_workers_than_allowed_cpus_pins_nothing() {
+        let allowed: Vec<usize> = (0..64).collect();
+        assert_eq!(cpu_for_worker(0, 2, &allowed), None);
+        assert_eq!(cpu_for_worker(1, 63, &allowed), None);
+        assert_eq!(cpu_for_worker(1, 64, &allowed), Some(1));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::affinity;
 use crate::listener;
@@ -70,6 +70,7 @@ impl Workers {
         runtime: &Arc<Runtime>,
         pin: bool,
     ) -> Result<Workers, WorkerError> {
+        let worker_count = listeners.len();
         let allowed_cpus = if pin {
             affinity::allowed_cpus().unwrap_or_else(|error| {
                 warn!(%error, "workers not pinned to CPUs");
@@ -78,6 +79,13 @@ impl Workers {
         } else {
             Vec::new()
         };
+        if pin && worker_count < allowed_cpus.len() {
+            info!(
+                workers = worker_count,
+                cpus = allowed_cpus.len(),
+                "fewer workers than CPUs: workers not pinned"
+            );
+        }
         let stop_accepting = CancellationToken::new();
         let accepting = TaskTracker::new();
         let exit = CancellationToken::new();
@@ -103,7 +111,7 @@ impl Workers {
             let stop_accepting = stop_accepting.clone();
             let accepting_token = accepting.token();
             let exit = exit.clone();
-            let cpu = affinity::cpu_for_worker(index, &allowed_cpus);
+            let cpu = affinity::cpu_for_worker(index, worker_count, &allowed_cpus);
             let thread = std::thread::Builder::new()
                 .name(format!("muxer-worker-{index}"))
                 .spawn(move || {

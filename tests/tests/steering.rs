@@ -15,22 +15,24 @@ use rustix::thread::{sched_setaffinity, CpuSet};
 
 const MUX_PORT: u16 = 2222;
 
+/// Two workers with the defaults: CPU steering and pinning on.
+const TWO_PINNED: &str = "workers = 2\ncpu_steering = true\npin_workers = true";
+
 struct Server {
     link: Link,
     _echo: Backend,
     muxer: Muxer,
 }
 
-/// Two workers; every connection goes to an echo backend (the fallback route) and stays open.
-/// `wrapper` goes in front of the muxer command.
-fn server(cpu_steering: bool, pin_workers: bool, wrapper: &[&str]) -> Server {
+/// Every connection goes to an echo backend (the fallback route) and stays open. `listen` holds
+/// the `[listen]` keys besides the address; `wrapper` goes in front of the muxer command.
+fn server(listen: &str, wrapper: &[&str]) -> Server {
     let link = Link::new();
     let echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
     let muxer = Muxer::start_as(
         &link.server,
         &format!(
-            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\nworkers = 2\n\
-             cpu_steering = {cpu_steering}\npin_workers = {pin_workers}\n\
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n{listen}\n\
              [sniff]\ntimeout = \"2s\"\n\
              [ssh]\nupstream = \"127.0.0.1:22\"\n\
              [fallback]\nupstream = \"127.0.0.1:7000\"\n"
@@ -144,7 +146,7 @@ fn each_worker_takes_the_new_connections_of_the_cpu_it_runs_on() {
     if !two_cpus("each_worker_takes_the_new_connections_of_the_cpu_it_runs_on") {
         return;
     }
-    let server = server(true, true, &[]);
+    let server = server(TWO_PINNED, &[]);
     // A worker moves its claim to the CPU it runs on at its next accept: connect from both CPUs
     // until both claims have followed the pinning.
     let mut held = Vec::new();
@@ -201,7 +203,7 @@ fn a_worker_far_ahead_leaves_new_connections_to_the_others() {
     if !two_cpus("a_worker_far_ahead_leaves_new_connections_to_the_others") {
         return;
     }
-    let server = server(true, true, &[]);
+    let server = server(TWO_PINNED, &[]);
     // Every handshake on one CPU, as with a network card that has a single receive queue: the
     // worker there would get them all.
     let count = 3 * HANDOFF_SLACK;
@@ -221,7 +223,10 @@ fn with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections() {
     if !two_cpus("with_steering_off_no_worker_claims_a_cpu_and_hashing_spreads_connections") {
         return;
     }
-    let server = server(false, false, &[]);
+    let server = server(
+        "workers = 2\ncpu_steering = false\npin_workers = false",
+        &[],
+    );
     let held: Vec<_> = (0..24).map(|_| server.connect_from(0)).collect();
     let workers = server.workers();
     assert!(
@@ -241,7 +246,7 @@ fn each_worker_thread_is_pinned_to_a_cpu_of_its_own() {
         return;
     }
     let allowed = muxer::affinity::allowed_cpus().unwrap();
-    let server = server(true, true, &[]);
+    let server = server(TWO_PINNED, &[]);
     assert_eq!(
         server.worker_affinities(),
         [allowed[0].to_string(), allowed[1].to_string()]
@@ -257,7 +262,7 @@ fn workers_float_with_pinning_off() {
     if !two_cpus("workers_float_with_pinning_off") {
         return;
     }
-    let server = server(true, false, &[]);
+    let server = server("workers = 2\npin_workers = false", &[]);
     assert_eq!(server.worker_affinities(), [all_cpus(), all_cpus()]);
     assert_eq!(server.pinned_cpus(), [None, None]);
 }
@@ -267,7 +272,17 @@ fn a_daemon_confined_to_one_cpu_pins_nothing() {
     if !two_cpus("a_daemon_confined_to_one_cpu_pins_nothing") {
         return;
     }
-    let server = server(true, true, &["taskset", "-c", "1"]);
+    let server = server(TWO_PINNED, &["taskset", "-c", "1"]);
     assert_eq!(server.worker_affinities(), ["1", "1"]);
     assert_eq!(server.pinned_cpus(), [None, None]);
+}
+
+#[test]
+fn fewer_workers_than_cpus_are_not_pinned() {
+    if !two_cpus("fewer_workers_than_cpus_are_not_pinned") {
+        return;
+    }
+    let server = server("workers = 1\npin_workers = true", &[]);
+    assert_eq!(server.worker_affinities(), [all_cpus()]);
+    assert_eq!(server.pinned_cpus(), [None]);
 }

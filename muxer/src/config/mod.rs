@@ -136,7 +136,7 @@ pub struct Listen {
     pub cpu_steering: bool,
     /// Pin worker i to the i-th CPU the daemon may run on, so the scheduler moves other busy
     /// threads away from a worker rather than the worker next to them (see `muxer::affinity`);
-    /// off: workers float. Takes effect at start.
+    /// only when every allowed CPU gets a worker. Off: workers float. Takes effect at start.
     #[serde(default = "Listen::default_pin_workers")]
     pub pin_workers: bool,
 }
