@@ -276,7 +276,6 @@ fn main() {
     eprintln!("bench: report written to {}", options.out.display());
 }
 
-/// Soft limit up to the hard one (raising the hard one needs CAP_SYS_RESOURCE).
 /// Why the spliced figure holds fewer connections than asked, if it does.
 fn spliced_cap_note(options: &Options) -> String {
     match options.open_file_limit {
@@ -291,6 +290,7 @@ fn spliced_cap_note(options: &Options) -> String {
     }
 }
 
+/// Soft limit up to the hard one (raising the hard one needs CAP_SYS_RESOURCE).
 fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
