@@ -7,6 +7,7 @@
 //! worker stays put and the scheduler moves the *other* busy threads away from it instead. Pinning
 //! also makes CPU steering's claims exact: a pinned worker always runs on the CPU it claims.
 use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+use tracing::{info, warn};
 
 /// Why a worker could not be pinned. Not fatal: the worker runs unpinned.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,25 @@ pub fn allowed_cpus() -> Result<Vec<usize>, AffinityError> {
 /// first CPUs of a big host are often its busiest), and the scheduler picks better.
 pub fn cpu_for_worker(index: usize, workers: usize, allowed: &[usize]) -> Option<usize> {
     (allowed.len() >= 2 && workers >= allowed.len()).then(|| allowed[index % allowed.len()])
+}
+
+/// The CPU each of `workers` workers is to be pinned to, in worker order ([`cpu_for_worker`]
+/// over this thread's mask); all `None`, with the reason logged, when nothing is pinned.
+pub fn plan(workers: usize) -> Vec<Option<usize>> {
+    let allowed = allowed_cpus().unwrap_or_else(|error| {
+        warn!(%error, "workers not pinned to CPUs");
+        Vec::new()
+    });
+    if workers < allowed.len() {
+        info!(
+            workers,
+            cpus = allowed.len(),
+            "fewer workers than CPUs: workers not pinned"
+        );
+    }
+    (0..workers)
+        .map(|index| cpu_for_worker(index, workers, &allowed))
+        .collect()
 }
 
 /// Pins the calling thread to `cpu`.

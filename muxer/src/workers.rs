@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::affinity;
 use crate::listener;
@@ -71,25 +71,15 @@ impl Workers {
         pin: bool,
     ) -> Result<Workers, WorkerError> {
         let worker_count = listeners.len();
-        let allowed_cpus = if pin {
-            affinity::allowed_cpus().unwrap_or_else(|error| {
-                warn!(%error, "workers not pinned to CPUs");
-                Vec::new()
-            })
+        let cpus = if pin {
+            affinity::plan(worker_count)
         } else {
-            Vec::new()
+            vec![None; worker_count]
         };
-        if pin && worker_count < allowed_cpus.len() {
-            info!(
-                workers = worker_count,
-                cpus = allowed_cpus.len(),
-                "fewer workers than CPUs: workers not pinned"
-            );
-        }
         let stop_accepting = CancellationToken::new();
         let accepting = TaskTracker::new();
         let exit = CancellationToken::new();
-        let tokio_runtimes = (0..listeners.len())
+        let tokio_runtimes = (0..worker_count)
             .map(|index| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -103,15 +93,18 @@ impl Workers {
                 .map(|runtime| runtime.handle().clone())
                 .collect(),
         );
-        let mut threads = Vec::with_capacity(listeners.len());
-        let per_worker = listeners.into_iter().zip(tokio_runtimes).zip(handoffs);
-        for (index, ((sockets, tokio_runtime), handoffs)) in per_worker.enumerate() {
+        let mut threads = Vec::with_capacity(worker_count);
+        let per_worker = listeners
+            .into_iter()
+            .zip(tokio_runtimes)
+            .zip(handoffs)
+            .zip(cpus);
+        for (index, (((sockets, tokio_runtime), handoffs), cpu)) in per_worker.enumerate() {
             let runtime = Arc::clone(runtime);
             let steering = Arc::clone(&steering);
             let stop_accepting = stop_accepting.clone();
             let accepting_token = accepting.token();
             let exit = exit.clone();
-            let cpu = affinity::cpu_for_worker(index, worker_count, &allowed_cpus);
             let thread = std::thread::Builder::new()
                 .name(format!("muxer-worker-{index}"))
                 .spawn(move || {
