@@ -10,14 +10,14 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::client_source::{self, Sources, UsedSource};
 use crate::config::{Config, ProxyVersion, Target};
 use crate::http::stream::Traffic;
 use crate::http::HttpContext;
-use crate::limits::ConnectionSlot;
+use crate::limits::{Class, ConnectionSlot, Refusal, TotalPermit};
 use crate::metrics::HttpMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
@@ -37,11 +37,18 @@ pub struct Shared {
     pub http: Option<Arc<HttpContext>>,
     /// The TLS router, when `[tls]` is configured.
     pub tls: Option<TlsRouter>,
+    /// The source address local upstreams see, per spliced backend.
+    pub sources: Sources,
 }
 
 impl Shared {
     /// Builds what connections share from `config`.
-    pub fn new(config: Config, stats: Arc<Stats>, http_metrics: Arc<HttpMetrics>) -> Shared {
+    pub fn new(
+        config: Config,
+        stats: Arc<Stats>,
+        http_metrics: Arc<HttpMetrics>,
+        sources: Sources,
+    ) -> Shared {
         let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
             let settings = config.http.clone().unwrap_or_default();
             let keepalive = config.splice.tcp_keepalive;
@@ -59,6 +66,7 @@ impl Shared {
             stats,
             http,
             tls,
+            sources,
         }
     }
 }
@@ -76,7 +84,7 @@ enum Closed {
     PrefixWriteFailed(std::io::Error),
     HttpFinished,
     HttpFailed(String),
-    PerAddressLimit,
+    LimitRefused(Refusal),
     BadProxyHeader(proxy_protocol::InboundError),
     UntrustedProxyHeader,
 }
@@ -94,7 +102,7 @@ impl fmt::Display for Closed {
             Closed::PrefixWriteFailed(e) => write!(f, "upstream write failed: {e}"),
             Closed::HttpFinished => f.write_str("finished"),
             Closed::HttpFailed(e) => write!(f, "http error: {e}"),
-            Closed::PerAddressLimit => f.write_str("per-address connection limit"),
+            Closed::LimitRefused(refusal) => write!(f, "refused: {}", refusal.as_str()),
             Closed::BadProxyHeader(e) => write!(f, "rejected: {e}"),
             Closed::UntrustedProxyHeader => {
                 f.write_str("rejected: PROXY header from an untrusted source")
@@ -132,10 +140,25 @@ impl ConnectionLog {
         bytes_out: u64,
         closed: &Closed,
     ) {
+        self.close_from(protocol, backend, None, (bytes_in, bytes_out), closed);
+    }
+
+    /// The line, naming the source address the upstream saw (`upstream_source`) when muxer chose
+    /// one for it.
+    fn close_from(
+        &self,
+        protocol: &str,
+        backend: Option<&str>,
+        upstream_source: Option<UsedSource>,
+        (bytes_in, bytes_out): (u64, u64),
+        closed: &Closed,
+    ) {
+        let source = upstream_source.map(|source| source.describe(self.client));
         info!(
             client = %self.client,
             protocol,
             backend = backend.unwrap_or("-"),
+            upstream_source = source.as_deref().unwrap_or("-"),
             bytes_in,
             bytes_out,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -150,7 +173,7 @@ pub async fn serve(
     mut client: TcpStream,
     tcp_peer: SocketAddr,
     runtime: Arc<Runtime>,
-    permit: OwnedSemaphorePermit,
+    permit: TotalPermit,
 ) {
     let shared = runtime.current.load_full();
     let config = &shared.config;
@@ -186,10 +209,12 @@ pub async fn serve(
             }
         }
     }
-    let Some(slot) = runtime.limits.admit(permit, log.client.ip()) else {
-        shared.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-        log.close("none", None, 0, 0, &Closed::PerAddressLimit);
-        return;
+    let slot = match runtime.limits.admit(permit, log.client.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            log.close("none", None, 0, 0, &Closed::LimitRefused(refusal));
+            return;
+        }
     };
 
     let sniffing = sniff::sniff(
@@ -223,6 +248,17 @@ pub async fn serve(
     if matches!(sniffed.outcome, SniffOutcome::Timeout) {
         shared.stats.probe_timeouts.fetch_add(1, Ordering::Relaxed);
     }
+    if let Err(refusal) = classify(&slot, target, config) {
+        refuse_after_sniffing(&mut client, &sniffed).await;
+        log.close(
+            label,
+            None,
+            sniffed.prefix.len() as u64,
+            0,
+            &Closed::LimitRefused(refusal),
+        );
+        return;
+    }
     dispatch(
         client, sniffed, label, target, slot, &runtime, &shared, &log,
     )
@@ -244,6 +280,33 @@ fn route_for(outcome: &SniffOutcome, config: &Config) -> (&'static str, Target) 
         SniffOutcome::Timeout => ("timeout", config.sniff.on_timeout),
         SniffOutcome::Undecided(_) => ("unknown", Target::Fallback),
         SniffOutcome::ClosedEmpty => ("none", Target::Close),
+    }
+}
+
+/// Moves the connection's slot to the class of `target`, where that target is configured.
+fn classify(slot: &ConnectionSlot, target: Target, config: &Config) -> Result<(), Refusal> {
+    let class = match target {
+        Target::Ssh => Class::Ssh,
+        Target::Http => Class::Http,
+        Target::Tls => Class::Tls,
+        Target::Fallback => Class::Fallback,
+        Target::Close => return Ok(()),
+    };
+    if !config.has_route(target) {
+        // Closed at once by `dispatch`: no class to take.
+        return Ok(());
+    }
+    slot.classify(class)
+}
+
+/// Tells a refused HTTP/1 client why, before the connection closes: its class is full.
+async fn refuse_after_sniffing(client: &mut TcpStream, sniffed: &Sniffed) {
+    if matches!(
+        sniffed.outcome,
+        SniffOutcome::Detected(Detected::Http(HttpVersion::Http1))
+    ) {
+        const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 38\r\n\r\n503 too many connections; retry later\n";
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(BUSY)).await;
     }
 }
 
@@ -282,9 +345,13 @@ async fn dispatch(
         let result = Box::pin(crate::http::serve(
             client,
             sniffed.prefix,
-            log.client,
+            crate::http::ClientConnection {
+                peer: log.client,
+                traffic: Arc::clone(&traffic),
+                // Shared with the tunnel the connection may become, which then keeps it.
+                slot: Arc::new(slot),
+            },
             Arc::clone(http),
-            Arc::clone(&traffic),
             Arc::clone(runtime),
             match &sniffed.outcome {
                 SniffOutcome::Detected(Detected::Http(version)) => *version,
@@ -306,6 +373,11 @@ async fn dispatch(
         return;
     }
 
+    let mode = match target {
+        Target::Ssh => shared.sources.ssh,
+        Target::Fallback => shared.sources.fallback,
+        _ => client_source::Effective::Muxer,
+    };
     let destination = match (target, &shared.tls) {
         (Target::Tls, Some(tls)) => {
             let hello = match &sniffed.outcome {
@@ -336,12 +408,17 @@ async fn dispatch(
     let connected = Box::pin(connect_and_replay(
         header,
         sniffed.prefix,
-        upstream.as_str(),
+        Destination {
+            upstream: upstream.as_str(),
+            client: log.client,
+            mode,
+            sources: &shared.sources,
+        },
         config,
     ))
     .await;
     match connected {
-        Ok(upstream_stream) => {
+        Ok((upstream_stream, used)) => {
             // The rest of the connection's life runs as a task of its own, holding only what it
             // needs: this task's set-up state (sniffing, routing, connecting; ~1 KiB) is freed
             // instead of being carried by every open spliced connection.
@@ -353,6 +430,8 @@ async fn dispatch(
                     config.splice.method,
                 ),
                 log: *log,
+                // Named only where the mode could give the upstream another source than muxer's.
+                upstream_source: (mode != client_source::Effective::Muxer).then_some(used),
                 label,
                 backend: upstream.as_str().into(),
                 prefix_len,
@@ -380,6 +459,7 @@ pin_project_lite::pin_project! {
         #[pin]
         splice: splice::Splice,
         log: ConnectionLog,
+        upstream_source: Option<UsedSource>,
         label: &'static str,
         backend: Box<str>,
         // Sniffed bytes already sent upstream, counted as client bytes.
@@ -401,11 +481,11 @@ impl std::future::Future for Spliced {
         let bytes_in = *this.prefix_len + report.client_to_upstream;
         let bytes_out = report.upstream_to_client;
         this.open.add_bytes(bytes_in, bytes_out);
-        this.log.close(
+        this.log.close_from(
             this.label,
             Some(this.backend),
-            bytes_in,
-            bytes_out,
+            *this.upstream_source,
+            (bytes_in, bytes_out),
             &Closed::Spliced(report.reason),
         );
         std::task::Poll::Ready(())
@@ -420,18 +500,36 @@ fn proxy_header(version: ProxyVersion, socket: &TcpStream, client_addr: SocketAd
     proxy_protocol::encode(version, client_addr, local)
 }
 
-/// Connects to `upstream` with the configured timeout and socket options.
-async fn connect_upstream(upstream: &str, config: &Config) -> Result<TcpStream, Closed> {
-    connect_tuned(
-        upstream,
+/// Where a spliced connection goes, and as whom.
+struct Destination<'a> {
+    upstream: &'a str,
+    client: SocketAddr,
+    mode: client_source::Effective,
+    sources: &'a Sources,
+}
+
+/// Connects to the destination with the configured timeout and socket options, from the source
+/// address its mode gives.
+async fn connect_upstream(
+    destination: Destination<'_>,
+    config: &Config,
+) -> Result<(TcpStream, UsedSource), Closed> {
+    let connected = client_source::connect(
+        destination.upstream,
+        destination.client,
+        destination.mode,
+        destination.sources,
         config.splice.connect_timeout,
-        config.splice.tcp_keepalive,
     )
-    .await
-    .map_err(|error| match error.kind() {
-        std::io::ErrorKind::TimedOut => Closed::ConnectTimedOut,
-        _ => Closed::ConnectFailed(error),
-    })
+    .await;
+    match connected {
+        Ok((stream, used)) => {
+            tune_socket(&stream, config.splice.tcp_keepalive);
+            Ok((stream, used))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::TimedOut => Err(Closed::ConnectTimedOut),
+        Err(error) => Err(Closed::ConnectFailed(error)),
+    }
 }
 
 /// Connects to `upstream` within `timeout` (else `TimedOut`) and gives the socket the options
@@ -452,10 +550,10 @@ pub async fn connect_tuned(
 async fn connect_and_replay(
     header: Option<Vec<u8>>,
     prefix: Vec<u8>,
-    upstream: &str,
+    destination: Destination<'_>,
     config: &Config,
-) -> Result<TcpStream, Closed> {
-    let mut upstream = connect_upstream(upstream, config).await?;
+) -> Result<(TcpStream, UsedSource), Closed> {
+    let (mut upstream, used) = connect_upstream(destination, config).await?;
     let mut first = header.unwrap_or_default();
     first.extend_from_slice(&prefix);
     drop(prefix);
@@ -466,7 +564,7 @@ async fn connect_and_replay(
             .map_err(Closed::PrefixWriteFailed)?;
     }
     drop(first);
-    Ok(upstream)
+    Ok((upstream, used))
 }
 
 #[cfg(test)]
@@ -490,8 +588,10 @@ mod tests {
         )
         .unwrap();
         let stats = Arc::new(Stats::default());
+        let limits = ConnectionLimits::new(&config.limits);
         let control = Arc::new(crate::control::ControlState {
             stats: Arc::clone(&stats),
+            limits: Arc::clone(&limits),
             redirect: std::sync::Mutex::new(None),
             redirect_report: std::sync::Mutex::new(crate::control::RedirectReport {
                 state: "off".into(),
@@ -506,12 +606,12 @@ mod tests {
             steering: std::sync::OnceLock::new(),
         });
         let metrics = Metrics::new(control);
-        let limits = Arc::new(ConnectionLimits::new(10, 10));
         let runtime = Arc::new(Runtime {
             current: arc_swap::ArcSwap::from_pointee(Shared::new(
                 config,
                 Arc::clone(&stats),
                 Arc::clone(&metrics.http),
+                Sources::default(),
             )),
             stats,
             http_metrics: Arc::clone(&metrics.http),
@@ -526,7 +626,7 @@ mod tests {
             .await
             .unwrap();
         let peer = client.local_addr().unwrap();
-        let permit = limits.wait_for_global().await;
+        let permit = limits.wait_for_total().await;
         let task = serve(client, peer, runtime, permit);
         let size = size_of_future(&task);
         let spliced = std::mem::size_of::<Spliced>();

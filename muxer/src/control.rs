@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::limits::{ClassSnapshot, ConnectionLimits};
 use crate::redirect::{IngressHook, KernelCounters, Redirect};
 use crate::stats::{RouteSnapshot, Stats};
 use crate::steering::{Steering, WorkerSnapshot};
@@ -67,8 +68,16 @@ pub struct DaemonCounters {
     pub routes: BTreeMap<String, RouteSnapshot>,
     /// Clients that sent nothing before the probe timeout.
     pub probe_timeouts: u64,
-    /// Connections refused by the per-address limit.
-    pub refused_per_ip: u64,
+    /// Open connections and limit per class (sniffing, ssh, http, tls, tunnel, upgraded,
+    /// fallback).
+    #[serde(default)]
+    pub classes: BTreeMap<String, ClassSnapshot>,
+    /// Connections refused (or idle ones closed) per reason.
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
+    /// Connections (or request bodies) ended per kind of timeout.
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
     /// Backends that could not be reached.
     pub upstream_connect_errors: u64,
     /// Connections closed for want of a configured route.
@@ -99,6 +108,8 @@ pub struct StatsReport {
 pub struct ControlState {
     /// The daemon's counters.
     pub stats: Arc<Stats>,
+    /// The connection limits, with their per-class counts, refusals and timeouts.
+    pub limits: Arc<ConnectionLimits>,
     /// The redirect, while attached.
     pub redirect: Mutex<Option<Redirect>>,
     /// Its reported state.
@@ -144,10 +155,12 @@ impl ControlState {
             daemon: DaemonCounters {
                 routes,
                 probe_timeouts: load(&stats.probe_timeouts),
-                refused_per_ip: load(&stats.refused_per_ip),
+                classes: self.limits.classes(),
+                refused: self.limits.refusals(),
+                timeouts: self.limits.timeouts(),
                 upstream_connect_errors: load(&stats.upstream_connect_errors),
                 no_route: load(&stats.no_route),
-                http_parked: load(&stats.http_parked),
+                http_parked: self.limits.idle.len() as u64,
                 workers: self
                     .steering
                     .get()

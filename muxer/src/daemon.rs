@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::client_source::Planner;
 use crate::config::{Config, RedirectMode};
 use crate::connection::Shared;
 use crate::control::{ControlError, ControlSocket, ControlState, RedirectReport};
@@ -113,6 +114,8 @@ fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
 pub struct Daemon {
     runtime: Arc<Runtime>,
     control: Arc<ControlState>,
+    /// The reply rules for transparent connections to local upstreams; removed at a clean exit.
+    sources: Mutex<Planner>,
 }
 
 impl Daemon {
@@ -143,15 +146,18 @@ impl Daemon {
         if config.metrics.listen != old.config.metrics.listen {
             notes.push("metrics.listen changed: restart to apply".to_owned());
         }
-        self.runtime.limits.resize(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
+        self.runtime.limits.resize(&config.limits);
         self.reload_redirect(&config, &old.config, &mut notes);
+        let sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .apply(&config);
         let shared = Shared::new(
             config,
             Arc::clone(&self.runtime.stats),
             Arc::clone(&self.runtime.http_metrics),
+            sources,
         );
         self.runtime.current.store(Arc::new(shared));
         for note in &notes {
@@ -245,8 +251,12 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     // Only once the listeners accept may port 22 be redirected to them.
     let (redirect, redirect_report) = attach_redirect(&config);
     let stats = Arc::new(Stats::default());
+    let limits = ConnectionLimits::new(&config.limits);
+    let mut planner = Planner::default();
+    let sources = planner.apply(&config);
     let control = Arc::new(ControlState {
         stats: Arc::clone(&stats),
+        limits: Arc::clone(&limits),
         redirect: Mutex::new(redirect),
         redirect_report: Mutex::new(redirect_report),
         started,
@@ -262,14 +272,12 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let listener_keepalive = config.splice.tcp_keepalive;
     let pin_workers = config.listen.pin_workers;
     let runtime = Arc::new(Runtime {
-        limits: Arc::new(ConnectionLimits::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        )),
+        limits,
         current: ArcSwap::from_pointee(Shared::new(
             config,
             Arc::clone(&stats),
             Arc::clone(&metrics.http),
+            sources,
         )),
         stats,
         http_metrics: Arc::clone(&metrics.http),
@@ -281,6 +289,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let daemon = Arc::new(Daemon {
         runtime: Arc::clone(&runtime),
         control: Arc::clone(&control),
+        sources: Mutex::new(planner),
     });
     *control
         .reload
@@ -337,6 +346,13 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         task.abort();
     }
     workers.exit();
+    // 4. Remove the reply rules (a crash leaves them: harmless, docs/lockout.md).
+    drop(std::mem::take(
+        &mut *daemon
+            .sources
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()),
+    ));
     info!("stopped");
     Ok(())
 }

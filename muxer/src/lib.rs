@@ -6,6 +6,7 @@
 //! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
 
 pub mod affinity;
+pub mod client_source;
 pub mod config;
 pub mod connection;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod limits;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod policy_routing;
 pub mod proxy_protocol;
 pub mod redirect;
 pub mod runtime;

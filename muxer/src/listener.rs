@@ -1,5 +1,6 @@
-//! Listening sockets and the accept loop: limits, and back-off when the process runs out of file
-//! descriptors, so accepting pauses but never crashes.
+//! Listening sockets and the accept loop: the total connection limit, and what happens when the
+//! process runs out of file descriptors: the longest-idle HTTP keep-alive connections are closed
+//! to make room, and accepting backs off briefly but never crashes.
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,15 +16,21 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
 use crate::connection;
+use crate::limits::{Refusal, TotalPermit};
 use crate::runtime::Runtime;
 use crate::steering::{Handoff, Steering, WorkerSteering};
 
-/// How long the accept loop sleeps after the process or system ran out of descriptors.
+/// How long the accept loop sleeps after the process or system ran out of descriptors with no idle
+/// connection left to close.
 const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+/// Idle HTTP keep-alive connections closed each time accepting hits the descriptor limit: a
+/// spliced connection needs two descriptors, and the next few clients are likely queued already.
+const EVICT_PER_EXHAUSTION: usize = 8;
+/// How long evicted connections get to close before accepting is tried again.
+const EVICTION_PAUSE: Duration = Duration::from_millis(5);
 /// Least time between two warnings of the same kind, over all accept loops.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -207,23 +214,33 @@ pub async fn accept_loop(
         let Ok(mut ready) = ready else {
             continue;
         };
-        if limits.global_exhausted() && LIMIT_WARNING.ready() {
+        if limits.total_exhausted() && LIMIT_WARNING.ready() {
             warn!(
                 max_connections = runtime.current.load().config.limits.max_connections,
                 "connection limit reached; new connections wait in the backlog"
             );
         }
-        let permit = limits.wait_for_global().await;
+        let permit = limits.wait_for_total().await;
         let (stream, peer) = match ready.try_io(|listener| accept(listener.get_ref())) {
             Ok(Ok(accepted)) => accepted,
             // Nothing queued after all (the client gave up): the slot goes back.
             Err(_would_block) => continue,
             Ok(Err(error)) if is_fd_exhaustion(&error) => {
-                if FD_WARNING.ready() {
-                    warn!(%error, "out of file descriptors; accepting paused briefly");
-                }
                 drop(permit);
-                tokio::time::sleep(FD_EXHAUSTION_BACKOFF).await;
+                let evicted = limits.idle.evict_oldest(EVICT_PER_EXHAUSTION);
+                for _ in 0..evicted {
+                    limits.count_refusal(Refusal::IdleEvicted);
+                }
+                if FD_WARNING.ready() {
+                    warn!(%error, evicted, "out of file descriptors; closing the longest-idle HTTP keep-alive connections");
+                }
+                // Evicted connections close on their own workers' threads: give them a moment.
+                let pause = if evicted > 0 {
+                    EVICTION_PAUSE
+                } else {
+                    FD_EXHAUSTION_BACKOFF
+                };
+                tokio::time::sleep(pause).await;
                 continue;
             }
             Ok(Err(error)) => {
@@ -259,7 +276,7 @@ fn steering_enabled(runtime: &Runtime) -> bool {
 fn serve_accepted(
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: TotalPermit,
     runtime: &Arc<Runtime>,
 ) {
     let stream = match TcpStream::from_std(stream) {

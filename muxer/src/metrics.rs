@@ -221,12 +221,47 @@ impl prometheus_client::collector::Collector for CountersCollector {
         for (outcome, value) in [("timeout", daemon.probe_timeouts), ("unknown", unknown)] {
             ConstCounter::new(value).encode(probe.encode_family(&[("outcome", outcome)])?)?;
         }
-        for (name, help, value) in [
+        let mut classes = encoder.encode_descriptor(
+            "muxer_class_connections",
+            "Open connections per class",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (class, snapshot) in &daemon.classes {
+            ConstGauge::new(snapshot.open as i64)
+                .encode(classes.encode_family(&[("class", class.as_str())])?)?;
+        }
+        let mut limits = encoder.encode_descriptor(
+            "muxer_class_limit",
+            "Connections each class may hold (the size of the pool it shares)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (class, snapshot) in &daemon.classes {
+            ConstGauge::new(snapshot.limit as i64)
+                .encode(limits.encode_family(&[("class", class.as_str())])?)?;
+        }
+        for (name, help, label, values) in [
             (
-                "muxer_refused_per_address",
-                "Connections refused by the per-address limit",
-                daemon.refused_per_ip,
+                "muxer_refused",
+                "Connections refused, or idle ones closed, per reason",
+                "reason",
+                &daemon.refused,
             ),
+            (
+                "muxer_timeouts",
+                "Connections or request bodies ended per kind of timeout",
+                "kind",
+                &daemon.timeouts,
+            ),
+        ] {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (key, value) in values {
+                ConstCounter::new(*value)
+                    .encode(metric.encode_family(&[(label, key.as_str())])?)?;
+            }
+        }
+        for (name, help, value) in [
             (
                 "muxer_upstream_connect_errors",
                 "Backends that could not be reached",

@@ -31,14 +31,10 @@ pub struct Stats {
     pub unknown: RouteCounters,
     /// Clients that sent nothing before the probe timeout.
     pub probe_timeouts: AtomicU64,
-    /// Connections refused by the per-address limit.
-    pub refused_per_ip: AtomicU64,
     /// Backends that could not be reached.
     pub upstream_connect_errors: AtomicU64,
     /// Connections closed because no backend is configured for them.
     pub no_route: AtomicU64,
-    /// HTTP/1.1 connections parked now: idle between requests, holding no buffers.
-    pub http_parked: AtomicU64,
 }
 
 /// A point-in-time copy of [`RouteCounters`].

@@ -68,9 +68,33 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
     let daemon = &report.daemon;
     let _ = writeln!(
         out,
-        "\nprobe timeouts {}   refused (per-address limit) {}   upstream connect errors {}   no route {}   idle HTTP connections parked {}",
-        daemon.probe_timeouts, daemon.refused_per_ip, daemon.upstream_connect_errors, daemon.no_route, daemon.http_parked
+        "\nprobe timeouts {}   upstream connect errors {}   no route {}   idle HTTP connections parked {}",
+        daemon.probe_timeouts, daemon.upstream_connect_errors, daemon.no_route, daemon.http_parked
     );
+    if !daemon.classes.is_empty() {
+        let classes: Vec<String> = daemon
+            .classes
+            .iter()
+            .map(|(class, c)| format!("{class} {}/{}", c.open, c.limit))
+            .collect();
+        let _ = writeln!(out, "open/limit by class: {}", classes.join("   "));
+    }
+    for (title, counts) in [
+        ("refused", &daemon.refused),
+        ("closed by timeout", &daemon.timeouts),
+    ] {
+        let nonzero: Vec<String> = counts
+            .iter()
+            .filter(|(_, value)| **value > 0)
+            .map(|(key, value)| format!("{key} {value}"))
+            .collect();
+        let shown = if nonzero.is_empty() {
+            "none".to_owned()
+        } else {
+            nonzero.join("   ")
+        };
+        let _ = writeln!(out, "{title}: {shown}");
+    }
     if !daemon.workers.is_empty() {
         let workers: Vec<String> = daemon
             .workers

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
+
+use crate::limits::TotalPermit;
 
 /// A worker keeps its claim on its CPU while it serves at most this many connections more than
 /// the least loaded worker.
@@ -39,8 +40,8 @@ pub struct Handoff {
     pub stream: StdTcpStream,
     /// The client's address.
     pub peer: SocketAddr,
-    /// Its slot of the global connection limit.
-    pub permit: OwnedSemaphorePermit,
+    /// Its slot of the total connection limit.
+    pub permit: TotalPermit,
 }
 
 /// What a worker does after accepting a connection.
@@ -343,9 +344,7 @@ mod tests {
     fn handoff() -> Handoff {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = StdTcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
+        let permit = TotalPermit::detached();
         let peer = stream.local_addr().unwrap();
         Handoff {
             stream,

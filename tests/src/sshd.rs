@@ -102,6 +102,53 @@ impl Sshd {
     }
 }
 
+/// One session's `$SSH_CONNECTION`, as sshd saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConnection {
+    /// The client address sshd saw.
+    pub client: String,
+    /// The local address sshd accepted on: a loopback address when muxer forwarded the session,
+    /// the address the client dialled when it reached sshd directly.
+    pub server: String,
+}
+
+impl SshConnection {
+    /// Whether the session came through muxer (sshd accepted it on a loopback address).
+    pub fn through_muxer(&self) -> bool {
+        self.server
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl Sshd {
+    /// Logs in from `client` to `host`:`port` (more `ssh` options first, e.g. `-b ADDRESS`) and
+    /// returns the session's `$SSH_CONNECTION`.
+    pub fn connection(
+        &self,
+        client: &Netns,
+        host: &str,
+        port: u16,
+        options: &[&str],
+    ) -> SshConnection {
+        let mut args: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+        args.extend(self.ssh_args(host, port, "echo $SSH_CONNECTION"));
+        let out = client.run_ok("ssh", &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(fields.len(), 4, "SSH_CONNECTION: {out:?}");
+        SshConnection {
+            client: fields[0].to_owned(),
+            server: fields[2].to_owned(),
+        }
+    }
+
+    /// sshd's log so far (`LogLevel VERBOSE`: one `Connection from A port P on L port 22` line
+    /// per connection).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
 /// sshd must be started by absolute path.
 fn which_sshd() -> String {
     for candidate in ["/usr/sbin/sshd", "/usr/bin/sshd"] {

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
-use muxer_tests::netns::{BpfFs, Link, SERVER_V4, SERVER_V6};
+use muxer_tests::netns::{BpfFs, Link, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
 use muxer_tests::process::{status_kib, Running};
-use muxer_tests::sshd::Sshd;
+use muxer_tests::sshd::{SshConnection, Sshd};
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
 const READY: &str = "127.0.0.1:2222";
@@ -40,15 +40,10 @@ fn server() -> Server {
 }
 
 impl Server {
-    /// `$SSH_CONNECTION`'s first field as sshd saw it: 127.0.0.1 through muxer, the client's
-    /// address when direct.
-    fn ssh_peer(&self, host: &str) -> String {
-        let args = self.sshd.ssh_args(host, 22, "echo $SSH_CONNECTION");
-        let out = self
-            .link
-            .client
-            .run_ok("ssh", &args.iter().map(String::as_str).collect::<Vec<_>>());
-        out.split_whitespace().next().unwrap_or_default().to_owned()
+    /// A login to `host` port 22 as sshd saw it: through muxer it accepted on a loopback address,
+    /// and with the transparent source it still sees the client's real address.
+    fn ssh(&self, host: &str) -> SshConnection {
+        self.sshd.connection(&self.link.client, host, 22, &[])
     }
 
     fn curl_models(&self, url_host: &str) -> serde_json::Value {
@@ -113,11 +108,23 @@ fn redirect_end_to_end(mode: &str, test: &str) {
     let (mut ssh_connections, mut http_connections) = (0u64, 0u64);
     for offload in [true, false] {
         server.set_tx_checksum_offload(offload);
-        for host in [SERVER_V4.to_string(), SERVER_V6.to_string()] {
-            assert_eq!(
-                server.ssh_peer(&host),
-                "127.0.0.1",
-                "ssh to {host}:22 must go through muxer"
+        for (host, client) in [
+            (SERVER_V4.to_string(), CLIENT_V4.to_string()),
+            (SERVER_V6.to_string(), CLIENT_V6.to_string()),
+        ] {
+            let seen = server.ssh(&host);
+            assert!(
+                seen.through_muxer(),
+                "ssh to {host}:22 must go through muxer: {seen:?}"
+            );
+            assert_eq!(seen.client, client, "sshd must see the real client");
+            assert!(
+                server
+                    .sshd
+                    .log()
+                    .contains(&format!("Connection from {client} port")),
+                "sshd's log names the real client:\n{}",
+                server.sshd.log()
             );
             ssh_connections += 1;
         }
@@ -226,7 +233,7 @@ fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
         &config("tc", ""),
         READY.parse().unwrap(),
     );
-    assert_eq!(server.ssh_peer(&host), "127.0.0.1");
+    assert!(server.ssh(&host).through_muxer());
     assert!(server.attached_programs().contains("tc_ingress"));
 
     // A session open through muxer while it dies.
@@ -263,11 +270,9 @@ fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
         "took {:?}",
         killed.elapsed()
     );
-    assert_eq!(
-        server.ssh_peer(&host),
-        muxer_tests::netns::CLIENT_V4.to_string(),
-        "direct to sshd"
-    );
+    let direct = server.ssh(&host);
+    assert!(!direct.through_muxer(), "direct to sshd: {direct:?}");
+    assert_eq!(direct.client, CLIENT_V4.to_string());
     let attached = server.attached_programs();
     assert!(
         !attached.contains("tc_ingress") && !attached.contains("tc_egress"),
@@ -286,7 +291,7 @@ fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
         &config("tc", ""),
         READY.parse().unwrap(),
     );
-    assert_eq!(server.ssh_peer(&host), "127.0.0.1", "redirect restored");
+    assert!(server.ssh(&host).through_muxer(), "redirect restored");
     let status = wait_for(
         "the downtime session to finish",
         Duration::from_secs(10),
@@ -415,7 +420,7 @@ fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_remove
         !filters.contains("tc_ingress"),
         "stale filter still there: {filters}"
     );
-    assert_eq!(server.ssh_peer(&SERVER_V4.to_string()), "127.0.0.1");
+    assert!(server.ssh(&SERVER_V4.to_string()).through_muxer());
 
     // Another process reads the pinned counters.
     let pinned = pin_dir.join(muxer_common::COUNTERS_MAP);
@@ -492,9 +497,8 @@ fn without_privileges_the_redirect_is_off_with_a_reason_and_serving_continues() 
         ],
     );
     assert!(body.contains("\"llm\""));
-    assert_eq!(
-        server.ssh_peer(&SERVER_V4.to_string()),
-        muxer_tests::netns::CLIENT_V4.to_string(),
+    assert!(
+        !server.ssh(&SERVER_V4.to_string()).through_muxer(),
         "port 22 untouched"
     );
     let stats = muxer.stats();

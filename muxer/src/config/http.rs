@@ -34,6 +34,50 @@ pub struct Http {
     /// How long an upstream that failed to connect is skipped by round robin.
     #[serde(default = "Http::default_failure_cooldown", with = "humantime_serde")]
     pub failure_cooldown: Duration,
+    /// A keep-alive connection with no request in flight (HTTP/1) or no open stream (HTTP/2) is
+    /// closed after this long; default: `header_read_timeout`. An HTTP/2 connection must also open
+    /// its first stream within it.
+    #[serde(default, with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
+    /// Streams one HTTP/2 connection may have open at once.
+    #[serde(default = "Http::default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive PING interval.
+    #[serde(default = "Http::default_ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// An HTTP/2 connection whose PING is not acknowledged within this is closed.
+    #[serde(default = "Http::default_ping_timeout", with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// A client that takes no response bytes for this long while some wait to be sent (it stopped
+    /// reading) is disconnected, and its upstream connection released.
+    #[serde(default = "Http::default_write_timeout", with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Request bodies must arrive at least this fast, in bytes per second, on average over the
+    /// time spent waiting for them (trickled bodies); 0: no minimum.
+    #[serde(default = "Http::default_body_min_rate")]
+    pub body_min_rate: u64,
+    /// Waiting time every request body is allowed on top of `body_min_rate`.
+    #[serde(default = "Http::default_body_rate_grace", with = "humantime_serde")]
+    pub body_rate_grace: Duration,
+    /// `CONNECT` tunnels and upgraded connections (WebSocket) silent both ways this long are
+    /// closed.
+    #[serde(
+        default = "Http::default_tunnel_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub tunnel_idle_timeout: Duration,
+    /// Connections one upstream may have open from muxer (per route); more requests queue.
+    #[serde(default = "Http::default_max_connections_per_upstream")]
+    pub max_connections_per_upstream: usize,
+    /// Requests that may wait for a connection to a full upstream; more get 503.
+    #[serde(default = "Http::default_upstream_queue")]
+    pub upstream_queue: usize,
+    /// How long a queued request waits for a connection to a full upstream; then 503.
+    #[serde(
+        default = "Http::default_upstream_queue_timeout",
+        with = "humantime_serde"
+    )]
+    pub upstream_queue_timeout: Duration,
     /// The routes, matched most specific host first, then longest path prefix.
     #[serde(default, rename = "route")]
     pub routes: Vec<HttpRoute>,
@@ -61,6 +105,41 @@ impl Http {
     fn default_failure_cooldown() -> Duration {
         Duration::from_secs(10)
     }
+    fn default_max_concurrent_streams() -> u32 {
+        100
+    }
+    fn default_ping_interval() -> Duration {
+        Duration::from_secs(20)
+    }
+    fn default_ping_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_write_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_body_min_rate() -> u64 {
+        1024
+    }
+    fn default_body_rate_grace() -> Duration {
+        Duration::from_secs(20)
+    }
+    fn default_tunnel_idle_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn default_max_connections_per_upstream() -> usize {
+        1024
+    }
+    fn default_upstream_queue() -> usize {
+        256
+    }
+    fn default_upstream_queue_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
+
+    /// The keep-alive idle timeout in force.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout.unwrap_or(self.header_read_timeout)
+    }
 }
 
 impl Default for Http {
@@ -74,6 +153,17 @@ impl Default for Http {
             pool_idle_timeout: Self::default_pool_idle_timeout(),
             body_idle_timeout: Self::default_body_idle_timeout(),
             failure_cooldown: Self::default_failure_cooldown(),
+            idle_timeout: None,
+            max_concurrent_streams: Self::default_max_concurrent_streams(),
+            ping_interval: Self::default_ping_interval(),
+            ping_timeout: Self::default_ping_timeout(),
+            write_timeout: Self::default_write_timeout(),
+            body_min_rate: Self::default_body_min_rate(),
+            body_rate_grace: Self::default_body_rate_grace(),
+            tunnel_idle_timeout: Self::default_tunnel_idle_timeout(),
+            max_connections_per_upstream: Self::default_max_connections_per_upstream(),
+            upstream_queue: Self::default_upstream_queue(),
+            upstream_queue_timeout: Self::default_upstream_queue_timeout(),
             routes: Vec::new(),
         }
     }
@@ -128,6 +218,13 @@ impl Http {
             ("http.connect_timeout", self.connect_timeout),
             ("http.pool_idle_timeout", self.pool_idle_timeout),
             ("http.body_idle_timeout", self.body_idle_timeout),
+            ("http.idle_timeout", self.idle_timeout()),
+            ("http.ping_interval", self.ping_interval),
+            ("http.ping_timeout", self.ping_timeout),
+            ("http.write_timeout", self.write_timeout),
+            ("http.body_rate_grace", self.body_rate_grace),
+            ("http.tunnel_idle_timeout", self.tunnel_idle_timeout),
+            ("http.upstream_queue_timeout", self.upstream_queue_timeout),
         ] {
             if value.is_zero() {
                 return Err((key.into(), "must be greater than 0".into()));
@@ -137,6 +234,18 @@ impl Http {
             return Err((
                 "http.max_header_bytes".into(),
                 "must be between 8192 and 16777216".into(),
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err((
+                "http.max_concurrent_streams".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.max_connections_per_upstream == 0 {
+            return Err((
+                "http.max_connections_per_upstream".into(),
+                "must be greater than 0".into(),
             ));
         }
         if self.max_body_bytes == 0 {

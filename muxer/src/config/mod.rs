@@ -230,24 +230,121 @@ pub enum Target {
     Close,
 }
 
-/// `[limits]`
+/// `[limits]`: capacity by class and per source network (docs/lockout.md).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Connections open at once; at the limit the accept loop waits.
+    /// Connections open at once, every class together; only at this limit does accepting wait.
     #[serde(default = "Limits::default_max_connections")]
     pub max_connections: usize,
-    /// Connections open at once from one client address; more are closed at accept.
-    #[serde(default = "Limits::default_max_connections_per_ip")]
-    pub max_connections_per_ip: usize,
+    /// Of `max_connections`, how many only connections being sniffed and SSH may use: HTTP, TLS,
+    /// tunnels, upgrades and the fallback share the rest. Default: a tenth.
+    #[serde(default)]
+    pub ssh_reserve: Option<usize>,
+    /// Connections open at once from one source network, every class together.
+    #[serde(
+        default = "Limits::default_max_connections_per_source",
+        alias = "max_connections_per_ip"
+    )]
+    pub max_connections_per_source: usize,
+    /// Connections still being sniffed at once from one source network.
+    #[serde(default = "Limits::default_max_sniffing_per_source")]
+    pub max_sniffing_per_source: usize,
+    /// SSH connections younger than `ssh_startup_window` at once from one source network: kept
+    /// below sshd's `MaxStartups` start (10) for two sources, so that unauthenticated
+    /// connections from one attacker cannot make sshd drop everyone's.
+    #[serde(default = "Limits::default_ssh_startups_per_source")]
+    pub ssh_startups_per_source: usize,
+    /// How long an SSH connection counts as a startup: sshd's `LoginGraceTime`.
+    #[serde(
+        default = "Limits::default_ssh_startup_window",
+        with = "humantime_serde"
+    )]
+    pub ssh_startup_window: Duration,
+    /// IPv4 prefix length of a source network (sshd's `PerSourceNetBlockSize`: 32).
+    #[serde(default = "Limits::default_source_prefix_v4")]
+    pub source_prefix_v4: u8,
+    /// IPv6 prefix length of a source network: 64, one customer's network.
+    #[serde(default = "Limits::default_source_prefix_v6")]
+    pub source_prefix_v6: u8,
 }
 
 impl Limits {
     fn default_max_connections() -> usize {
         20_000
     }
-    fn default_max_connections_per_ip() -> usize {
+    fn default_max_connections_per_source() -> usize {
         1_000
+    }
+    fn default_max_sniffing_per_source() -> usize {
+        64
+    }
+    fn default_ssh_startups_per_source() -> usize {
+        4
+    }
+    fn default_ssh_startup_window() -> Duration {
+        Duration::from_secs(120)
+    }
+    fn default_source_prefix_v4() -> u8 {
+        32
+    }
+    fn default_source_prefix_v6() -> u8 {
+        64
+    }
+
+    /// The SSH reserve in force.
+    pub fn ssh_reserve(&self) -> usize {
+        self.ssh_reserve.unwrap_or(self.max_connections / 10)
+    }
+
+    /// How many connections HTTP, TLS, tunnels, upgrades and the fallback may hold together.
+    pub fn shared_capacity(&self) -> usize {
+        self.max_connections.saturating_sub(self.ssh_reserve())
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("limits.max_connections", self.max_connections),
+            (
+                "limits.max_connections_per_source",
+                self.max_connections_per_source,
+            ),
+            (
+                "limits.max_sniffing_per_source",
+                self.max_sniffing_per_source,
+            ),
+            (
+                "limits.ssh_startups_per_source",
+                self.ssh_startups_per_source,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key, "must be greater than 0".into()));
+            }
+        }
+        if self.ssh_reserve() >= self.max_connections {
+            return Err((
+                "limits.ssh_reserve",
+                format!(
+                    "must be below limits.max_connections ({})",
+                    self.max_connections
+                ),
+            ));
+        }
+        if self.ssh_startup_window.is_zero() {
+            return Err(("limits.ssh_startup_window", "must be greater than 0".into()));
+        }
+        if !(1..=32).contains(&self.source_prefix_v4) {
+            return Err(("limits.source_prefix_v4", "must be between 1 and 32".into()));
+        }
+        if !(1..=128).contains(&self.source_prefix_v6) {
+            return Err((
+                "limits.source_prefix_v6",
+                "must be between 1 and 128".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -255,7 +352,13 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: Self::default_max_connections(),
-            max_connections_per_ip: Self::default_max_connections_per_ip(),
+            ssh_reserve: None,
+            max_connections_per_source: Self::default_max_connections_per_source(),
+            max_sniffing_per_source: Self::default_max_sniffing_per_source(),
+            ssh_startups_per_source: Self::default_ssh_startups_per_source(),
+            ssh_startup_window: Self::default_ssh_startup_window(),
+            source_prefix_v4: Self::default_source_prefix_v4(),
+            source_prefix_v6: Self::default_source_prefix_v6(),
         }
     }
 }
@@ -386,6 +489,24 @@ pub struct Backend {
     pub upstream: Upstream,
     /// PROXY header to send first. Never set it for sshd: OpenSSH rejects it.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// The source address the upstream sees, when it is on this machine (a loopback address).
+    #[serde(default)]
+    pub source: SourceMode,
+}
+
+/// `[ssh] source`, `[fallback] source`: which address a local upstream (sshd) sees connections
+/// come from. See docs/lockout.md.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceMode {
+    /// The client's own address and port (IP_TRANSPARENT, with a policy-routing rule muxer
+    /// installs); `per-client-loopback` without CAP_NET_ADMIN.
+    #[default]
+    Transparent,
+    /// A loopback address (127.a.b.c) derived from the client's address by a keyed hash.
+    PerClientLoopback,
+    /// muxer's own loopback address: every client looks the same to the upstream.
+    Muxer,
 }
 
 /// A `host:port` (`[v6]:port` for IPv6 literals). Host names are resolved at connect time.
@@ -529,15 +650,7 @@ impl Config {
                 format!("is \"{name}\" but the config has no [{name}] section"),
             ));
         }
-        if self.limits.max_connections == 0 {
-            return Err(("limits.max_connections", "must be greater than 0".into()));
-        }
-        if self.limits.max_connections_per_ip == 0 {
-            return Err((
-                "limits.max_connections_per_ip",
-                "must be greater than 0".into(),
-            ));
-        }
+        self.limits.validate()?;
         self.validate_redirect()?;
         for (key, value) in [
             ("splice.idle_timeout", self.splice.idle_timeout),

@@ -83,6 +83,108 @@ where
     }
 }
 
+/// A request body arrived slower than the minimum rate.
+#[derive(Debug, thiserror::Error)]
+#[error("request body slower than {rate} bytes/s after a {grace:?} grace")]
+pub struct BodyTooSlow {
+    /// The minimum rate, bytes per second.
+    pub rate: u64,
+    /// The waiting time allowed on top of it.
+    pub grace: Duration,
+}
+
+pin_project_lite::pin_project! {
+    /// Fails with [`BodyTooSlow`] once the time spent waiting for `inner` exceeds `grace` plus one
+    /// second per `rate` bytes received (Apache's mod_reqtimeout rule), so a trickled body cannot
+    /// hold a connection and an upstream request for ever. Only waiting counts: while the upstream
+    /// is slow to take the body, the body is not polled and its clock does not run.
+    pub struct MinRate<B, F> {
+        #[pin]
+        inner: B,
+        rate: u64,
+        grace: Duration,
+        received: u64,
+        waited: Duration,
+        waiting_since: Option<Instant>,
+        sleep: Option<Pin<Box<Sleep>>>,
+        on_timeout: Option<F>,
+    }
+}
+
+impl<B, F: FnOnce()> MinRate<B, F> {
+    /// Wraps `inner`; `rate` 0 turns the check off. `on_timeout` runs when it fires.
+    pub fn new(inner: B, rate: u64, grace: Duration, on_timeout: F) -> Self {
+        MinRate {
+            inner,
+            rate,
+            grace,
+            received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            sleep: None,
+            on_timeout: Some(on_timeout),
+        }
+    }
+}
+
+impl<B, F> Body for MinRate<B, F>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+    F: FnOnce(),
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.rate == 0 {
+            return this.inner.poll_frame(cx);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if let Some(since) = this.waiting_since.take() {
+                *this.waited += since.elapsed();
+            }
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                *this.received += data.map_or(0, |d| d.len() as u64);
+            }
+            return Poll::Ready(frame);
+        }
+        let since = *this.waiting_since.get_or_insert_with(Instant::now);
+        let allowed =
+            *this.grace + Duration::from_secs_f64(*this.received as f64 / *this.rate as f64);
+        let deadline = since + allowed.saturating_sub(*this.waited);
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                if let Some(on_timeout) = this.on_timeout.take() {
+                    on_timeout();
+                }
+                Poll::Ready(Some(Err(Box::new(BodyTooSlow {
+                    rate: *this.rate,
+                    grace: *this.grace,
+                }))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 use std::future::Future as _;
 
 /// How a body ended.
@@ -214,6 +316,66 @@ mod tests {
     }
 
     const IDLE: Duration = Duration::from_secs(5);
+
+    /// `Fed` behind the idle timeout and a minimum rate of 100 bytes/s after a 10 s grace.
+    fn rated(
+        rx: mpsc::Receiver<Bytes>,
+        fired: Arc<AtomicU64>,
+    ) -> impl Body<Data = Bytes, Error = BoxError> {
+        MinRate::new(
+            IdleTimeout::new(Fed(rx), Duration::from_secs(3600)),
+            100,
+            Duration::from_secs(10),
+            move || {
+                fired.fetch_add(1, Ordering::Relaxed);
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_body_fails_once_it_falls_below_the_minimum_rate() {
+        let (tx, rx) = mpsc::channel(1);
+        let fired = Arc::new(AtomicU64::new(0));
+        // One byte every 5 s: each byte buys 10 ms, so the 10 s grace runs out during the third gap.
+        let _feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if tx.send(Bytes::from_static(b"x")).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let error = rated(rx, Arc::clone(&fired)).collect().await.unwrap_err();
+        assert!(error.downcast_ref::<BodyTooSlow>().is_some(), "{error}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(10) && elapsed < Duration::from_secs(11),
+            "{elapsed:?}"
+        );
+        assert_eq!(fired.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_at_the_minimum_rate_passes_however_long() {
+        let (tx, rx) = mpsc::channel(1);
+        let fired = Arc::new(AtomicU64::new(0));
+        let feeder = tokio::spawn(async move {
+            // 200 bytes/s for 60 s.
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tx.send(Bytes::from(vec![b'x'; 200])).await.unwrap();
+            }
+        });
+        let body = rated(rx, Arc::clone(&fired))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body.len(), 12_000);
+        assert_eq!(fired.load(Ordering::Relaxed), 0);
+        feeder.await.unwrap();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn gaps_shorter_than_the_idle_timeout_pass_however_long_the_body() {

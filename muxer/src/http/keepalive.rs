@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,6 +39,7 @@ use super::pool::InUse;
 use super::proxy::ResponseBody;
 use super::stream::{Replayed, Traffic};
 use super::upstream::BoxError;
+use crate::limits::{ConnectionLimits, Eviction, Timeout};
 
 /// How long a busy connection stays idle in hyper's hands before it is parked. A connection is
 /// parked as soon as it goes idle the first time; if its next request then comes within this
@@ -81,8 +82,14 @@ impl Activity {
         self.started.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn started(&self) -> usize {
+    /// Requests started on this connection, ever.
+    pub fn started(&self) -> usize {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// Whether no request is in flight (no response or request body unfinished).
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
     }
 
     /// Marks the response about to be written as the connection's last, complete and small: it
@@ -270,28 +277,47 @@ impl<S: AsyncWrite + AsFd> AsyncWrite for Parkable<S> {
     }
 }
 
+/// The client socket of an HTTP/1 connection.
+pub struct Client {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Its first bytes, already read by the sniffer.
+    pub prefix: Vec<u8>,
+    /// Its byte counters.
+    pub traffic: Arc<Traffic>,
+    /// A client that takes no response bytes for this long is disconnected.
+    pub write_timeout: Duration,
+}
+
+/// What happens to a parked connection.
+pub struct Idle<'a> {
+    /// Closed after this long without a next request.
+    pub timeout: Duration,
+    /// Where it is registered while parked (closable at the descriptor limit) and its timeout
+    /// counted.
+    pub limits: &'a ConnectionLimits,
+}
+
 /// Serves HTTP/1.1 on `client` (whose first bytes, `prefix`, were already read), parking it
 /// between requests, until it closes or `shutdown` fires. A parked connection that stays silent
-/// for `idle_timeout` is closed, as hyper closes one whose next request does not arrive within
-/// its header read timeout.
-#[allow(clippy::too_many_arguments)]
+/// for the idle timeout is closed, as hyper closes one whose next request does not arrive within
+/// its header read timeout; so is the longest-parked one when the process runs out of descriptors.
 pub async fn serve<S>(
-    client: TcpStream,
-    prefix: Vec<u8>,
-    traffic: Arc<Traffic>,
+    client: Client,
     builder: &http1::Builder,
     mut service: S,
     in_use: &InUse,
     activity: &Arc<Activity>,
     shutdown: &CancellationToken,
-    idle_timeout: Duration,
-    parked_gauge: &AtomicU64,
+    idle: Idle<'_>,
 ) -> Result<(), hyper::Error>
 where
     S: HttpService<Incoming, ResBody = Tracked, Error = Infallible> + Unpin + Send,
     S::Future: Send + 'static,
 {
-    let mut replayed = Replayed::new(prefix, client, traffic);
+    let write_timeout = client.write_timeout;
+    let mut replayed = Replayed::new(client.prefix, client.stream, client.traffic)
+        .with_write_timeout(write_timeout);
     // One timer per connection: the grace period before parking, then the parked idle limit.
     let mut idle_timer: Option<Pin<Box<Sleep>>> = None;
     // The client sent its next request within PARK_GRACE of the last parking: wait out the
@@ -343,31 +369,36 @@ where
         service = next_service;
         let parked_at = Instant::now();
         if unread.is_empty() {
-            let deadline = parked_at + idle_timeout;
-            let _parked = Parked::count(parked_gauge);
-            if !next_request(&stream, deadline, &mut idle_timer, shutdown).await {
-                return Ok(());
+            let deadline = parked_at + idle.timeout;
+            let parked = idle.limits.idle.park();
+            match next_request(
+                &stream,
+                deadline,
+                &mut idle_timer,
+                shutdown,
+                &parked.eviction,
+            )
+            .await
+            {
+                Wake::Request => {}
+                Wake::Close(Some(timeout)) => {
+                    idle.limits.count_timeout(timeout);
+                    return Ok(());
+                }
+                Wake::Close(None) => return Ok(()),
             }
         }
         busy = parked_at.elapsed() < PARK_GRACE;
-        replayed = Replayed::resume(unread, stream, traffic);
+        replayed = Replayed::resume(unread, stream, traffic).with_write_timeout(write_timeout);
     }
 }
 
-/// Counts a connection in the parked gauge while it lives (also when the wait is dropped).
-struct Parked<'a>(&'a AtomicU64);
-
-impl<'a> Parked<'a> {
-    fn count(gauge: &'a AtomicU64) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Parked(gauge)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Why a parked connection's wait ended.
+enum Wake {
+    /// The client sent something (or closed): serve it.
+    Request,
+    /// Close the connection: idle too long (the timeout to count), evicted or shutting down.
+    Close(Option<Timeout>),
 }
 
 /// Takes a hyper connection that ended for parking apart: the bytes it read but did not use, the
@@ -390,29 +421,33 @@ where
     Some((unread, stream, traffic, parts.service))
 }
 
-/// Waits, holding no buffer, until `stream` has bytes (or an end) to read: true. False when the
-/// connection should close instead: silent past `deadline`, or shutting down. `timer` is kept
-/// across waits and re-armed only when it fires early, not once per request.
+/// Waits, holding no buffer, until `stream` has bytes (or an end) to read. Ends with a close
+/// instead when the connection is silent past `deadline`, evicted to free its descriptor, or
+/// shutting down. `timer` is kept across waits and re-armed only when it fires early, not once
+/// per request.
 async fn next_request(
     stream: &TcpStream,
     deadline: Instant,
     timer: &mut Option<Pin<Box<Sleep>>>,
     shutdown: &CancellationToken,
-) -> bool {
+    eviction: &Eviction,
+) -> Wake {
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     std::future::poll_fn(|cx| {
         if stream.poll_read_ready(cx).is_ready() {
-            return Poll::Ready(true);
+            return Poll::Ready(Wake::Request);
         }
-        if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(false);
+        if cancelled.as_mut().poll(cx).is_ready() || eviction.poll_evicted(cx) {
+            return Poll::Ready(Wake::Close(None));
         }
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
             match sleep.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(false),
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    return Poll::Ready(Wake::Close(Some(Timeout::KeepAliveIdle)))
+                }
                 // Armed for an earlier wait.
                 Poll::Ready(()) => sleep.as_mut().reset(deadline),
             }

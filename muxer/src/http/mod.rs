@@ -30,9 +30,112 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Http, Tunnel};
+use crate::limits::{ConnectionSlot, Timeout};
 use crate::metrics::HttpMetrics;
 use crate::runtime::Runtime;
 use crate::sniff::HttpVersion;
+
+/// One client connection as the router sees it.
+#[derive(Debug)]
+pub struct ClientConnection {
+    /// The client's address (from a trusted PROXY header, or the TCP peer).
+    pub peer: SocketAddr,
+    /// Bytes moved, for the connection's log line.
+    pub traffic: Arc<stream::Traffic>,
+    /// The connection's place under the limits; a tunnel or upgrade it becomes keeps it.
+    pub slot: Arc<ConnectionSlot>,
+}
+
+/// What each request's handler knows of its client connection.
+#[derive(Clone, Debug)]
+pub struct RequestClient {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The local address the client reached.
+    pub local: SocketAddr,
+    /// The connection's slot, handed to the tunnel a request may open.
+    pub slot: Arc<ConnectionSlot>,
+}
+
+/// Closes an HTTP/2 connection that opens no stream in time, or keeps none open for too long.
+/// Armed whenever no request is in flight; a request started since re-arms it.
+struct Http2Idle {
+    first_request: std::time::Duration,
+    idle: std::time::Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The request count when the timer was last armed; `None` while a request is in flight.
+    armed_at: Option<usize>,
+    fired: bool,
+}
+
+impl Http2Idle {
+    fn new(first_request: std::time::Duration, idle: std::time::Duration) -> Self {
+        Http2Idle {
+            first_request,
+            idle,
+            sleep: None,
+            armed_at: None,
+            fired: false,
+        }
+    }
+
+    /// Which timeout fired, once.
+    fn poll_expired(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        activity: &keepalive::Activity,
+    ) -> Option<Timeout> {
+        if self.fired {
+            return None;
+        }
+        if !activity.is_idle() {
+            self.armed_at = None;
+            return None;
+        }
+        let started = activity.started();
+        if self.armed_at != Some(started) {
+            self.armed_at = Some(started);
+            let limit = if started == 0 {
+                self.first_request
+            } else {
+                self.idle
+            };
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let sleep = self.sleep.as_mut()?;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.fired = true;
+        Some(if started == 0 {
+            Timeout::Http2FirstRequest
+        } else {
+            Timeout::Http2Idle
+        })
+    }
+}
+
+/// Which timeout ended a connection whose serving returned `result`, if one did.
+fn timeout_of(
+    result: &Result<(), hyper::Error>,
+    traffic: &stream::Traffic,
+    version: HttpVersion,
+) -> Option<Timeout> {
+    if traffic.write_stalled() {
+        return Some(Timeout::WriteStalled);
+    }
+    match (result, version) {
+        (Err(error), HttpVersion::Http1) if error.is_timeout() => Some(Timeout::HeaderRead),
+        (Err(error), HttpVersion::Http2PriorKnowledge) if error.is_timeout() => {
+            Some(Timeout::Http2Ping)
+        }
+        _ => None,
+    }
+}
 
 /// Everything the router needs, built once per configuration.
 #[derive(Debug)]
@@ -66,6 +169,9 @@ impl HttpContext {
                 idle_timeout: settings.pool_idle_timeout,
                 tcp_keepalive,
                 workers,
+                max_connections: settings.max_connections_per_upstream,
+                queue: settings.upstream_queue,
+                queue_timeout: settings.upstream_queue_timeout,
             },
             &metrics,
         );
@@ -161,20 +267,36 @@ fn short(body: &impl hyper::body::Body) -> bool {
 pub async fn serve(
     client: TcpStream,
     prefix: Vec<u8>,
-    peer: SocketAddr,
+    connection: ClientConnection,
     context: Arc<HttpContext>,
-    traffic: Arc<stream::Traffic>,
     runtime: Arc<Runtime>,
     version: HttpVersion,
 ) -> Result<(), hyper::Error> {
     let local = client
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let header_limit = context.settings.max_header_bytes;
-    let header_read_timeout = context.settings.header_read_timeout;
+    let ClientConnection {
+        peer,
+        traffic,
+        slot,
+    } = connection;
+    let settings = &context.settings;
+    let header_limit = settings.max_header_bytes;
+    let header_read_timeout = settings.header_read_timeout;
+    let idle_timeout = settings.idle_timeout();
+    let write_timeout = settings.write_timeout;
+    let h2_settings = (
+        settings.max_concurrent_streams,
+        settings.ping_interval,
+        settings.ping_timeout,
+    );
     let shutdown = runtime.shutdown.clone();
-    let stats = Arc::clone(&runtime.stats);
     let in_use = pool::InUse::default();
+    let request_client = RequestClient {
+        peer,
+        local,
+        slot: Arc::clone(&slot),
+    };
     let handler_in_use = in_use.clone();
     let activity = Arc::new(keepalive::Activity::default());
     let handler_activity = Arc::clone(&activity);
@@ -191,8 +313,7 @@ pub async fn serve(
         let handled = proxy::handle(
             request,
             current,
-            peer,
-            local,
+            request_client.clone(),
             handler_in_use.clone(),
             Arc::clone(&handler_activity),
         );
@@ -208,6 +329,8 @@ pub async fn serve(
     // Boxed, and as a concrete `dyn Future + Send`: HTTP/2's connection state then does not size
     // every HTTP/1 connection, and the compiler can prove the connection task `Send` (left
     // generic, it cannot for every lifetime).
+    let traffic_seen = Arc::clone(&traffic);
+    let limits = slot.limits();
     let serving: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + '_>> = match version
     {
         HttpVersion::Http1 => {
@@ -219,33 +342,60 @@ pub async fn serve(
                 .keep_alive(true);
             Box::pin(async move {
                 keepalive::serve(
-                    client,
-                    prefix,
-                    traffic,
+                    keepalive::Client {
+                        stream: client,
+                        prefix,
+                        traffic,
+                        write_timeout,
+                    },
                     &builder,
                     service,
                     &in_use,
                     &activity,
                     &shutdown,
-                    header_read_timeout,
-                    &stats.http_parked,
+                    keepalive::Idle {
+                        timeout: idle_timeout,
+                        limits,
+                    },
                 )
                 .await
             })
         }
         HttpVersion::Http2PriorKnowledge => {
+            let (max_streams, ping_interval, ping_timeout) = h2_settings;
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
-                .max_header_list_size(header_limit as u32);
-            let io = TokioIo::new(stream::Replayed::new(prefix, client, traffic));
+                .max_header_list_size(header_limit as u32)
+                .max_concurrent_streams(max_streams)
+                .keep_alive_interval(Some(ping_interval))
+                .keep_alive_timeout(ping_timeout);
+            let io = TokioIo::new(
+                stream::Replayed::new(prefix, client, traffic).with_write_timeout(write_timeout),
+            );
             Box::pin(async move {
                 let mut connection = Box::new(builder.serve_connection(io, service));
-                drive(&mut connection, &in_use, &shutdown, |_| false).await
+                // The first stream must open within the request head's time, like an HTTP/1
+                // request; later silences get the keep-alive idle time.
+                let mut timer = Http2Idle::new(header_read_timeout, idle_timeout);
+                drive(&mut connection, &in_use, &shutdown, |cx| {
+                    match timer.poll_expired(cx, &activity) {
+                        Some(timeout) => {
+                            limits.count_timeout(timeout);
+                            true
+                        }
+                        None => false,
+                    }
+                })
+                .await
             })
         }
     };
-    serving.await
+    let result = serving.await;
+    if let Some(timeout) = timeout_of(&result, &traffic_seen, version) {
+        limits.count_timeout(timeout);
+    }
+    result
 }
 
 #[cfg(test)]

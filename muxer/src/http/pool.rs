@@ -8,7 +8,7 @@
 //! its pool as soon as its exchange is complete, so an idle client holds no upstream connection.
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::upstream::UpstreamBody;
 use crate::connection::connect_tuned;
@@ -34,6 +35,12 @@ pub struct PoolSettings {
     pub tcp_keepalive: Duration,
     /// Worker threads: each keeps its own idle connections, registered with its own runtime.
     pub workers: usize,
+    /// Connections open to the upstream at once, idle ones included.
+    pub max_connections: usize,
+    /// Requests that may wait for a place when the upstream is at `max_connections`.
+    pub queue: usize,
+    /// How long such a request waits.
+    pub queue_timeout: Duration,
 }
 
 /// Why no connection could be had.
@@ -46,6 +53,13 @@ pub enum ConnectError {
         authority: String,
         /// What the connect returned.
         source: std::io::Error,
+    },
+    /// The upstream has `max_connections` open and no place freed within the queue's time (or
+    /// the queue was full).
+    #[error("{authority} is at its connection limit")]
+    Full {
+        /// The upstream.
+        authority: String,
     },
     /// The HTTP/1 handshake failed (it does no I/O, so this is not expected).
     #[error("HTTP handshake with {authority}: {source}")]
@@ -63,6 +77,8 @@ pub struct UpstreamConnection {
     driver: Pin<Box<Driver>>,
     pool: Weak<Pool>,
     idle_since: Instant,
+    /// The connection's place under the upstream's cap.
+    _place: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for UpstreamConnection {
@@ -105,6 +121,10 @@ pub struct Pool {
     authority: String,
     settings: PoolSettings,
     shards: Box<[Shard]>,
+    /// One permit per connection the upstream may have open.
+    places: Arc<Semaphore>,
+    /// Requests waiting for a place.
+    queued: AtomicUsize,
 }
 
 /// One worker's idle connections, most recently used last.
@@ -132,7 +152,43 @@ impl Pool {
             shards: (0..settings.workers.max(1))
                 .map(|_| Shard::default())
                 .collect(),
+            places: Arc::new(Semaphore::new(settings.max_connections)),
+            queued: AtomicUsize::new(0),
         })
+    }
+
+    /// A place for one more connection: at once, by closing an idle connection (which holds
+    /// one), or after waiting in the queue.
+    async fn place(&self) -> Result<OwnedSemaphorePermit, ConnectError> {
+        if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
+            return Ok(place);
+        }
+        if let Some(idle) = self.shards.iter().find_map(|shard| {
+            let mut idle = shard.lock();
+            (!idle.is_empty()).then(|| idle.remove(0))
+        }) {
+            drop(idle);
+            if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
+                return Ok(place);
+            }
+        }
+        let full = || ConnectError::Full {
+            authority: self.authority.clone(),
+        };
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.settings.queue {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(full());
+        }
+        let waited = tokio::time::timeout(
+            self.settings.queue_timeout,
+            Arc::clone(&self.places).acquire_owned(),
+        )
+        .await;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        match waited {
+            Ok(Ok(place)) => Ok(place),
+            _ => Err(full()),
+        }
     }
 
     /// `host:port`.
@@ -163,6 +219,7 @@ impl Pool {
 
     /// A new connection.
     pub async fn connect(self: &Arc<Self>) -> Result<UpstreamConnection, ConnectError> {
+        let place = self.place().await?;
         let stream = connect_tuned(
             &self.authority,
             self.settings.connect_timeout,
@@ -185,6 +242,7 @@ impl Pool {
             driver: Box::pin(driver.with_upgrades()),
             pool: Arc::downgrade(self),
             idle_since: Instant::now(),
+            _place: place,
         })
     }
 
@@ -335,6 +393,9 @@ mod tests {
         idle_timeout: Duration::from_secs(30),
         tcp_keepalive: Duration::from_secs(60),
         workers: 1,
+        max_connections: 64,
+        queue: 4,
+        queue_timeout: Duration::from_secs(2),
     };
 
     /// A keep-alive HTTP/1.1 server on loopback answering `ok` to every request; each accepted
@@ -466,5 +527,60 @@ mod tests {
         let error = pool.connect().await.unwrap_err();
         assert!(matches!(error, ConnectError::Tcp { .. }), "{error}");
         assert!(error.to_string().contains(&address), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_full_upstream_queues_briefly_then_refuses() {
+        let (address, _server) = server(usize::MAX).await;
+        let settings = PoolSettings {
+            max_connections: 2,
+            queue: 1,
+            queue_timeout: Duration::from_millis(300),
+            ..SETTINGS
+        };
+        let pool = Pool::new(address, settings);
+        let first = pool.connect().await.unwrap();
+        let second = pool.connect().await.unwrap();
+        // Over the cap: one request may wait; it gets the place the first connection frees.
+        let waiting = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.connect().await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queue_full = pool.connect().await.unwrap_err();
+        assert!(
+            matches!(queue_full, ConnectError::Full { .. }),
+            "{queue_full}"
+        );
+        drop(first);
+        waiting
+            .await
+            .unwrap()
+            .expect("the queued request got the freed place");
+        // Nobody frees a place now: the queued request times out.
+        let _third = pool.connect().await.unwrap();
+        let timed_out = pool.connect().await.unwrap_err();
+        assert!(
+            matches!(timed_out, ConnectError::Full { .. }),
+            "{timed_out}"
+        );
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_gives_its_place_to_a_new_one() {
+        let (address, _server) = server(usize::MAX).await;
+        let settings = PoolSettings {
+            max_connections: 1,
+            queue: 0,
+            ..SETTINGS
+        };
+        let pool = Pool::new(address, settings);
+        let in_use = InUse::default();
+        let first = pool.connect().await.unwrap();
+        assert_eq!(exchange(&in_use, first).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        let _second = pool.connect().await.expect("the idle connection made room");
+        assert_eq!(pool.idle_count(), 0);
     }
 }

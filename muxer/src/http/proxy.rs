@@ -1,7 +1,6 @@
 //! Forwarding one request: canonical path → route → upstream, streaming both bodies, tunnelling
 //! upgrades, and turning failures into short, honest status codes.
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,14 +13,15 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
-use super::body::{BodyEnd, IdleTimeout, Observed};
+use super::body::{BodyEnd, IdleTimeout, MinRate, Observed};
 use super::headers;
 use super::keepalive::{self, Activity};
 use super::path::canonicalize;
 use super::pool::{ConnectError, InUse, Pool};
 use super::router::{normalize_host, Route};
 use super::upstream::UpstreamBody;
-use super::HttpContext;
+use super::{HttpContext, RequestClient};
+use crate::limits::{Class, ConnectionSlot, Refusal, Timeout};
 use crate::metrics::HttpMetrics;
 
 /// The body type of responses to clients.
@@ -109,6 +109,8 @@ enum Failure {
     BodyTooLarge,
     /// The connection to the upstream broke.
     Broken,
+    /// The upstream has as many connections as allowed and no queued place freed in time.
+    UpstreamFull,
 }
 
 fn caused_by<'a, E: std::error::Error + 'static>(
@@ -177,8 +179,7 @@ async fn exchange(
 pub async fn handle(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
-    client: SocketAddr,
-    local: SocketAddr,
+    client: RequestClient,
     in_use: InUse,
     activity: Arc<Activity>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -186,8 +187,11 @@ pub async fn handle(
     let request_body =
         (!request.body().is_end_stream()).then(|| keepalive::RequestBody::new(&activity));
     if request.method() == Method::CONNECT {
-        return Ok(super::tunnel::connect(request, context, client, local).await);
+        return Ok(super::tunnel::connect(request, context, client).await);
     }
+    let RequestClient {
+        peer: client, slot, ..
+    } = client;
     let started = Instant::now();
     // As a header value: forwarding it (Host, X-Forwarded-Host) is then a reference count, not a copy.
     let raw_host = match request.uri().authority() {
@@ -282,10 +286,16 @@ pub async fn handle(
     let mut body = (!bodiless).then(|| {
         let bytes_in = Arc::new(AtomicU64::new(0));
         access.bytes_in = Some(Arc::clone(&bytes_in));
+        let trickle_slot = Arc::clone(&slot);
         Observed::new(
-            IdleTimeout::new(
-                Limited::new(body, limit as usize),
-                context.settings.body_idle_timeout,
+            MinRate::new(
+                IdleTimeout::new(
+                    Limited::new(body, limit as usize),
+                    context.settings.body_idle_timeout,
+                ),
+                context.settings.body_min_rate,
+                context.settings.body_rate_grace,
+                move || trickle_slot.limits().count_timeout(Timeout::BodyTooSlow),
             ),
             bytes_in,
             move |end| {
@@ -347,6 +357,10 @@ pub async fn handle(
         };
         debug!(route = %route.name, upstream = route.upstreams.authority(index), error = %error, "upstream request failed");
         match error {
+            ExchangeError::Connect(ConnectError::Full { .. }, _) => {
+                slot.limits().count_refusal(Refusal::UpstreamFull);
+                break Err(Failure::UpstreamFull);
+            }
             ExchangeError::Connect(_, request) => {
                 route.upstreams.mark_failed(index);
                 if attempt == 0 && route.upstreams.len() > 1 {
@@ -385,7 +399,13 @@ pub async fn handle(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.name.clone()));
+            tokio::spawn(tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                route.name.clone(),
+                slot,
+                context.settings.tunnel_idle_timeout,
+            ));
             let (mut parts, _) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::set_upgrade(&mut parts.headers, protocol);
@@ -446,14 +466,30 @@ fn failure_response(failure: Failure, route: &Route, limit: u64) -> Response<Res
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("413 request body larger than {limit} bytes"),
         ),
+        Failure::UpstreamFull => {
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "503 service unavailable: the upstream of route {} is at its connection limit",
+                    route.name
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
     }
 }
 
-/// Joins an upgraded client connection to the upgraded upstream connection.
+/// Joins an upgraded client connection to the upgraded upstream connection. The connection keeps
+/// its slot (now in the upgraded class) until the tunnel closes, silent `idle` at the most.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     route: String,
+    slot: Arc<ConnectionSlot>,
+    idle: Duration,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -462,12 +498,13 @@ async fn tunnel(
             return;
         }
     };
+    // HTTP to upgraded: both in the shared pool, so this cannot be refused.
+    let _ = slot.classify(Class::Upgraded);
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => {
-            info!(target: "muxer::access", %route, bytes_in = up, bytes_out = down, "upgraded connection closed")
-        }
-        Err(error) => debug!(%route, %error, "upgraded connection failed"),
+    let joined = super::tunnel::join(&mut client, &mut upstream, idle).await;
+    if joined.idle_timeout {
+        slot.limits().count_timeout(Timeout::TunnelIdle);
     }
+    info!(target: "muxer::access", %route, bytes_in = joined.client_to_upstream, bytes_out = joined.upstream_to_client, end = joined.end(), "upgraded connection closed");
 }

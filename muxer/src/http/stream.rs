@@ -1,13 +1,16 @@
-//! The client socket as hyper sees it: the sniffed bytes replayed first, and bytes counted both
-//! ways for the connection's log line.
+//! The client socket as hyper sees it: the sniffed bytes replayed first, bytes counted both ways
+//! for the connection's log line, and a write-progress timeout for clients that stop reading.
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Bytes moved through a [`Replayed`] stream.
 #[derive(Debug, Default)]
@@ -16,16 +19,35 @@ pub struct Traffic {
     pub read: AtomicU64,
     /// To the client.
     pub written: AtomicU64,
+    /// The client took no bytes for the write timeout and the connection was ended.
+    write_stalled: AtomicBool,
 }
 
+impl Traffic {
+    /// Whether the connection ended because the client stopped reading.
+    pub fn write_stalled(&self) -> bool {
+        self.write_stalled.load(Ordering::Relaxed)
+    }
+}
+
+/// The client stopped reading: no byte could be written for the write timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took no data for {0:?}")]
+pub struct WriteStalled(pub Duration);
+
 pin_project_lite::pin_project! {
-    /// Reads `prefix` before `inner`; writes go straight to `inner`.
+    /// Reads `prefix` before `inner`; writes go straight to `inner`, and fail with
+    /// [`WriteStalled`] when none can make progress for the write timeout.
     pub struct Replayed<S> {
         prefix: Vec<u8>,
         consumed: usize,
         #[pin]
         inner: S,
         traffic: Arc<Traffic>,
+        write_timeout: Option<Duration>,
+        // Armed while a write waits; allocated the first time one does.
+        stall: Option<Pin<Box<Sleep>>>,
+        stalled_since: Option<Instant>,
     }
 }
 
@@ -46,7 +68,16 @@ impl<S> Replayed<S> {
             consumed: 0,
             inner,
             traffic,
+            write_timeout: None,
+            stall: None,
+            stalled_since: None,
         }
+    }
+
+    /// Fails writes that make no progress for `timeout`.
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = Some(timeout);
+        self
     }
 
     /// Where this stream's bytes are counted.
@@ -96,43 +127,77 @@ impl<S: AsFd> AsFd for Replayed<S> {
     }
 }
 
+impl<S> Replayed<S> {
+    /// Counts a completed write and disarms the stall timer; while a write waits, arms it and
+    /// turns the wait into [`WriteStalled`] once it has lasted the write timeout.
+    fn progress<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+        written: impl FnOnce(&T) -> usize,
+    ) -> Poll<io::Result<T>> {
+        let this = self.project();
+        match polled {
+            Poll::Ready(Ok(value)) => {
+                let count = written(&value);
+                this.traffic
+                    .written
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                *this.stalled_since = None;
+                Poll::Ready(Ok(value))
+            }
+            Poll::Pending => {
+                let Some(timeout) = *this.write_timeout else {
+                    return Poll::Pending;
+                };
+                let since = *this.stalled_since.get_or_insert_with(Instant::now);
+                let deadline = since + timeout;
+                let sleep = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.traffic.write_stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    WriteStalled(timeout),
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
 impl<S: AsyncWrite> AsyncWrite for Replayed<S> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, data);
-        if let Poll::Ready(Ok(count)) = &polled {
-            this.traffic
-                .written
-                .fetch_add(*count as u64, Ordering::Relaxed);
-        }
-        polled
+        let polled = self.as_mut().project().inner.poll_write(cx, data);
+        self.progress(cx, polled, |count| *count)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(count)) = &polled {
-            this.traffic
-                .written
-                .fetch_add(*count as u64, Ordering::Relaxed);
-        }
-        polled
+        let polled = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
+        self.progress(cx, polled, |count| *count)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = self.as_mut().project().inner.poll_flush(cx);
+        self.progress(cx, polled, |()| 0)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -159,6 +224,43 @@ mod tests {
         resumed.read_exact(&mut again).await.unwrap();
         assert_eq!(&again, b"/ ");
         assert_eq!(traffic.read.load(Ordering::Relaxed), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_fails_the_write_after_the_timeout() {
+        let (_client, server) = tokio::io::duplex(16);
+        let traffic = Arc::new(Traffic::default());
+        let mut replayed = Replayed::new(Vec::new(), server, Arc::clone(&traffic))
+            .with_write_timeout(Duration::from_secs(30));
+        let started = Instant::now();
+        let error = replayed.write_all(&[0u8; 64]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert!(traffic.write_stalled());
+        assert_eq!(
+            traffic.written.load(Ordering::Relaxed),
+            16,
+            "what fitted was counted"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_reading_is_not_a_stall() {
+        let (mut client, server) = tokio::io::duplex(16);
+        let traffic = Arc::new(Traffic::default());
+        let mut replayed = Replayed::new(Vec::new(), server, Arc::clone(&traffic))
+            .with_write_timeout(Duration::from_secs(30));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let mut total = 0;
+            while total < 160 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                total += client.read(&mut buf).await.unwrap();
+            }
+        });
+        replayed.write_all(&[0u8; 160]).await.unwrap();
+        assert!(!traffic.write_stalled());
+        reader.await.unwrap();
     }
 
     #[tokio::test]

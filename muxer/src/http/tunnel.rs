@@ -2,9 +2,14 @@
 //! the upstream configured for that name. Only configured names are reachable — never an open
 //! proxy — optionally behind Basic credentials (compared in constant time) and source networks.
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -14,12 +19,13 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::{debug, info};
 
 use super::proxy::{text, ResponseBody};
-use super::HttpContext;
+use super::{HttpContext, RequestClient};
 use crate::config::{ProxyVersion, Tunnel};
+use crate::limits::{Class, Timeout};
 
 #[derive(Debug)]
 struct Entry {
@@ -88,13 +94,18 @@ fn log(client: SocketAddr, name: &str, upstream: &str, status: StatusCode, start
     );
 }
 
-/// Answers a `CONNECT` request from `client` (which reached `local`).
+/// Answers a `CONNECT` request from `client`. An open tunnel keeps the client connection's slot
+/// (as a tunnel) and closes when silent both ways for `http.tunnel_idle_timeout`.
 pub async fn connect(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
-    client: SocketAddr,
-    local: SocketAddr,
+    requester: RequestClient,
 ) -> Response<ResponseBody> {
+    let RequestClient {
+        peer: client,
+        local,
+        slot,
+    } = requester;
     let started = Instant::now();
     let name = request
         .uri()
@@ -172,6 +183,7 @@ pub async fn connect(
     );
     let upgrade = hyper::upgrade::on(&mut request);
     let name = tunnel.name.clone();
+    let idle = context.settings.tunnel_idle_timeout;
     tokio::spawn(async move {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
@@ -180,13 +192,14 @@ pub async fn connect(
                 return;
             }
         };
+        // HTTP to tunnel: both in the shared pool, so this cannot be refused.
+        let _ = slot.classify(Class::Tunnel);
         let mut client_io = TokioIo::new(upgraded);
-        match tokio::io::copy_bidirectional(&mut client_io, &mut upstream).await {
-            Ok((up, down)) => {
-                info!(target: "muxer::access", tunnel = %name, bytes_in = up, bytes_out = down, "tunnel closed")
-            }
-            Err(error) => debug!(tunnel = %name, %error, "tunnel failed"),
+        let joined = join(&mut client_io, &mut upstream, idle).await;
+        if joined.idle_timeout {
+            slot.limits().count_timeout(Timeout::TunnelIdle);
         }
+        info!(target: "muxer::access", tunnel = %name, bytes_in = joined.client_to_upstream, bytes_out = joined.upstream_to_client, end = joined.end(), "tunnel closed");
     });
     Response::new(http_body_util::BodyExt::boxed_unsync(
         http_body_util::BodyExt::map_err(
@@ -194,6 +207,143 @@ pub async fn connect(
             |never| match never {},
         ),
     ))
+}
+
+/// How a [`join`] ended.
+#[derive(Debug)]
+pub struct Joined {
+    /// Bytes from the client to the upstream.
+    pub client_to_upstream: u64,
+    /// Bytes from the upstream to the client.
+    pub upstream_to_client: u64,
+    /// Closed for silence.
+    pub idle_timeout: bool,
+    /// The error that ended it, if one did.
+    pub error: Option<io::ErrorKind>,
+}
+
+impl Joined {
+    /// For the log line.
+    pub fn end(&self) -> String {
+        match (self.idle_timeout, self.error) {
+            (true, _) => "idle timeout".into(),
+            (false, Some(kind)) => format!("error: {kind}"),
+            (false, None) => "finished".into(),
+        }
+    }
+}
+
+/// Copies both ways between `client` and `upstream` until both finish, one fails, or no byte
+/// moves either way for `idle` (a download with a silent uplink is not idle; a peer that stops
+/// reading stops the bytes, so it is).
+pub async fn join<A, B>(client: &mut A, upstream: &mut B, idle: Duration) -> Joined
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let base = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let mut client = Stamped {
+        inner: client,
+        base,
+        last: &last,
+        read: 0,
+    };
+    let mut upstream = Stamped {
+        inner: upstream,
+        base,
+        last: &last,
+        read: 0,
+    };
+    let outcome = {
+        let sleep = tokio::time::sleep(idle);
+        tokio::pin!(sleep);
+        let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        let mut copying = std::pin::pin!(copying);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = copying.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+            loop {
+                let deadline = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) if tokio::time::Instant::now() >= deadline => {
+                        return Poll::Ready(None)
+                    }
+                    Poll::Ready(()) => continue,
+                }
+            }
+        })
+        .await
+    };
+    let (client_to_upstream, upstream_to_client) = (client.read, upstream.read);
+    Joined {
+        client_to_upstream,
+        upstream_to_client,
+        idle_timeout: outcome.is_none(),
+        error: outcome
+            .and_then(|result| result.err())
+            .map(|error| error.kind()),
+    }
+}
+
+/// A stream that stamps `last` (milliseconds since `base`) whenever bytes move, and counts the
+/// bytes read from it.
+struct Stamped<'a, S> {
+    inner: &'a mut S,
+    base: tokio::time::Instant,
+    last: &'a AtomicU64,
+    read: u64,
+}
+
+impl<S> Stamped<'_, S> {
+    fn stamp(&self) {
+        let now = self.base.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Stamped<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read += read as u64;
+            self.stamp();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.stamp();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -235,5 +385,31 @@ mod tests {
             expected
         ));
         assert!(!credentials_match(None, expected));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_joined_pair_closes_after_silence_but_not_while_bytes_move() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut client_end) = tokio::io::duplex(64);
+        let (mut upstream, mut upstream_end) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(60);
+        let joining =
+            tokio::spawn(async move { join(&mut client_end, &mut upstream_end, idle).await });
+        // Bytes every 40 s, one way only, keep it open past the idle time.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            upstream.read_exact(&mut got).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let joined = joining.await.unwrap();
+        assert!(joined.idle_timeout);
+        assert!(
+            started.elapsed() >= Duration::from_secs(59),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(joined.client_to_upstream, 12);
     }
 }

@@ -100,6 +100,9 @@ mod tests {
         idle_timeout: Duration::from_secs(1),
         tcp_keepalive: Duration::from_secs(60),
         workers: 1,
+        max_connections: 64,
+        queue: 4,
+        queue_timeout: Duration::from_secs(1),
     };
 
     #[test]
