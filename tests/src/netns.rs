@@ -193,6 +193,53 @@ impl Link {
         stream
     }
 
+    /// Adds `address` (IPv4 in 198.18.0.0/24 or IPv6 in fd00::/64) to the client's interface, so
+    /// that tests can play several client hosts.
+    pub fn add_client_address(&self, address: IpAddr) {
+        let cidr = match address {
+            IpAddr::V4(v4) => format!("{v4}/24"),
+            IpAddr::V6(v6) => format!("{v6}/64"),
+        };
+        let mut args = vec![
+            "-n",
+            self.client.name(),
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            &self.client_if,
+        ];
+        if address.is_ipv6() {
+            args.push("nodad");
+        }
+        ip(&args);
+    }
+
+    /// A TCP connection from the client namespace's address `from` to `to`, with a receive buffer
+    /// of `receive_buffer` bytes when given (set before connecting, so the window stays small).
+    pub fn connect_from(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        receive_buffer: Option<usize>,
+    ) -> std::io::Result<TcpStream> {
+        let stream = self.client.enter(|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            if let Some(size) = receive_buffer {
+                socket.set_recv_buffer_size(size)?;
+            }
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+            Ok::<_, std::io::Error>(TcpStream::from(socket))
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(stream)
+    }
+
     /// The server's address of the given family.
     pub fn server_ip(&self, v6: bool) -> IpAddr {
         if v6 {

@@ -39,6 +39,7 @@ use super::pool::InUse;
 use super::proxy::ResponseBody;
 use super::stream::{Replayed, Traffic};
 use super::upstream::BoxError;
+use super::WhenIdle;
 use crate::limits::{ConnectionLimits, Eviction, Timeout};
 
 /// How long a busy connection stays idle in hyper's hands before it is parked. A connection is
@@ -342,11 +343,11 @@ where
             let started = activity.started();
             let idle = started != started_before && activity.parkable() && in_use.is_empty();
             if !idle {
-                return false;
+                return WhenIdle::Wait;
             }
             if !busy {
                 activity.parking.store(true, Ordering::Relaxed);
-                return true;
+                return WhenIdle::ShutDown;
             }
             let grace = idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(PARK_GRACE)));
             if grace_started_at != Some(started) {
@@ -354,10 +355,10 @@ where
                 grace.as_mut().reset(Instant::now() + PARK_GRACE);
             }
             if grace.as_mut().poll(cx).is_pending() {
-                return false;
+                return WhenIdle::Wait;
             }
             activity.parking.store(true, Ordering::Relaxed);
-            true
+            WhenIdle::ShutDown
         })
         .await;
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -57,6 +58,10 @@ pub struct RequestClient {
     pub slot: Arc<ConnectionSlot>,
 }
 
+/// How long an HTTP/2 connection whose idle timer fired may take to close gracefully: h2 sends
+/// GOAWAY and a PING and waits for the PING's answer, which a silent client never sends.
+const HTTP2_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Closes an HTTP/2 connection that opens no stream in time, or keeps none open for too long.
 /// Armed whenever no request is in flight; a request started since re-arms it.
 struct Http2Idle {
@@ -76,6 +81,38 @@ impl Http2Idle {
             sleep: None,
             armed_at: None,
             fired: false,
+        }
+    }
+
+    /// What to do with the waiting connection: shut it down when a timeout fires (counted in
+    /// `limits`), drop it if it has not closed [`HTTP2_CLOSE_GRACE`] later.
+    fn poll_idle(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        activity: &keepalive::Activity,
+        limits: &crate::limits::ConnectionLimits,
+    ) -> WhenIdle {
+        match self.poll_expired(cx, activity) {
+            Some(timeout) => {
+                limits.count_timeout(timeout);
+                let grace = tokio::time::Instant::now() + HTTP2_CLOSE_GRACE;
+                if let Some(sleep) = &mut self.sleep {
+                    sleep.as_mut().reset(grace);
+                }
+                WhenIdle::ShutDown
+            }
+            None if self.fired => {
+                let grace_over = self
+                    .sleep
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if grace_over {
+                    WhenIdle::Drop
+                } else {
+                    WhenIdle::Wait
+                }
+            }
+            None => WhenIdle::Wait,
         }
     }
 
@@ -185,14 +222,25 @@ impl HttpContext {
     }
 }
 
+/// What [`drive`] does with a waiting connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WhenIdle {
+    /// Keep waiting.
+    Wait,
+    /// End it gracefully (hyper closes an idle HTTP/1 connection at once; HTTP/2 sends GOAWAY).
+    ShutDown,
+    /// Drop it now: a graceful end did not come in time.
+    Drop,
+}
+
 /// Drives a hyper server connection, and the upstream connections its requests use, until it
 /// ends; on shutdown, lets in-flight requests finish and closes it. Whenever the connection waits,
-/// `idle` is asked whether to end it now (gracefully: hyper closes an idle connection at once).
+/// `idle` is asked what to do with it.
 async fn drive<C>(
     connection: &mut C,
     in_use: &pool::InUse,
     shutdown: &CancellationToken,
-    mut idle: impl FnMut(&mut std::task::Context<'_>) -> bool,
+    mut idle: impl FnMut(&mut std::task::Context<'_>) -> WhenIdle,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown + Unpin,
@@ -207,9 +255,15 @@ where
         }
         let polled =
             pool::poll_with_upstreams(in_use, cx, |cx| Pin::new(&mut *connection).poll(cx));
-        if polled.is_pending() && !shutting_down && idle(cx) {
-            connection.shut_down_gracefully();
-            return Pin::new(&mut *connection).poll(cx);
+        if polled.is_pending() && !shutting_down {
+            match idle(cx) {
+                WhenIdle::Wait => {}
+                WhenIdle::ShutDown => {
+                    connection.shut_down_gracefully();
+                    return Pin::new(&mut *connection).poll(cx);
+                }
+                WhenIdle::Drop => return Poll::Ready(Ok(())),
+            }
         }
         polled
     })
@@ -379,13 +433,7 @@ pub async fn serve(
                 // request; later silences get the keep-alive idle time.
                 let mut timer = Http2Idle::new(header_read_timeout, idle_timeout);
                 drive(&mut connection, &in_use, &shutdown, |cx| {
-                    match timer.poll_expired(cx, &activity) {
-                        Some(timeout) => {
-                            limits.count_timeout(timeout);
-                            true
-                        }
-                        None => false,
-                    }
+                    timer.poll_idle(cx, &activity, limits)
                 })
                 .await
             })
