@@ -570,3 +570,114 @@ fn without_cap_net_admin_two_clients_get_two_loopback_sources() {
     );
     muxer.wait_for_log("(per-client-loopback)");
 }
+
+#[test]
+fn at_the_descriptor_limit_the_longest_idle_keepalive_connections_make_room() {
+    if !netns_available("at_the_descriptor_limit_the_longest_idle_keepalive_connections_make_room")
+    {
+        return;
+    }
+    let link = Link::new();
+    let sshd = Sshd::start(&link.server, &["127.0.0.1:22"]);
+    let _http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
+    let config = "[listen]\naddresses = [\"0.0.0.0:2222\"]\nworkers = 1\n\
+                  [http]\nidle_timeout = \"10m\"\n[[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n\
+                  [ssh]\nupstream = \"127.0.0.1:22\"\n";
+    // 96 descriptors: room for a few dozen connections besides muxer's own.
+    let muxer = Muxer::start_as(
+        &link.server,
+        config,
+        READY.parse().unwrap(),
+        &["prlimit", "--nofile=96:96", "--"],
+    );
+    let to = SocketAddr::new(SERVER_V4.into(), 2222);
+    let request = b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n";
+    let mut idle = Vec::new();
+    for index in 0..120 {
+        let mut stream = link.connect_from(CLIENT_V4.into(), to, None).unwrap();
+        stream.write_all(request).unwrap();
+        let head = read_head(&mut stream).unwrap_or_default();
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "keep-alive connection {index}: {head:?}"
+        );
+        idle.push(stream);
+    }
+    let evicted = idle
+        .iter_mut()
+        .map(|stream| closed_within(stream, Duration::from_millis(200)))
+        .filter(|closed| *closed)
+        .count();
+    assert!(evicted > 0, "no idle connection was closed");
+    let refused = muxer.stats()["daemon"]["refused"]["idle_evicted_for_descriptors"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        refused >= evicted as u64,
+        "{refused} counted, {evicted} seen"
+    );
+    // The newest idle connections were kept; the oldest went first.
+    assert!(
+        !closed_within(idle.last_mut().unwrap(), Duration::from_millis(200)),
+        "the newest idle connection was closed"
+    );
+    // And SSH still gets in.
+    let seen = sshd.connection(&link.client, &SERVER_V4.to_string(), 2222, &[]);
+    assert!(seen.through_muxer(), "{seen:?}");
+    muxer.wait_for_log(
+        "out of file descriptors; closing the longest-idle HTTP keep-alive connections",
+    );
+}
+
+#[test]
+fn a_full_upstream_queues_briefly_then_answers_503() {
+    if !netns_available("a_full_upstream_queues_briefly_then_answers_503") {
+        return;
+    }
+    let server = server(&config(
+        "",
+        "max_connections_per_upstream = 2\nupstream_queue = 1\nupstream_queue_timeout = \"500ms\"",
+    ));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let mut stream = server.connect(CLIENT_V4.into(), None).unwrap();
+            std::thread::spawn(move || {
+                stream
+                    .write_all(
+                        b"GET /slow?ms=3000 HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n",
+                    )
+                    .unwrap();
+                read_head(&mut stream).unwrap_or_default()
+            })
+        })
+        .collect();
+    let heads: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let count = |status: &str| heads.iter().filter(|h| h.starts_with(status)).count();
+    assert_eq!(
+        (count("HTTP/1.1 200"), count("HTTP/1.1 503")),
+        (2, 2),
+        "{heads:?}"
+    );
+    assert_eq!(server.counter("refused", "upstream_full"), 2);
+}
+
+#[test]
+fn http2_clients_are_told_the_stream_limit() {
+    if !netns_available("http2_clients_are_told_the_stream_limit") {
+        return;
+    }
+    let server = server(&config("", "max_concurrent_streams = 7"));
+    let mut stream = server.send(CLIENT_V4.into(), H2_HELLO, None).unwrap();
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).unwrap();
+    assert_eq!(header[3], 4, "the server's first frame is SETTINGS");
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).unwrap();
+    let streams = payload.chunks(6).find_map(|setting| {
+        (u16::from_be_bytes([setting[0], setting[1]]) == 3)
+            .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+    });
+    assert_eq!(streams, Some(7), "SETTINGS_MAX_CONCURRENT_STREAMS");
+}

@@ -379,6 +379,11 @@ fn metrics_and_json_logs() {
         "muxer_probe_outcomes_total{outcome=\"timeout\"} 0",
         // curl closed its connections: none parked.
         "muxer_http_parked_connections 0",
+        "muxer_class_connections{class=\"ssh\"} 0",
+        "muxer_class_limit{class=\"http\"} 18000",
+        "muxer_class_limit{class=\"sniffing\"} 20000",
+        "muxer_refused_total{reason=\"shared_classes_full\"} 0",
+        "muxer_timeouts_total{kind=\"write_stalled\"} 0",
         "muxer_worker_connections{worker=\"0\"} ",
         "muxer_kernel_packets_total{counter=\"flows_tracked\"} 2",
         "muxer_kernel_port_packets_total{port=\"22\",direction=\"in\"}",

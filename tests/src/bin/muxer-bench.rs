@@ -472,7 +472,8 @@ fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
         "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
          [splice]\nmethod = \"{method}\"\n\
          [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
-         [limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\n\
+         [limits]\nmax_connections = 200000\nmax_connections_per_source = 200000\n\
+         max_sniffing_per_source = 200000\nssh_startups_per_source = 200000\n\
          [ssh]\nupstream = \"127.0.0.1:22\"\n\
          [fallback]\nupstream = \"127.0.0.1:{fallback_port}\"\n\
          [http]\n\
