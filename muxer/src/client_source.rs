@@ -217,9 +217,10 @@ impl Planner {
     }
 }
 
-/// Connects to `upstream` for `client` in `mode` within `timeout`. A transparent or per-client
-/// connect that cannot be made (the client is local, its address is in use here, the upstream does
-/// not listen on that family's loopback address) falls back to the next simpler mode.
+/// Connects to `upstream` for `client` in `mode` within `timeout`. A client on this machine is
+/// connected from muxer's own address. A transparent or per-client connect that cannot be made
+/// (the client's address is in use here, the upstream does not listen on that family's loopback
+/// address) falls back to the next simpler mode.
 pub async fn connect(
     upstream: &str,
     client: SocketAddr,
@@ -227,20 +228,20 @@ pub async fn connect(
     sources: &Sources,
     timeout: Duration,
 ) -> io::Result<(TcpStream, UsedSource)> {
+    let client_ip = client.ip().to_canonical();
+    // A client on this machine is connected as itself: it already has a loopback address.
     let local = match mode {
         Effective::Muxer => None,
-        _ => loopback_upstream(upstream),
+        _ if client_ip.is_loopback() => None,
+        _ => resolve_loopback(upstream).await,
     };
-    let client_ip = client.ip().to_canonical();
     if let (Some(local), Effective::Transparent) = (local, mode) {
-        if !client_ip.is_loopback() {
-            let client = SocketAddr::new(client_ip, client.port());
-            let target = same_family(local, client_ip);
-            match within(timeout, bound_connect(client, target, true)).await {
-                Ok(stream) => return Ok((stream, UsedSource::Transparent)),
-                Err(error) => {
-                    debug!(%error, %client, "transparent connect failed; per-client loopback instead")
-                }
+        let client = SocketAddr::new(client_ip, client.port());
+        let target = same_family(local, client_ip);
+        match within(timeout, bound_connect(client, target, true)).await {
+            Ok(stream) => return Ok((stream, UsedSource::Transparent)),
+            Err(error) => {
+                debug!(%error, %client, "transparent connect failed; per-client loopback instead")
             }
         }
     }
@@ -261,6 +262,18 @@ pub async fn connect(
     }
     let stream = within(timeout, TcpStream::connect(upstream)).await?;
     Ok((stream, UsedSource::Muxer))
+}
+
+/// The loopback address `upstream` names, without blocking: a literal address is parsed, a name
+/// looked up asynchronously.
+async fn resolve_loopback(upstream: &str) -> Option<SocketAddr> {
+    if let Ok(address) = upstream.parse::<SocketAddr>() {
+        return address.ip().is_loopback().then_some(address);
+    }
+    tokio::net::lookup_host(upstream)
+        .await
+        .ok()?
+        .find(|address| address.ip().is_loopback())
 }
 
 /// `connecting`, failed with `TimedOut` after `timeout`.
