@@ -198,13 +198,33 @@ struct Settings {
     prefix_v6: AtomicU8,
 }
 
-/// Open connections of one source network.
-#[derive(Debug, Default)]
-struct SourceCounts {
-    all: usize,
-    sniffing: usize,
+/// Open connections of one source network, shared by its connections' slots: classifying and
+/// closing a connection touch only these atomics; the map of sources is locked to admit, and to
+/// forget a network when its last connection closes.
+#[derive(Debug)]
+struct Source {
+    network: IpAddr,
+    all: AtomicUsize,
+    sniffing: AtomicUsize,
     /// Open SSH connections that may still be logging in: when each became SSH, and its slot.
-    ssh_startups: Vec<(Instant, u32)>,
+    ssh_startups: Mutex<Vec<(Instant, u32)>>,
+}
+
+impl Source {
+    fn new(network: IpAddr) -> Arc<Source> {
+        Arc::new(Source {
+            network,
+            all: AtomicUsize::new(0),
+            sniffing: AtomicUsize::new(0),
+            ssh_startups: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn ssh_startups(&self) -> MutexGuard<'_, Vec<(Instant, u32)>> {
+        self.ssh_startups
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
 }
 
 /// Every limit, shared by all workers.
@@ -219,7 +239,7 @@ pub struct ConnectionLimits {
     class_open: [AtomicU64; Class::ALL.len()],
     refusals: [AtomicU64; Refusal::ALL.len()],
     timeouts: [AtomicU64; Timeout::ALL.len()],
-    sources: Mutex<HashMap<IpAddr, SourceCounts>>,
+    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
     /// The parked HTTP keep-alive connections, closable at the descriptor limit.
     pub idle: IdleConnections,
 }
@@ -230,7 +250,7 @@ pub struct ConnectionLimits {
 pub struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
     /// The source network counted.
-    source: IpAddr,
+    source: Arc<Source>,
     class: AtomicU8,
     /// Names the slot among its source's SSH startups.
     id: u32,
@@ -368,7 +388,7 @@ impl ConnectionLimits {
         }
     }
 
-    fn sources(&self) -> MutexGuard<'_, HashMap<IpAddr, SourceCounts>> {
+    fn sources(&self) -> MutexGuard<'_, HashMap<IpAddr, Arc<Source>>> {
         // Counts stay consistent through a panic: each update is one statement.
         self.sources
             .lock()
@@ -382,28 +402,36 @@ impl ConnectionLimits {
         permit: TotalPermit,
         ip: IpAddr,
     ) -> Result<ConnectionSlot, Refusal> {
-        let source = self.source_network(ip);
-        {
+        let network = self.source_network(ip);
+        let source = {
             let mut sources = self.sources();
-            let counts = sources.entry(source).or_default();
-            let refusal = if counts.all >= self.settings.per_source.load(Ordering::Relaxed) {
+            let source = sources
+                .entry(network)
+                .or_insert_with(|| Source::new(network));
+            let all = source.all.load(Ordering::Relaxed);
+            let refusal = if all >= self.settings.per_source.load(Ordering::Relaxed) {
                 Some(Refusal::PerSource)
-            } else if counts.sniffing >= self.settings.sniffing_per_source.load(Ordering::Relaxed) {
+            } else if source.sniffing.load(Ordering::Relaxed)
+                >= self.settings.sniffing_per_source.load(Ordering::Relaxed)
+            {
                 Some(Refusal::PerSourceSniffing)
             } else {
                 None
             };
             if let Some(refusal) = refusal {
-                if counts.all == 0 {
-                    sources.remove(&source);
+                if all == 0 {
+                    sources.remove(&network);
                 }
                 drop(sources);
                 self.count_refusal(refusal);
                 return Err(refusal);
             }
-            counts.all += 1;
-            counts.sniffing += 1;
-        }
+            // Increments happen under the map's lock, so admissions never overshoot a limit;
+            // decrements (classify, close) do not need it.
+            source.all.fetch_add(1, Ordering::Relaxed);
+            source.sniffing.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(source)
+        };
         // The slot gives the permit back itself when it drops.
         permit.0.forget();
         self.class_open[Class::Sniffing as usize].fetch_add(1, Ordering::Relaxed);
@@ -476,17 +504,12 @@ impl ConnectionLimits {
         let window =
             Duration::from_millis(self.settings.ssh_startup_window_ms.load(Ordering::Relaxed));
         let now = Instant::now();
-        let mut sources = self.sources();
-        let Some(counts) = sources.get_mut(&slot.source) else {
-            return true;
-        };
-        counts
-            .ssh_startups
-            .retain(|(since, _)| now.duration_since(*since) < window);
-        if counts.ssh_startups.len() >= limit {
+        let mut startups = slot.source.ssh_startups();
+        startups.retain(|(since, _)| now.duration_since(*since) < window);
+        if startups.len() >= limit {
             return false;
         }
-        counts.ssh_startups.push((now, slot.id));
+        startups.push((now, slot.id));
         true
     }
 
@@ -533,9 +556,7 @@ impl ConnectionSlot {
             limits.shared_open.fetch_sub(1, Ordering::Relaxed);
         }
         if from == Class::Sniffing {
-            if let Some(counts) = limits.sources().get_mut(&self.source) {
-                counts.sniffing = counts.sniffing.saturating_sub(1);
-            }
+            self.source.sniffing.fetch_sub(1, Ordering::Relaxed);
         }
         limits.class_open[from as usize].fetch_sub(1, Ordering::Relaxed);
         limits.class_open[class as usize].fetch_add(1, Ordering::Relaxed);
@@ -548,19 +569,23 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let class = self.class();
         let limits = &self.limits;
-        {
+        let source = &self.source;
+        match class {
+            Class::Sniffing => {
+                source.sniffing.fetch_sub(1, Ordering::Relaxed);
+            }
+            Class::Ssh => source.ssh_startups().retain(|(_, id)| *id != self.id),
+            _ => {}
+        }
+        if source.all.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The network's last connection: forget it, unless one was admitted meanwhile.
             let mut sources = limits.sources();
-            if let Some(counts) = sources.get_mut(&self.source) {
-                counts.all = counts.all.saturating_sub(1);
-                if class == Class::Sniffing {
-                    counts.sniffing = counts.sniffing.saturating_sub(1);
-                }
-                if class == Class::Ssh {
-                    counts.ssh_startups.retain(|(_, id)| *id != self.id);
-                }
-                if counts.all == 0 {
-                    sources.remove(&self.source);
-                }
+            let last = source.all.load(Ordering::Relaxed) == 0
+                && sources
+                    .get(&source.network)
+                    .is_some_and(|current| Arc::ptr_eq(current, source));
+            if last {
+                sources.remove(&source.network);
             }
         }
         if !class.reserved() {
@@ -692,6 +717,12 @@ mod tests {
         drop(first);
         assert!(admit(&limits, "198.18.0.1").await.is_ok());
         assert_eq!(limits.refusals()["per_source_limit"], 2);
+        drop((_second, _a, _b));
+        assert_eq!(
+            limits.sources().len(),
+            0,
+            "networks with no connection are forgotten"
+        );
     }
 
     #[tokio::test]
