@@ -455,28 +455,12 @@ impl ConnectionLimits {
 
     /// Connections ended by each kind of timeout so far.
     pub fn timeouts(&self) -> BTreeMap<String, u64> {
-        Timeout::ALL
-            .iter()
-            .map(|&timeout| {
-                (
-                    timeout.as_str().to_owned(),
-                    self.timeouts[timeout as usize].load(Ordering::Relaxed),
-                )
-            })
-            .collect()
+        by_name(Timeout::ALL.map(Timeout::as_str), &self.timeouts)
     }
 
     /// Refusals so far, by reason.
     pub fn refusals(&self) -> BTreeMap<String, u64> {
-        Refusal::ALL
-            .iter()
-            .map(|&refusal| {
-                (
-                    refusal.as_str().to_owned(),
-                    self.refusals[refusal as usize].load(Ordering::Relaxed),
-                )
-            })
-            .collect()
+        by_name(Refusal::ALL.map(Refusal::as_str), &self.refusals)
     }
 
     /// Open connections and limit per class.
@@ -522,6 +506,15 @@ impl ConnectionLimits {
             })
             .is_ok()
     }
+}
+
+/// Counters by name, for reports: `names[i]` names `counters[i]`.
+fn by_name<const N: usize>(names: [&str; N], counters: &[AtomicU64; N]) -> BTreeMap<String, u64> {
+    names
+        .iter()
+        .zip(counters)
+        .map(|(name, counter)| ((*name).to_owned(), counter.load(Ordering::Relaxed)))
+        .collect()
 }
 
 impl ConnectionSlot {
