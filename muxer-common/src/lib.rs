@@ -15,6 +15,27 @@ pub const PROGRAM_TC_INGRESS: &str = "tc_ingress";
 pub const PROGRAM_TC_EGRESS: &str = "tc_egress";
 /// XDP ingress program, the alternative to [`PROGRAM_TC_INGRESS`].
 pub const PROGRAM_XDP_INGRESS: &str = "xdp_ingress";
+/// sk_lookup program: assigns new connections to public ports to muxer's listening sockets,
+/// without rewriting any packet (the alternative to the TC/XDP programs).
+pub const PROGRAM_SK_LOOKUP: &str = "sk_lookup_steer";
+
+/// `SockMap` of muxer's listening sockets for the sk_lookup program, indexed by [`Listener`].
+pub const LISTENERS_MAP: &str = "LISTENERS";
+
+/// Slots of [`LISTENERS_MAP`]: one listening socket per address family.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The IPv4 listening socket.
+    V4 = 0,
+    /// The IPv6 listening socket.
+    V6 = 1,
+}
+
+impl Listener {
+    /// Number of slots [`LISTENERS_MAP`] needs.
+    pub const COUNT: u32 = 2;
+}
 
 /// `Array<u32>` of [`Setting`] values written by the daemon before attaching.
 pub const SETTINGS_MAP: &str = "SETTINGS";
@@ -101,11 +122,18 @@ pub enum Counter {
     FlowsTracked = 6,
     /// Packets sent straight to the muxer port from outside (not redirected).
     DirectToMuxerPort = 7,
+    /// New connections to a public port assigned to muxer's listening socket (sk_lookup).
+    SkLookupAssigned = 8,
+    /// New connections to a public port on a loopback address, left to the original service
+    /// (sk_lookup): muxer's own connections to sshd among them.
+    SkLookupLocal = 9,
+    /// Assigning a connection to muxer's socket failed; it went to the original service.
+    SkLookupErrors = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Passed,
         Counter::PassedNoListener,
         Counter::PassedUntracked,
@@ -114,6 +142,9 @@ impl Counter {
         Counter::Dropped,
         Counter::FlowsTracked,
         Counter::DirectToMuxerPort,
+        Counter::SkLookupAssigned,
+        Counter::SkLookupLocal,
+        Counter::SkLookupErrors,
     ];
 
     /// Number of slots [`COUNTERS_MAP`] needs.
@@ -130,6 +161,9 @@ impl Counter {
             Counter::Dropped => "dropped",
             Counter::FlowsTracked => "flows_tracked",
             Counter::DirectToMuxerPort => "direct_to_muxer_port",
+            Counter::SkLookupAssigned => "sk_lookup_assigned",
+            Counter::SkLookupLocal => "sk_lookup_local",
+            Counter::SkLookupErrors => "sk_lookup_errors",
         }
     }
 }

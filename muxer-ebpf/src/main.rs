@@ -9,21 +9,26 @@
 //! - `tc_egress`: replies from the muxer port that belong to a recorded flow get the public port
 //!   back as their source port. Direct connections to the muxer port are not in `FLOWS` and are
 //!   left alone.
+//! - `sk_lookup_steer` (the other mode): assigns a new TCP connection to a public port to muxer's
+//!   listening socket of its family, held in `LISTENERS`. No packet is rewritten and no flow is
+//!   recorded: the connection is an ordinary socket on the public port. Fail-open: a closed
+//!   listening socket leaves the map, and the lookup then goes on to the original service.
 #![no_std]
 #![no_main]
 
 mod packet;
 
+use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::helpers::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes, bpf_xdp_store_bytes};
-use aya_ebpf::macros::{classifier, map, xdp};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::macros::{classifier, map, sk_lookup, xdp};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap};
+use aya_ebpf::programs::{SkLookupContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{error, warn};
 use muxer_common::{
-    Counter, FlowKey, FlowValue, PortCounter, Setting, MAX_FLOWS, MAX_PUBLIC_PORTS,
+    Counter, FlowKey, FlowValue, Listener, PortCounter, Setting, MAX_FLOWS, MAX_PUBLIC_PORTS,
 };
 use packet::{Packet, Parsed, Tcp, TCP_CHECKSUM, TCP_DEST_PORT, TCP_SOURCE_PORT};
 
@@ -42,6 +47,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[map(name = "PORT_COUNTERS")]
 static PORT_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_PUBLIC_PORTS * PortCounter::COUNT, 0);
+
+#[map(name = "LISTENERS")]
+static LISTENERS: SockMap = SockMap::with_max_entries(Listener::COUNT, 0);
 
 #[inline(always)]
 fn add(map: &PerCpuArray<u64>, index: u32, amount: u64) {
@@ -339,6 +347,49 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
         Verdict::Pass => XDP_PASS,
         Verdict::Drop => XDP_DROP,
     }
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+const ENOENT: i32 = 2;
+
+/// sk_lookup: a new TCP connection to a public port, on any address but a loopback one, goes to
+/// muxer's listening socket of its family (which the kernel may then trade for another socket of
+/// its SO_REUSEPORT group, so the workers and their CPU steering still apply). Every other lookup
+/// goes on as usual: loopback addresses keep local clients, and muxer's own connections to sshd,
+/// on sshd; without a listening socket in `LISTENERS` the connection reaches the original service.
+#[sk_lookup]
+pub fn sk_lookup_steer(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands the program a valid context for the duration of the call.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let port = lookup.local_port as u16;
+    // SAFETY: the value is only tested for presence; the map is only written by the daemon.
+    if unsafe { PUBLIC_PORTS.get(port) }.is_none() {
+        return SK_PASS;
+    }
+    let (listener, loopback) = match lookup.family {
+        AF_INET => (Listener::V4, u32::from_be(lookup.local_ip4) >> 24 == 127),
+        AF_INET6 => {
+            let ip = lookup.local_ip6;
+            let loopback = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && u32::from_be(ip[3]) == 1;
+            (Listener::V6, loopback)
+        }
+        _ => return SK_PASS,
+    };
+    if loopback {
+        count(Counter::SkLookupLocal);
+        return SK_PASS;
+    }
+    match LISTENERS.redirect_sk_lookup(&ctx, listener as u32, 0) {
+        Ok(()) => count(Counter::SkLookupAssigned),
+        Err(error) if error == -ENOENT => count(Counter::PassedNoListener),
+        Err(_) => count(Counter::SkLookupErrors),
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -2,6 +2,7 @@
 //! ready, serve; reload on SIGHUP (or `muxer reload`); on SIGTERM stop accepting (which makes the
 //! kernel pass new connections to the original services), let in-flight HTTP requests finish
 //! within the grace period, detach the redirect, and exit.
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -80,7 +81,7 @@ fn attached_report(redirect: &Redirect) -> RedirectReport {
 
 /// Attaches the redirect if configured. Failing to attach is not fatal: the daemon still serves
 /// its listen port, and says why the redirect is off.
-fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
+fn attach_redirect(config: &Config, listeners: &[OwnedFd]) -> (Option<Redirect>, RedirectReport) {
     if config.redirect.mode == RedirectMode::Off {
         info!("kernel redirect off by config; clients use the listen port directly");
         return (None, off_report(config, "redirect.mode = \"off\"".into()));
@@ -88,7 +89,8 @@ fn attach_redirect(config: &Config) -> (Option<Redirect>, RedirectReport) {
     let target = config
         .redirect_target_port()
         .expect("validated: one listen port");
-    let attached = Redirect::attach(&config.redirect, target);
+    let listeners: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
+    let attached = Redirect::attach(&config.redirect, target, &listeners);
     // Parsing and loading the eBPF object allocates and frees ~26 MB on this thread; without this
     // the allocator would keep it resident for the daemon's life.
     crate::memory::release_freed();
@@ -116,9 +118,18 @@ pub struct Daemon {
     control: Arc<ControlState>,
     /// The reply rules for transparent connections to local upstreams; removed at a clean exit.
     sources: Mutex<Planner>,
+    /// One listening socket per listen address (copies of the first worker's), for the sk_lookup
+    /// program's map; closed when the daemon stops accepting.
+    listeners: Mutex<Vec<OwnedFd>>,
 }
 
 impl Daemon {
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
     /// Re-reads the config file and applies it to new connections and requests. An invalid file
     /// changes nothing. Returns what happened, for `muxer reload`.
     pub fn reload(&self) -> Result<String, String> {
@@ -198,7 +209,7 @@ impl Daemon {
             (Some(_), _) => {
                 // A mode change: detach (port 22 reaches sshd directly for that instant), attach anew.
                 drop(slot.take());
-                let (redirect, new_report) = attach_redirect(config);
+                let (redirect, new_report) = attach_redirect(config, &self.listeners());
                 *slot = redirect;
                 *report = new_report;
             }
@@ -206,7 +217,7 @@ impl Daemon {
                 *report = off_report(config, "redirect.mode = \"off\"".into())
             }
             (None, _) => {
-                let (redirect, new_report) = attach_redirect(config);
+                let (redirect, new_report) = attach_redirect(config, &self.listeners());
                 *slot = redirect;
                 *report = new_report;
             }
@@ -240,6 +251,13 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
             info!(%address, workers = worker_count, "listening");
         }
     }
+    // The sk_lookup program steers to one socket per address; the kernel's SO_REUSEPORT group
+    // then picks the worker.
+    let listeners: Vec<OwnedFd> = groups
+        .iter()
+        .filter_map(|group| group.first())
+        .filter_map(|socket| socket.as_fd().try_clone_to_owned().ok())
+        .collect();
     // Worker `i` takes socket `i` of every address.
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..worker_count).map(|_| Vec::new()).collect();
@@ -249,7 +267,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         }
     }
     // Only once the listeners accept may port 22 be redirected to them.
-    let (redirect, redirect_report) = attach_redirect(&config);
+    let (redirect, redirect_report) = attach_redirect(&config, &listeners);
     let stats = Arc::new(Stats::default());
     let limits = ConnectionLimits::new(&config.limits);
     let mut planner = Planner::default();
@@ -290,6 +308,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         runtime: Arc::clone(&runtime),
         control: Arc::clone(&control),
         sources: Mutex::new(planner),
+        listeners: Mutex::new(listeners),
     });
     *control
         .reload
@@ -318,6 +337,21 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    // 0. sk_lookup mode: the sockets leave the program's map, and the daemon's copies close with
+    //    the workers' sockets below, so nothing steers new connections to a closing socket.
+    if let Some(redirect) = control
+        .redirect
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .as_mut()
+    {
+        redirect.stop_steering();
+    }
+    daemon
+        .listeners
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .clear();
     // 1. Stop accepting. With no listener on the muxer port the kernel program stops redirecting
     //    new connections at once: from here on port 22 reaches sshd directly again. Connections
     //    already redirected keep their rewrite, so in-flight requests through port 22 can finish.

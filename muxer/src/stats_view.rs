@@ -21,6 +21,11 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
     let _ = writeln!(out, "muxer up {:.0}s", report.uptime_seconds);
     match redirect.state.as_str() {
         "attached" => {
+            let on = if redirect.interfaces.is_empty() {
+                "the network namespace".to_owned()
+            } else {
+                redirect.interfaces.join(", ")
+            };
             let _ = writeln!(
                 out,
                 "redirect: {} on {} — ports {:?} → {}",
@@ -28,7 +33,7 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
                     .ingress
                     .map(|h| format!("{h:?}").to_lowercase())
                     .unwrap_or_default(),
-                redirect.interfaces.join(", "),
+                on,
                 redirect.ports,
                 redirect
                     .target_port

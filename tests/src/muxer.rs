@@ -72,7 +72,9 @@ impl Muxer {
                 .map(drop)
         });
         let muxer = Muxer { process, dir };
-        let redirecting = config.contains("mode = \"tc\"") || config.contains("mode = \"xdp\"");
+        let redirecting = ["tc", "xdp", "sk_lookup"]
+            .iter()
+            .any(|mode| config.contains(&format!("mode = \"{mode}\"")));
         if redirecting && wrapper.is_empty() {
             muxer.wait_for_log("kernel redirect attached");
         }

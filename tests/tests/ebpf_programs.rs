@@ -1,10 +1,13 @@
 //! The eBPF programs run on crafted packets with BPF_PROG_TEST_RUN: ports rewritten where they
 //! must be, checksums verified from scratch in Rust, every other packet returned byte for byte.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, SkLookup, TestRun, TestRunOptions, Xdp};
 use muxer::redirect::{self, Loaded};
-use muxer_common::{PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS, PROGRAM_XDP_INGRESS};
+use muxer_common::{
+    Listener, LISTENERS_MAP, PROGRAM_SK_LOOKUP, PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS,
+    PROGRAM_XDP_INGRESS,
+};
 use muxer_tests::netns::Netns;
 use muxer_tests::netns_available;
 use muxer_tests::packets::{self, Spec, ACK, RST, SYN};
@@ -295,5 +298,161 @@ fn no_listener_on_the_muxer_port_means_no_redirect() {
         }
         assert_eq!(programs.counter("passed_no_listener"), 2);
         assert_eq!(programs.counter("flows_tracked"), 0);
+    });
+}
+
+/// `struct bpf_sk_lookup` as user space passes it to BPF_PROG_TEST_RUN (uapi layout).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SkLookupCtx {
+    cookie: u64,
+    family: u32,
+    protocol: u32,
+    remote_ip4: u32,
+    remote_ip6: [u32; 4],
+    remote_port: u16,
+    _pad: u16,
+    local_ip4: u32,
+    local_ip6: [u32; 4],
+    local_port: u32,
+    ingress_ifindex: u32,
+}
+
+/// The `test` member of `union bpf_attr` for BPF_PROG_TEST_RUN.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const SK_PASS: u32 = 1;
+
+/// Runs the sk_lookup program on a lookup for `local` (a TCP connection from `remote`); returns
+/// the cookie of the socket it selected (0: none, the lookup goes on as usual).
+fn sk_lookup_selects(programs: &Programs, remote: SocketAddr, local: SocketAddr) -> u64 {
+    use std::os::fd::{AsFd, AsRawFd};
+    let program: &SkLookup = programs
+        .loaded
+        .ebpf
+        .program(PROGRAM_SK_LOOKUP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let words = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => (u32::from_ne_bytes(v4.octets()), [0; 4]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (0, [word(0), word(4), word(8), word(12)])
+        }
+    };
+    let (remote_ip4, remote_ip6) = words(remote.ip());
+    let (local_ip4, local_ip6) = words(local.ip());
+    let ctx_in = SkLookupCtx {
+        family: if local.is_ipv4() { 2 } else { 10 },
+        protocol: 6,
+        remote_ip4,
+        remote_ip6,
+        remote_port: remote.port().to_be(),
+        local_ip4,
+        local_ip6,
+        local_port: u32::from(local.port()),
+        ..SkLookupCtx::default()
+    };
+    let mut ctx_out = SkLookupCtx::default();
+    let mut attr = TestRunAttr {
+        prog_fd: program.fd().unwrap().as_fd().as_raw_fd() as u32,
+        repeat: 1,
+        ctx_size_in: std::mem::size_of::<SkLookupCtx>() as u32,
+        ctx_size_out: std::mem::size_of::<SkLookupCtx>() as u32,
+        ctx_in: &ctx_in as *const SkLookupCtx as u64,
+        ctx_out: &mut ctx_out as *mut SkLookupCtx as u64,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a valid BPF_PROG_TEST_RUN attribute whose pointers outlive the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    assert_eq!(
+        result,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(
+        attr.retval, SK_PASS,
+        "the program always lets the lookup go on"
+    );
+    ctx_out.cookie
+}
+
+#[test]
+fn sk_lookup_assigns_public_port_connections_to_the_listener_of_their_family_only() {
+    use aya::maps::SockMap;
+    use std::os::fd::AsFd;
+    let test = "sk_lookup_assigns_public_port_connections_to_the_listener_of_their_family_only";
+    if !netns_available(test) {
+        return;
+    }
+    Netns::new("bpf").enter(|| {
+        let mut programs = Programs::load();
+        let v4 = TcpListener::bind(("0.0.0.0", MUXER)).unwrap();
+        let v6 = listen_v6_only(MUXER);
+        let cookie4 = rustix::net::sockopt::socket_cookie(&v4).unwrap();
+        let cookie6 = rustix::net::sockopt::socket_cookie(&v6).unwrap();
+        let public4 = SocketAddr::new(SERVER4, PUBLIC);
+        let public6 = SocketAddr::new(SERVER6, PUBLIC);
+        let from4 = SocketAddr::new(CLIENT4, 40000);
+        let from6 = SocketAddr::new(CLIENT6, 40000);
+        // Nothing in the map yet: the lookup goes on to the original service.
+        assert_eq!(sk_lookup_selects(&programs, from4, public4), 0);
+        assert_eq!(programs.counter("passed_no_listener"), 1);
+
+        {
+            let map = programs.loaded.ebpf.map_mut(LISTENERS_MAP).unwrap();
+            let mut map: SockMap<_> = SockMap::try_from(map).unwrap();
+            map.set(Listener::V4 as u32, &v4.as_fd(), 0).unwrap();
+            map.set(Listener::V6 as u32, &v6.as_fd(), 0).unwrap();
+        }
+        assert_eq!(sk_lookup_selects(&programs, from4, public4), cookie4);
+        assert_eq!(sk_lookup_selects(&programs, from6, public6), cookie6);
+        assert_eq!(programs.counter("sk_lookup_assigned"), 2);
+        // Another port, and a loopback address (muxer's own connection to sshd): untouched.
+        assert_eq!(
+            sk_lookup_selects(&programs, from4, SocketAddr::new(SERVER4, 80)),
+            0
+        );
+        let loopback4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PUBLIC);
+        let loopback6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), PUBLIC);
+        assert_eq!(sk_lookup_selects(&programs, from4, loopback4), 0);
+        assert_eq!(sk_lookup_selects(&programs, from6, loopback6), 0);
+        assert_eq!(programs.counter("sk_lookup_local"), 2);
+        // A closed listening socket leaves the map: fail-open.
+        drop(v4);
+        assert_eq!(sk_lookup_selects(&programs, from4, public4), 0);
+        assert_eq!(sk_lookup_selects(&programs, from6, public6), cookie6);
+        assert_eq!(programs.counter("passed_no_listener"), 2);
+        assert_eq!(programs.counter("sk_lookup_errors"), 0);
     });
 }

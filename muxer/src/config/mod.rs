@@ -412,6 +412,10 @@ pub enum RedirectMode {
     Tc,
     /// An XDP program on ingress (native where the driver allows, generic otherwise), TC on egress.
     Xdp,
+    /// A `BPF_PROG_TYPE_SK_LOOKUP` program on the network namespace assigns new connections to
+    /// the public ports to muxer's listening sockets: no packet rewritten, no per-flow state.
+    #[serde(rename = "sk_lookup")]
+    SkLookup,
     /// No kernel redirect; clients connect to the listen port (or an iptables rule redirects).
     Off,
 }

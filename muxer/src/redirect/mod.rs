@@ -1,10 +1,15 @@
 //! The kernel fast path: loads muxer's eBPF programs, attaches them, and owns the attachments.
 //!
-//! Fail-open rests on three things: the programs are attached through TCX (and XDP) *links* owned
-//! by this process, so they vanish the moment it dies, SIGKILL included; the ingress program only
-//! redirects a new connection when a socket listens on the muxer port; and nothing here pins a
-//! link. Stale attachments an earlier muxer may have left (legacy netlink filters, used by kernels
-//! without TCX) and stale pins are removed before attaching.
+//! Two ways to steer the public ports (docs/redirect.md): TC (or XDP) programs on each interface
+//! that rewrite ports, or an sk_lookup program on the network namespace that assigns new
+//! connections to muxer's listening sockets.
+//!
+//! Fail-open rests on three things: the programs are attached through TCX, XDP and netns *links*
+//! owned by this process, so they vanish the moment it dies, SIGKILL included; the programs only
+//! steer a new connection when a socket of muxer's listens (a closed socket also leaves the
+//! sk_lookup program's map); and nothing here pins a link. Stale attachments an earlier muxer may
+//! have left (legacy netlink filters, used by kernels without TCX) and stale pins are removed
+//! before attaching.
 
 mod counters;
 mod interfaces;
@@ -12,18 +17,20 @@ mod pins;
 
 use std::path::PathBuf;
 
-use aya::maps::{Array, HashMap, MapError};
+use aya::maps::{Array, HashMap, MapError, SockMap};
 use aya::programs::tc::{self, TcAttachType};
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd};
 
+use aya::programs::sk_lookup::SkLookupLinkId;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
-use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode};
+use aya::programs::{ProgramError, SchedClassifier, SkLookup, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use muxer_common::{
-    Setting, COUNTERS_MAP, PORT_COUNTERS_MAP, PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS,
-    PROGRAM_XDP_INGRESS, PUBLIC_PORTS_MAP, SETTINGS_MAP,
+    Listener, Setting, COUNTERS_MAP, LISTENERS_MAP, PORT_COUNTERS_MAP, PROGRAM_SK_LOOKUP,
+    PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS, PROGRAM_XDP_INGRESS, PUBLIC_PORTS_MAP, SETTINGS_MAP,
 };
 use tracing::{info, warn};
 
@@ -84,6 +91,17 @@ pub enum RedirectError {
         /// What failed.
         source: MapError,
     },
+    /// The network namespace to attach the sk_lookup program to could not be opened.
+    #[error("cannot open this network namespace ({path}): {source}")]
+    Netns {
+        /// The namespace file.
+        path: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// No listening socket to steer connections to.
+    #[error("no listening socket to assign connections to (sk_lookup needs the listen sockets)")]
+    NoListener,
     /// A map could not be pinned.
     #[error("pinning eBPF map {name}: {source}")]
     Pin {
@@ -104,6 +122,8 @@ pub enum IngressHook {
     XdpNative,
     /// Generic (skb) XDP.
     XdpGeneric,
+    /// sk_lookup on the network namespace (no per-interface hook).
+    SkLookup,
 }
 
 /// The links of one interface.
@@ -125,6 +145,8 @@ pub struct Redirect {
     pins: Vec<PathBuf>,
     logger: Option<tokio::task::JoinHandle<()>>,
     links: BTreeMap<String, InterfaceLinks>,
+    /// The sk_lookup program's link to the network namespace, in that mode.
+    netns_link: Option<SkLookupLinkId>,
     /// `(public port, counter slot)`.
     slots: Vec<(u16, u32)>,
     mode: RedirectMode,
@@ -182,11 +204,23 @@ fn attach_error(
 }
 
 impl Redirect {
-    /// Loads the programs and attaches them so that `config.ports` reach `target_port`. Call only
-    /// once the daemon listens on `target_port`: from the first redirected packet on, clients
-    /// need it.
-    pub fn attach(config: &RedirectConfig, target_port: u16) -> Result<Redirect, RedirectError> {
-        let interfaces = interfaces::resolve(&config.interfaces)?;
+    /// Loads the programs and attaches them so that `config.ports` reach `target_port`, where
+    /// `listeners` (one socket per address family, from the listen addresses' groups) accept. Call
+    /// only once they listen: from the first steered packet on, clients need them.
+    pub fn attach(
+        config: &RedirectConfig,
+        target_port: u16,
+        listeners: &[BorrowedFd<'_>],
+    ) -> Result<Redirect, RedirectError> {
+        let interfaces = match config.mode {
+            RedirectMode::SkLookup => {
+                if !config.interfaces.is_empty() {
+                    warn!("redirect.interfaces is not used in sk_lookup mode: it steers the public ports on every interface of the network namespace");
+                }
+                Vec::new()
+            }
+            _ => interfaces::resolve(&config.interfaces)?,
+        };
         // Loading first: without CAP_BPF this is the step that fails, with the clearest reason.
         let Loaded { ebpf, logger } = load(&[], target_port)?;
         let mut redirect = Redirect {
@@ -194,12 +228,16 @@ impl Redirect {
             pins: Vec::new(),
             logger: logger.and_then(spawn_logger),
             links: BTreeMap::new(),
+            netns_link: None,
             slots: Vec::new(),
             mode: config.mode,
             target_port,
             ingress: IngressHook::Tc,
         };
         redirect.set_ports(&config.ports)?;
+        if config.mode == RedirectMode::SkLookup {
+            redirect.attach_netns(listeners)?;
+        }
         for interface in &interfaces {
             redirect.attach_interface(interface)?;
         }
@@ -237,6 +275,11 @@ impl Redirect {
     /// before old ones are removed, so port 22 is never closed or sent astray on the way. (A mode
     /// change needs a new [`Redirect`].)
     pub fn update(&mut self, config: &RedirectConfig) -> Result<(), RedirectError> {
+        if self.mode == RedirectMode::SkLookup {
+            self.set_ports(&config.ports)?;
+            info!(ports = ?self.ports(), "kernel steering updated");
+            return Ok(());
+        }
         let wanted = interfaces::resolve(&config.interfaces)?;
         self.set_ports(&config.ports)?;
         for interface in &wanted {
@@ -286,6 +329,59 @@ impl Redirect {
             self.slots.retain(|&(p, _)| p != port);
         }
         Ok(())
+    }
+
+    /// Puts `listeners` in the sk_lookup program's map, one per family, and attaches the program
+    /// to this thread's network namespace.
+    fn attach_netns(&mut self, listeners: &[BorrowedFd<'_>]) -> Result<(), RedirectError> {
+        let map_error = |source| RedirectError::Map {
+            name: LISTENERS_MAP,
+            source,
+        };
+        let mut map: SockMap<_> =
+            SockMap::try_from(map_mut(&mut self.ebpf, LISTENERS_MAP)?).map_err(map_error)?;
+        let mut placed = [false; Listener::COUNT as usize];
+        for listener in listeners {
+            let address = socket2::SockRef::from(listener).local_addr();
+            let slot = match address.ok().and_then(|address| address.as_socket()) {
+                Some(std::net::SocketAddr::V4(_)) => Listener::V4,
+                Some(std::net::SocketAddr::V6(_)) => Listener::V6,
+                None => continue,
+            };
+            if std::mem::replace(&mut placed[slot as usize], true) {
+                continue;
+            }
+            map.set(slot as u32, listener, 0).map_err(map_error)?;
+        }
+        if !placed.contains(&true) {
+            return Err(RedirectError::NoListener);
+        }
+        const NETNS: &str = "/proc/thread-self/ns/net";
+        let netns = std::fs::File::open(NETNS).map_err(|source| RedirectError::Netns {
+            path: NETNS,
+            source,
+        })?;
+        let program: &mut SkLookup = program(&mut self.ebpf, PROGRAM_SK_LOOKUP)?;
+        let link = program
+            .attach(netns.as_fd())
+            .map_err(attach_error(PROGRAM_SK_LOOKUP, "the network namespace"))?;
+        self.netns_link = Some(link);
+        self.ingress = IngressHook::SkLookup;
+        Ok(())
+    }
+
+    /// Stops steering new connections to muxer's sockets at once (sk_lookup mode: they leave the
+    /// map, so new connections reach the original services while the daemon finishes its
+    /// requests). The TC/XDP programs need no such step: they steer only while a socket listens.
+    pub fn stop_steering(&mut self) {
+        let Some(map) = self.ebpf.map_mut(LISTENERS_MAP) else {
+            return;
+        };
+        if let Ok(mut map) = SockMap::try_from(map) {
+            for slot in [Listener::V4, Listener::V6] {
+                let _ = map.clear_index(&(slot as u32));
+            }
+        }
     }
 
     /// Attaches egress, then ingress, to `interface`.
@@ -432,6 +528,11 @@ pub fn load(ports: &[u16], target_port: u16) -> Result<Loaded, RedirectError> {
             .load()
             .map_err(|source| RedirectError::Program { name, source })?;
     }
+    let steer: &mut SkLookup = program(&mut ebpf, PROGRAM_SK_LOOKUP)?;
+    steer.load().map_err(|source| RedirectError::Program {
+        name: PROGRAM_SK_LOOKUP,
+        source,
+    })?;
     let xdp: &mut Xdp = program(&mut ebpf, PROGRAM_XDP_INGRESS)?;
     xdp.load().map_err(|source| RedirectError::Program {
         name: PROGRAM_XDP_INGRESS,

@@ -59,11 +59,13 @@ enum Contender {
     HaproxyHttp,
     MuxerTc,
     MuxerTcSplice,
+    MuxerXdp,
+    MuxerSkLookup,
     MuxerIptables,
 }
 
 impl Contender {
-    const ALL: [Contender; 9] = [
+    const ALL: [Contender; 11] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
@@ -72,6 +74,8 @@ impl Contender {
         Contender::HaproxyHttp,
         Contender::MuxerTc,
         Contender::MuxerTcSplice,
+        Contender::MuxerXdp,
+        Contender::MuxerSkLookup,
         Contender::MuxerIptables,
     ];
 
@@ -86,6 +90,8 @@ impl Contender {
             Contender::HaproxyHttp => "haproxy-http",
             Contender::MuxerTc => "muxer",
             Contender::MuxerTcSplice => "muxer-splice",
+            Contender::MuxerXdp => "muxer-xdp",
+            Contender::MuxerSkLookup => "muxer-sk-lookup",
             Contender::MuxerIptables => "muxer-iptables",
         }
     }
@@ -100,6 +106,8 @@ impl Contender {
             Contender::HaproxyHttp => "iptables+HAProxy (HTTP router)",
             Contender::MuxerTc => "muxer (TC redirect)",
             Contender::MuxerTcSplice => "muxer (TC, splice(2) instead of copying)",
+            Contender::MuxerXdp => "muxer (XDP redirect)",
+            Contender::MuxerSkLookup => "muxer (sk_lookup steering)",
             Contender::MuxerIptables => "muxer off + iptables",
         }
     }
@@ -562,6 +570,8 @@ fn start(
         }
         Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port, "copy")],
         Contender::MuxerTcSplice => vec![muxer(link, dir, "tc", fallback_port, "splice")],
+        Contender::MuxerXdp => vec![muxer(link, dir, "xdp", fallback_port, "copy")],
+        Contender::MuxerSkLookup => vec![muxer(link, dir, "sk_lookup", fallback_port, "copy")],
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
             vec![muxer(link, dir, "off", fallback_port, "copy")]
@@ -1092,6 +1102,25 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         "splice ÷ copy",
         &[Figure::BulkGbits, Figure::CpuSecondsPerGb],
         Contender::MuxerTcSplice,
+        Contender::MuxerTc,
+    );
+    comparison(
+        "sk_lookup steering vs TC redirect, same muxer",
+        "sk_lookup ÷ TC",
+        &[
+            Figure::BulkGbits,
+            Figure::NewConnRps,
+            Figure::KeepAliveRps,
+            Figure::CpuSecondsPerGb,
+        ],
+        Contender::MuxerSkLookup,
+        Contender::MuxerTc,
+    );
+    comparison(
+        "XDP redirect vs TC redirect, same muxer",
+        "XDP ÷ TC",
+        &[Figure::BulkGbits, Figure::NewConnRps, Figure::KeepAliveRps],
+        Contender::MuxerXdp,
         Contender::MuxerTc,
     );
     comparison(
