@@ -224,3 +224,44 @@ pub fn tcp_checksum_ok(packet: &[u8]) -> bool {
     data.extend_from_slice(segment);
     fold(sum_words(&data)) == 0xffff
 }
+
+/// Sends, from the calling thread's network namespace (enter a test namespace first), `pairs`
+/// spoofed SYN-then-ACK pairs to `dst:dport` from pseudo-random sources in 198.19.0.0/16 — the
+/// flood that evicted flow records from an LRU table — and returns how many packets went out.
+/// Bounded by `pairs`; the sources are test-network addresses that route nowhere.
+pub fn spoofed_syn_ack_pairs(dst: std::net::Ipv4Addr, dport: u16, pairs: usize) -> usize {
+    let mut random = crate::DataGenerator::new();
+    let mut next = |bits: u32| -> u32 {
+        (0..bits / 8).fold(0u32, |value, _| value << 8 | u32::from(random.next_byte()))
+    };
+    let sources: Vec<(IpAddr, u16)> = (0..pairs)
+        .map(|_| {
+            let host = next(16);
+            let source = std::net::Ipv4Addr::new(198, 19, (host >> 8) as u8, host as u8);
+            (IpAddr::V4(source), 1024 + (next(16) % 60_000) as u16)
+        })
+        .collect();
+    let frames = sources.iter().flat_map(|&(src, sport)| {
+        [SYN, ACK].map(|flags| build(&Spec::tcp(src, sport, IpAddr::V4(dst), dport, flags)))
+    });
+    send_raw_ipv4(dst, frames)
+}
+
+/// Sends each Ethernet frame's IPv4 packet (the frame without its 14-byte header) to `dst` on a
+/// raw socket; returns how many were sent.
+pub fn send_raw_ipv4(dst: std::net::Ipv4Addr, frames: impl Iterator<Item = Vec<u8>>) -> usize {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(255)), // IPPROTO_RAW: the header is ours
+    )
+    .expect("raw socket (needs CAP_NET_RAW)");
+    let to: socket2::SockAddr = std::net::SocketAddr::from((dst, 0)).into();
+    let mut sent = 0;
+    for frame in frames {
+        if socket.send_to(&frame[14..], &to).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
