@@ -198,7 +198,7 @@ impl Daemon {
             return;
         }
         match (slot.as_mut(), config.redirect.mode) {
-            (Some(redirect), mode) if mode == redirect.mode() => {
+            (Some(redirect), mode) if mode == redirect.requested_mode() => {
                 match redirect.update(&config.redirect) {
                     Ok(()) => *report = attached_report(redirect),
                     Err(error) => notes.push(format!(

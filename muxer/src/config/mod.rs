@@ -787,7 +787,7 @@ mod tests {
         assert_eq!(addresses, ["0.0.0.0:2222", "[::]:2222"]);
         assert_eq!(config.sniff.timeout, Duration::from_secs(2));
         assert_eq!(config.sniff.on_timeout, Target::Ssh);
-        assert_eq!(config.redirect.mode, RedirectMode::Tc);
+        assert_eq!(config.redirect.mode, RedirectMode::SkLookup);
         assert_eq!(config.redirect.ports, [22]);
         assert!(config.redirect.interfaces.is_empty());
         assert_eq!(config.redirect_target_port(), Some(2222));

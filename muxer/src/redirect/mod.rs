@@ -149,7 +149,10 @@ pub struct Redirect {
     netns_link: Option<SkLookupLinkId>,
     /// `(public port, counter slot)`.
     slots: Vec<(u16, u32)>,
+    /// The mode attached in (`tc` where `sk_lookup` was asked of a kernel without it).
     mode: RedirectMode,
+    /// The mode the config asked for.
+    requested: RedirectMode,
     /// The port public ports are redirected to.
     pub target_port: u16,
     /// How ingress is hooked.
@@ -165,6 +168,18 @@ impl std::fmt::Debug for Redirect {
             .field("ingress", &self.ingress)
             .finish()
     }
+}
+
+/// The mode to attach in: `sk_lookup` needs Linux 5.9; older kernels get `tc`, said once.
+fn effective_mode(wanted: RedirectMode, kernel: Option<KernelVersion>) -> RedirectMode {
+    let too_old = kernel.is_some_and(|version| version < KernelVersion::new(5, 9, 0));
+    if wanted == RedirectMode::SkLookup && too_old {
+        warn!(
+            "redirect.mode = \"sk_lookup\" needs Linux 5.9 or later; using \"tc\" on this kernel"
+        );
+        return RedirectMode::Tc;
+    }
+    wanted
 }
 
 /// The program `name` of `ebpf` as a `T`.
@@ -212,7 +227,8 @@ impl Redirect {
         target_port: u16,
         listeners: &[BorrowedFd<'_>],
     ) -> Result<Redirect, RedirectError> {
-        let interfaces = match config.mode {
+        let mode = effective_mode(config.mode, KernelVersion::current().ok());
+        let interfaces = match mode {
             RedirectMode::SkLookup => {
                 if !config.interfaces.is_empty() {
                     warn!("redirect.interfaces is not used in sk_lookup mode: it steers the public ports on every interface of the network namespace");
@@ -230,12 +246,13 @@ impl Redirect {
             links: BTreeMap::new(),
             netns_link: None,
             slots: Vec::new(),
-            mode: config.mode,
+            mode,
+            requested: config.mode,
             target_port,
             ingress: IngressHook::Tc,
         };
         redirect.set_ports(&config.ports)?;
-        if config.mode == RedirectMode::SkLookup {
+        if mode == RedirectMode::SkLookup {
             redirect.attach_netns(listeners)?;
         }
         for interface in &interfaces {
@@ -266,9 +283,9 @@ impl Redirect {
         self.slots.iter().map(|&(port, _)| port).collect()
     }
 
-    /// The mode it was attached in.
-    pub fn mode(&self) -> RedirectMode {
-        self.mode
+    /// The mode the config asked for (a reload with another one re-attaches).
+    pub fn requested_mode(&self) -> RedirectMode {
+        self.requested
     }
 
     /// Applies new `interfaces` and `ports` without a gap: new interfaces and ports are added
@@ -606,4 +623,28 @@ fn spawn_logger(
             guard.clear_ready();
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_5_9_get_tc_instead_of_sk_lookup() {
+        let old = Some(KernelVersion::new(5, 4, 0));
+        let new = Some(KernelVersion::new(6, 18, 0));
+        assert_eq!(
+            effective_mode(RedirectMode::SkLookup, old),
+            RedirectMode::Tc
+        );
+        assert_eq!(
+            effective_mode(RedirectMode::SkLookup, new),
+            RedirectMode::SkLookup
+        );
+        assert_eq!(
+            effective_mode(RedirectMode::SkLookup, None),
+            RedirectMode::SkLookup
+        );
+        assert_eq!(effective_mode(RedirectMode::Xdp, old), RedirectMode::Xdp);
+    }
 }
