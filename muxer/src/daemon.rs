@@ -100,11 +100,12 @@ fn attach_redirect(config: &Config, listeners: &[OwnedFd]) -> (Option<Redirect>,
             (Some(redirect), report)
         }
         Err(error) => {
-            warn!(
-                %error,
-                "kernel redirect OFF: public ports {:?} are not redirected (needs CAP_BPF and CAP_NET_ADMIN); still serving on port {target}",
-                config.redirect.ports
-            );
+            let ports = &config.redirect.ports;
+            if error.is_permission() {
+                warn!(%error, "kernel redirect OFF: public ports {ports:?} are not steered (needs CAP_BPF and CAP_NET_ADMIN); still serving on port {target}");
+            } else {
+                warn!(%error, "kernel redirect OFF: public ports {ports:?} are not steered; still serving on port {target}");
+            }
             let mut report = off_report(config, error.to_string());
             report.state = "failed".into();
             (None, report)

@@ -112,6 +112,23 @@ pub enum RedirectError {
     },
 }
 
+impl RedirectError {
+    /// Whether the failure is a missing privilege (EPERM/EACCES somewhere in its chain), the one
+    /// cause for which the capabilities are worth naming.
+    pub fn is_permission(&self) -> bool {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = current {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::PermissionDenied {
+                    return true;
+                }
+            }
+            current = error.source();
+        }
+        false
+    }
+}
+
 /// How the ingress program ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -628,6 +645,17 @@ fn spawn_logger(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_privilege_names_the_capabilities() {
+        assert!(!RedirectError::NoInterfaces.is_permission());
+        let denied = RedirectError::Pins {
+            call: "mkdir",
+            path: "/sys/fs/bpf/muxer".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(denied.is_permission());
+    }
 
     #[test]
     fn kernels_before_5_9_get_tc_instead_of_sk_lookup() {
