@@ -153,6 +153,24 @@ fn upstream_requests_are_in_origin_form_and_http_1_0_clients_get_a_host_named() 
         assert!(body.starts_with(expected), "{target}: {body:?}");
     }
 
+    // An absolute-form target's authority is routed on and sent as Host, whatever Host the client
+    // put beside it; a second Host header is refused.
+    let mut stream = server.raw_connection();
+    stream
+        .write_all(b"GET http://198.18.0.2:2222/raw/abs HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_response(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let lower = body.to_ascii_lowercase();
+    assert!(lower.contains("\r\nhost: 198.18.0.2:2222\r\n"), "{body:?}");
+    assert!(!lower.contains("evil.example"), "{body:?}");
+    let mut stream = server.raw_connection();
+    stream
+        .write_all(b"GET /raw/two HTTP/1.1\r\nHost: 198.18.0.2:2222\r\nHost: evil.example\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_response(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
     // A route's host_header replaces Host; the client's Host goes on in X-Forwarded-Host.
     let (code, head) = server.curl(&[
         "-H",

@@ -193,6 +193,9 @@ pub async fn handle(
         peer: client, slot, ..
     } = client;
     let started = Instant::now();
+    // The authority of an absolute-form target or HTTP/2's `:authority` is the one routed on, so
+    // it is also the one sent upstream as Host (not whatever Host the client added next to it).
+    let target_authority = request.uri().authority().is_some();
     // As a header value: forwarding it (Host, X-Forwarded-Host) is then a reference count, not a copy.
     let raw_host = match request.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
@@ -222,6 +225,13 @@ pub async fn handle(
         return Ok(access.local(text(
             StatusCode::BAD_REQUEST,
             format!("400 bad request: {error}"),
+        )));
+    }
+    if request.headers().get_all(HOST).iter().nth(1).is_some() {
+        // Which one an upstream would believe is anyone's guess (RFC 9112 §3.2).
+        return Ok(access.local(text(
+            StatusCode::BAD_REQUEST,
+            "400 bad request: more than one Host header".into(),
         )));
     }
     let Some(route) = context
@@ -257,8 +267,9 @@ pub async fn handle(
         (Some(host), _) => {
             parts.headers.insert(HOST, host.clone());
         }
-        // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host.
-        (None, Some(host)) if !parts.headers.contains_key(HOST) => {
+        // HTTP/2 clients send :authority instead of Host; an HTTP/1.1 upstream needs Host. An
+        // absolute-form target's authority replaces the client's Host.
+        (None, Some(host)) if target_authority || !parts.headers.contains_key(HOST) => {
             parts.headers.insert(HOST, host.clone());
         }
         _ => {}
@@ -380,7 +391,7 @@ pub async fn handle(
                         unsent = Some(request);
                         continue;
                     }
-                    if bodiless && stale_connection(&error) {
+                    if bodiless && idempotent(&parts.method) && stale_connection(&error) {
                         attempt += 1;
                         continue;
                     }
@@ -431,6 +442,15 @@ pub async fn handle(
         },
     );
     Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Whether a request may be sent twice (RFC 9110 §9.2.2): only those are retried when a pooled
+/// connection turns out to have been closed after the request may have reached the upstream.
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
 }
 
 fn empty() -> UpstreamBody {
@@ -507,4 +527,19 @@ async fn tunnel(
         slot.limits().count_timeout(Timeout::TunnelIdle);
     }
     info!(target: "muxer::access", %route, bytes_in = joined.client_to_upstream, bytes_out = joined.upstream_to_client, end = joined.end(), "upgraded connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idempotent_methods_are_retried() {
+        for method in ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"] {
+            assert!(idempotent(&method.parse().unwrap()), "{method}");
+        }
+        for method in ["POST", "PATCH", "CONNECT", "LLM-GENERATE"] {
+            assert!(!idempotent(&method.parse().unwrap()), "{method}");
+        }
+    }
 }
