@@ -25,6 +25,7 @@ fn config(http: &str) -> String {
 }
 
 const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209715200\n\
+    trusted_proxies = [\"198.18.0.3/32\"]\n\
     [[http.route]]\npath = \"/embedding-model/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30001\"]\n\
     [[http.route]]\npath = \"/ws\"\nupstreams = [\"127.0.0.1:30002\"]\n\
     [[http.route]]\nname = \"keepalive\"\npath = \"/ka/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:30003\"]\n\
@@ -257,6 +258,10 @@ fn routes_strip_prefixes_canonicalise_paths_and_clean_headers() {
         "-H",
         "X-Forwarded-For: 203.0.113.7",
         "-H",
+        "Forwarded: for=203.0.113.7",
+        "-H",
+        "X-Real-IP: 203.0.113.7",
+        "-H",
         "Connection: X-Drop-Me",
         "-H",
         "X-Drop-Me: 1",
@@ -270,7 +275,10 @@ fn routes_strip_prefixes_canonicalise_paths_and_clean_headers() {
     ]);
     assert_eq!(code, 200);
     let headers: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 198.18.0.1");
+    // The client is no trusted proxy: what it claims about earlier hops is replaced.
+    assert_eq!(headers["x-forwarded-for"], "198.18.0.1");
+    assert_eq!(headers["forwarded"], "for=198.18.0.1");
+    assert_eq!(headers["x-real-ip"], "198.18.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
     assert_eq!(headers["x-forwarded-host"], "198.18.0.2:2222");
     assert_eq!(headers["host"], "198.18.0.2:2222", "Host kept as sent");
@@ -278,6 +286,23 @@ fn routes_strip_prefixes_canonicalise_paths_and_clean_headers() {
     for hop in ["x-drop-me", "keep-alive", "connection"] {
         assert!(headers.get(hop).is_none(), "{hop} forwarded: {headers}");
     }
+    // From a trusted proxy (http.trusted_proxies) the chain is kept and appended to.
+    server
+        .link
+        .add_client_address("198.18.0.3".parse().unwrap());
+    let (code, body) = server.curl(&[
+        "--interface",
+        "198.18.0.3",
+        "-H",
+        "X-Forwarded-For: 203.0.113.7",
+        "-H",
+        "X-Real-IP: 203.0.113.7",
+        &format!("{BASE}/headers"),
+    ]);
+    assert_eq!(code, 200);
+    let headers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 198.18.0.3");
+    assert_eq!(headers["x-real-ip"], "203.0.113.7");
     server.muxer.wait_for_log("path=/headers");
     let log = server.muxer.log();
     assert!(!log.contains("top-secret"), "credentials in the log");

@@ -78,6 +78,10 @@ pub struct Http {
         with = "humantime_serde"
     )]
     pub upstream_queue_timeout: Duration,
+    /// Proxies in front of muxer whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are kept
+    /// (appended to); from anyone else they are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The routes, matched most specific host first, then longest path prefix.
     #[serde(default, rename = "route")]
     pub routes: Vec<HttpRoute>,
@@ -136,6 +140,12 @@ impl Http {
         Duration::from_secs(3)
     }
 
+    /// Whether `client` is one of `trusted_proxies`.
+    pub fn trusts(&self, client: std::net::IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&client))
+    }
+
     /// The keep-alive idle timeout in force.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout.unwrap_or(self.header_read_timeout)
@@ -164,6 +174,7 @@ impl Default for Http {
             max_connections_per_upstream: Self::default_max_connections_per_upstream(),
             upstream_queue: Self::default_upstream_queue(),
             upstream_queue_timeout: Self::default_upstream_queue_timeout(),
+            trusted_proxies: Vec::new(),
             routes: Vec::new(),
         }
     }

@@ -86,8 +86,54 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(UPGRADE, protocol);
 }
 
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Sets the forwarding headers for `client`. From a trusted proxy (`http.trusted_proxies`) the
+/// client is appended to `X-Forwarded-For` and the proxy's `Forwarded` and `X-Real-IP` are kept.
+/// From anyone else those headers could be forged, so `X-Forwarded-For` is replaced by the client
+/// alone, and a `Forwarded` or `X-Real-IP` the client sent is replaced by muxer's own value.
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` are set either way.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    original_host: Option<HeaderValue>,
+    trusted: bool,
+) {
+    if !trusted {
+        headers.remove(X_FORWARDED_FOR);
+        if headers.contains_key(FORWARDED) || headers.contains_key(X_REAL_IP) {
+            replace_client_claims(headers, client);
+        }
+    }
+    append_forwarded_for(headers, client, original_host);
+}
+
+/// Replaces a client's `Forwarded` and `X-Real-IP` with the client's real address (rare: only
+/// when a client sent one of them).
+fn replace_client_claims(headers: &mut HeaderMap, client: IpAddr) {
+    let forwarded = match client {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    if headers.contains_key(FORWARDED) {
+        if let Ok(value) = HeaderValue::from_str(&forwarded) {
+            headers.insert(FORWARDED, value);
+        }
+    }
+    if headers.contains_key(X_REAL_IP) {
+        if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+            headers.insert(X_REAL_IP, value);
+        }
+    }
+}
+
 /// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, original_host: Option<HeaderValue>) {
+fn append_forwarded_for(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    original_host: Option<HeaderValue>,
+) {
     use std::io::Write as _;
     // Room for the three headers at once: inserting them one by one can grow the map twice.
     headers.reserve(3);
@@ -203,6 +249,7 @@ mod tests {
             &mut headers,
             "198.18.0.1".parse().unwrap(),
             Some(HeaderValue::from_static("gpu.example:22")),
+            true,
         );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 198.18.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
@@ -214,14 +261,36 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut headers, "fd00::1".parse().unwrap(), None);
+        set_forwarded(&mut headers, "fd00::1".parse().unwrap(), None, true);
         let chain: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["203.0.113.9, 10.0.0.1, fd00::1"]);
         assert!(!headers.contains_key("x-forwarded-host"));
 
         let mut fresh = HeaderMap::new();
-        set_forwarded(&mut fresh, "198.18.0.1".parse().unwrap(), None);
+        set_forwarded(&mut fresh, "198.18.0.1".parse().unwrap(), None, true);
         assert_eq!(fresh["x-forwarded-for"], "198.18.0.1");
+    }
+
+    #[test]
+    fn an_untrusted_clients_forwarding_claims_are_replaced_not_appended_to() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        headers.insert(
+            "forwarded",
+            HeaderValue::from_static("for=10.0.0.1;proto=https"),
+        );
+        headers.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        set_forwarded(&mut headers, "fd00::1".parse().unwrap(), None, false);
+        let chain: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(chain, ["fd00::1"]);
+        assert_eq!(headers["forwarded"], "for=\"[fd00::1]\"");
+        assert_eq!(headers["x-real-ip"], "fd00::1");
+        // Nothing is added that the client did not send, besides X-Forwarded-*.
+        let mut plain = HeaderMap::new();
+        set_forwarded(&mut plain, "198.18.0.1".parse().unwrap(), None, false);
+        assert_eq!(plain["x-forwarded-for"], "198.18.0.1");
+        assert!(!plain.contains_key("forwarded") && !plain.contains_key("x-real-ip"));
     }
 
     #[test]

@@ -262,7 +262,8 @@ pub async fn handle(
     let (mut parts, body) = request.into_parts();
     let bodiless = body.is_end_stream();
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.clone());
+    let trusted = context.settings.trusts(client.ip());
+    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.clone(), trusted);
     match (&route.host_header, &raw_host) {
         (Some(host), _) => {
             parts.headers.insert(HOST, host.clone());
