@@ -397,3 +397,22 @@ pub fn raw_head_echo(netns: &Netns, address: SocketAddr) -> Backend {
         let _ = stream.shutdown().await;
     })
 }
+
+/// Starts a server on `address` inside `netns` that reads a request head and answers every
+/// connection with `reply`, exactly as given, then keeps the connection open for a second: an
+/// upstream that misbehaves on purpose (e.g. a `101` for a protocol nobody asked for).
+pub fn fixed_reply(netns: &Netns, address: SocketAddr, reply: &'static [u8]) -> Backend {
+    start(netns, address, move |mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        if stream.write_all(reply).await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}

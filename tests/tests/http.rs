@@ -34,6 +34,7 @@ const ROUTES: &str = "[http]\nheader_read_timeout = \"1s\"\nmax_body_bytes = 209
     [[http.route]]\nname = \"pair\"\npath = \"/pair/\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:39999\", \"127.0.0.1:30000\"]\n\
     [[http.route]]\nname = \"impatient\"\npath = \"/impatient/\"\nstrip_prefix = true\nresponse_timeout = \"300ms\"\nupstreams = [\"127.0.0.1:30000\"]\n\
     [[http.route]]\nname = \"raw\"\npath = \"/raw/\"\nupstreams = [\"127.0.0.1:30009\"]\n\
+    [[http.route]]\nname = \"liar\"\npath = \"/liar/\"\nupgrades = [\"websocket\", \"foo\"]\nupstreams = [\"127.0.0.1:30010\"]\n\
     [[http.route]]\nname = \"rawhost\"\npath = \"/rawhost/\"\nhost_header = \"internal.svc:8080\"\nupstreams = [\"127.0.0.1:30009\"]\n\
     [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n";
 
@@ -43,6 +44,7 @@ struct Server {
     _embed: Backend,
     _ws: Backend,
     _raw: Backend,
+    _liar: Backend,
     keepalive: HttpBackend,
     muxer: Muxer,
 }
@@ -58,6 +60,12 @@ fn server() -> Server {
     let embed = backends::http(&link.server, "127.0.0.1:30001".parse().unwrap(), "embed");
     let ws = backends::websocket_echo(&link.server, "127.0.0.1:30002".parse().unwrap());
     let raw = backends::raw_head_echo(&link.server, "127.0.0.1:30009".parse().unwrap());
+    // Answers every request with a 101 to h2c, whatever was asked.
+    let liar = backends::fixed_reply(
+        &link.server,
+        "127.0.0.1:30010".parse().unwrap(),
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    );
     let keepalive = backends::http_with(
         &link.server,
         "127.0.0.1:30003".parse().unwrap(),
@@ -77,6 +85,7 @@ fn server() -> Server {
         _embed: embed,
         _ws: ws,
         _raw: raw,
+        _liar: liar,
         keepalive,
         muxer,
     }
@@ -1039,4 +1048,49 @@ fn a_request_head_arriving_in_pieces_keeps_the_connection_alive() {
         );
         assert_eq!(body, format!("llm GET /pieces/{round}"));
     }
+}
+
+#[test]
+fn upgrades_are_websocket_only_by_default_h2c_is_never_tunnelled_and_a_101_must_match() {
+    if !netns_available(
+        "upgrades_are_websocket_only_by_default_h2c_is_never_tunnelled_and_a_101_must_match",
+    ) {
+        return;
+    }
+    let server = server();
+    let exchange = |request: &str| {
+        let mut stream = server.raw_connection();
+        stream.write_all(request.as_bytes()).unwrap();
+        read_response(&mut stream)
+    };
+    // h2c: served as plain HTTP/1.1; the upstream sees neither Upgrade nor HTTP2-Settings.
+    let (head, body) = exchange(
+        "GET /raw/h2c HTTP/1.1\r\nHost: gpu\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let upstream = body.to_ascii_lowercase();
+    assert!(
+        upstream.starts_with("get /raw/h2c http/1.1\r\n"),
+        "{body:?}"
+    );
+    assert!(
+        !upstream.contains("upgrade") && !upstream.contains("http2-settings"),
+        "{body:?}"
+    );
+    // Another protocol on a route that allows only WebSocket (the default): refused.
+    let (head, _) =
+        exchange("GET /raw/x HTTP/1.1\r\nHost: gpu\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // An upstream that switches to another protocol than asked (or to WebSocket without the
+    // handshake's accept header) gets no tunnel: 502.
+    for asked in ["websocket", "foo"] {
+        let request = format!(
+            "GET /liar/x HTTP/1.1\r\nHost: gpu\r\nConnection: Upgrade\r\nUpgrade: {asked}\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let (head, _) = exchange(&request);
+        assert!(head.starts_with("HTTP/1.1 502"), "{asked}: {head}");
+    }
+    // A real WebSocket still works: websocket_upgrades_are_tunnelled.
 }

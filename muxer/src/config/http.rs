@@ -202,9 +202,17 @@ pub struct HttpRoute {
     /// must not be cut.
     #[serde(default, with = "humantime_serde::option")]
     pub response_timeout: Option<Duration>,
+    /// Protocols a client may upgrade to on this route (`Upgrade` tokens, case-insensitive).
+    /// `h2c` is never tunnelled: such a request is served as plain HTTP/1.1.
+    #[serde(default = "HttpRoute::default_upgrades")]
+    pub upgrades: Vec<String>,
 }
 
 impl HttpRoute {
+    fn default_upgrades() -> Vec<String> {
+        vec!["websocket".into()]
+    }
+
     /// The route's name: configured, or `host` + `path`, or `default`.
     pub fn display_name(&self) -> String {
         if let Some(name) = &self.name {
@@ -304,6 +312,17 @@ impl Http {
             }
             if route.upstreams.is_empty() {
                 return Err((key("upstreams"), "must list at least one upstream".into()));
+            }
+            for (position, token) in route.upgrades.iter().enumerate() {
+                let valid = !token.is_empty()
+                    && token.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+                    && !token.eq_ignore_ascii_case("h2c");
+                if !valid {
+                    return Err((
+                        format!("http.route[{index}].upgrades[{position}]"),
+                        format!("{token:?} is not an upgrade token muxer can tunnel"),
+                    ));
+                }
             }
             if route.response_timeout.is_some_and(|t| t.is_zero()) {
                 return Err((key("response_timeout"), "must be greater than 0".into()));

@@ -838,6 +838,12 @@ mod tests {
                 "http.route[1].path",
             ),
             ("[[http.route]]\nupstreams = [\"a:1\"]\nretries = 3\n[ssh]\nupstream = \"a:1\"", "http.route[0].retries"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\nupgrades = [\"h2c\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].upgrades[0]"),
+            ("[limits]\nssh_reserve = 20000\n[ssh]\nupstream = \"a:1\"", "limits.ssh_reserve"),
+            ("[limits]\nsource_prefix_v6 = 0\n[ssh]\nupstream = \"a:1\"", "limits.source_prefix_v6"),
+            ("[ssh]\nupstream = \"a:1\"\nsource = \"spoofed\"", "ssh.source"),
+            ("[http]\nwrite_timeout = \"0s\"\n[[http.route]]\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.write_timeout"),
+            ("[http]\ntrusted_proxies = [\"x\"]\n[[http.route]]\nupstreams = [\"a:1\"]\n[ssh]\nupstream = \"a:1\"", "http.trusted_proxies[0]"),
             (
                 "[limits]\nmax_connections = 0\n[ssh]\nupstream=\"a:1\"",
                 "limits.max_connections",

@@ -37,6 +37,27 @@ fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|token| !token.is_empty())
 }
 
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Drops what an `h2c` upgrade request carries (`HTTP2-Settings`): muxer serves it as HTTP/1.1.
+pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
+    headers.remove(HTTP2_SETTINGS);
+}
+
+/// Whether an upstream's 101 answers the upgrade the client asked for: the same protocol, and for
+/// WebSocket the handshake's `Sec-WebSocket-Accept`. Anything else must not become a raw tunnel.
+pub fn upgrade_accepted(requested: &HeaderValue, response: &HeaderMap) -> bool {
+    let same = response
+        .get(UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .zip(requested.to_str().ok())
+        .is_some_and(|(answered, asked)| answered.trim().eq_ignore_ascii_case(asked.trim()));
+    let websocket = requested
+        .to_str()
+        .is_ok_and(|asked| asked.trim().eq_ignore_ascii_case("websocket"));
+    same && (!websocket || response.contains_key("sec-websocket-accept"))
+}
+
 /// Whether the request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"));
@@ -302,6 +323,33 @@ mod tests {
         let before = headers.clone();
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn a_101_must_answer_the_upgrade_that_was_asked_for() {
+        let websocket = HeaderValue::from_static("websocket");
+        let mut answer = HeaderMap::new();
+        answer.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(
+            !upgrade_accepted(&websocket, &answer),
+            "no Sec-WebSocket-Accept"
+        );
+        answer.insert(
+            "sec-websocket-accept",
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        assert!(upgrade_accepted(&websocket, &answer));
+        let mut other = HeaderMap::new();
+        other.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!upgrade_accepted(&websocket, &other), "another protocol");
+        assert!(
+            !upgrade_accepted(&websocket, &HeaderMap::new()),
+            "no Upgrade at all"
+        );
+        let custom = HeaderValue::from_static("foo/2");
+        let mut answer = HeaderMap::new();
+        answer.insert(UPGRADE, HeaderValue::from_static("foo/2"));
+        assert!(upgrade_accepted(&custom, &answer));
     }
 
     #[test]

@@ -255,8 +255,25 @@ pub async fn handle(
     if declared.is_some_and(|length| length > limit) {
         return Ok(access.local(failure_response(Failure::BodyTooLarge, &route, limit)));
     }
-    let upgrade = headers::upgrade_requested(request.headers())
+    let mut upgrade = headers::upgrade_requested(request.headers())
         .filter(|_| request.version() == Version::HTTP_11);
+    if let Some(protocol) = &upgrade {
+        let asked = protocol.to_str().unwrap_or("").trim();
+        if asked.eq_ignore_ascii_case("h2c") {
+            // Never tunnelled: the request is served as plain HTTP/1.1 (RFC 9110 §7.8 lets a
+            // server ignore Upgrade), so nothing skips the router as HTTP/2.
+            headers::drop_h2c_upgrade(request.headers_mut());
+            upgrade = None;
+        } else if !route.allows_upgrade(asked) {
+            return Ok(access.local(text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "400 bad request: upgrading to {asked:?} is not allowed on route {} (http.route[].upgrades)",
+                    route.name
+                ),
+            )));
+        }
+    }
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
 
     let (mut parts, body) = request.into_parts();
@@ -409,6 +426,20 @@ pub async fn handle(
     let status = response.status();
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        let accepted = upgrade
+            .as_ref()
+            .is_some_and(|protocol| headers::upgrade_accepted(protocol, response.headers()));
+        if !accepted {
+            // A 101 nobody asked for, or for another protocol: it must not open a raw tunnel
+            // past the router, the limits and the logs.
+            return Ok(access.local(text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "502 bad gateway: the upstream of route {} switched to a protocol the client did not ask for",
+                    route.name
+                ),
+            )));
+        }
         if let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(tunnel(

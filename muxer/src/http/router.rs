@@ -88,11 +88,20 @@ pub struct Route {
     pub host_header: Option<HeaderValue>,
     /// Longest wait for the response head.
     pub response_timeout: Option<Duration>,
+    /// Upgrade protocols allowed (lower case).
+    pub upgrades: Vec<String>,
     /// This route's request metrics.
     pub metrics: RouteMetrics,
 }
 
 impl Route {
+    /// Whether a client may upgrade to `protocol` (an `Upgrade` header value) on this route.
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        self.upgrades
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(protocol.trim()))
+    }
+
     /// The path to forward: `path` with the prefix removed when the route strips it.
     pub fn forwarded_path<'a>(&self, path: &'a str) -> &'a str {
         match (&self.prefix, self.strip_prefix) {
@@ -152,6 +161,11 @@ impl Router {
                         .as_deref()
                         .and_then(|host| HeaderValue::from_str(host).ok()),
                     response_timeout: route.response_timeout,
+                    upgrades: route
+                        .upgrades
+                        .iter()
+                        .map(|token| token.to_ascii_lowercase())
+                        .collect(),
                 })
             })
             .collect();
@@ -191,6 +205,7 @@ mod tests {
             upstreams: vec!["127.0.0.1:1".parse().unwrap()],
             host_header: None,
             response_timeout: None,
+            upgrades: vec!["websocket".into()],
         }
     }
 
