@@ -253,8 +253,9 @@ fn ssh_reaches_a_second_host_through_a_named_tunnel_with_nc_and_socat() {
 }
 
 #[test]
-fn curl_proxy_tunnels_answer_200_403_and_407_as_configured() {
-    if !netns_available("curl_proxy_tunnels_answer_200_403_and_407_as_configured") {
+fn curl_proxy_tunnels_answer_200_or_one_indistinct_407_and_throttle_failures() {
+    if !netns_available("curl_proxy_tunnels_answer_200_or_one_indistinct_407_and_throttle_failures")
+    {
         return;
     }
     let server = tunnel_server();
@@ -279,18 +280,26 @@ fn curl_proxy_tunnels_answer_200_403_and_407_as_configured() {
     let (code, body) = curl("http://web/v1/models", &[]);
     assert_eq!(code, "200");
     assert!(body.contains("\"id\":\"llm\""), "{body}");
+    // Never an open proxy, and no enumeration: an unknown name, an address, a source outside
+    // `allow` and wrong credentials all get the same 407.
+    let (code, unknown) = curl("http://nothere/", &[]);
     assert_eq!(
-        curl("http://nothere/", &[]).0,
-        "403",
+        code, "407",
         "unknown names are refused: never an open proxy"
     );
     assert_eq!(
         curl("http://198.18.0.3:22/", &[]).0,
-        "403",
+        "407",
         "addresses are not names"
     );
-    assert_eq!(curl("http://restricted/", &[]).0, "403");
-    assert_eq!(curl("http://secure/v1/models", &[]).0, "407");
+    assert_eq!(
+        curl("http://restricted/", &[]),
+        (code.clone(), unknown.clone())
+    );
+    assert_eq!(
+        curl("http://secure/v1/models", &[]),
+        (code.clone(), unknown.clone())
+    );
     assert_eq!(
         curl("http://secure/v1/models", &["--proxy-user", "alice:wrong"]).0,
         "407"
@@ -301,6 +310,23 @@ fn curl_proxy_tunnels_answer_200_403_and_407_as_configured() {
     );
     assert_eq!(code, "200");
     assert!(body.contains("\"id\":\"llm\""), "{body}");
+    // Five failures so far from this network; five more, and it is throttled, right password
+    // or not.
+    for _ in 0..5 {
+        assert_eq!(
+            curl("http://secure/", &["--proxy-user", "alice:guess"]).0,
+            "407"
+        );
+    }
+    assert_eq!(
+        curl(
+            "http://secure/v1/models",
+            &["--proxy-user", "alice:s3cret:pw"]
+        )
+        .0,
+        "429",
+        "a network with ten failures in a minute is throttled"
+    );
 }
 
 /// Sends `first` then half-closes, returning everything the server sent back.

@@ -1,6 +1,8 @@
 //! Named tunnels: `CONNECT name:port` (frp's tcpmux `httpconnect`) is answered 200 and spliced to
 //! the upstream configured for that name. Only configured names are reachable — never an open
 //! proxy — optionally behind Basic credentials (compared in constant time) and source networks.
+//! An unknown name, a source outside `allow` and wrong credentials all get the same 407, so names
+//! cannot be enumerated; a source network with too many such failures gets 429 for a while.
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -41,6 +43,45 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Tunnels {
     by_name: HashMap<String, Entry>,
+    failures: Failures,
+}
+
+/// Failed tunnel requests allowed per source network within [`FAILURE_WINDOW`]; past them the
+/// network gets 429 until the window ends, correct credentials or not (no brute force).
+const MAX_FAILURES: u32 = 10;
+/// The window failures are counted in.
+const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Networks remembered at most; older windows are forgotten first.
+const MAX_TRACKED: usize = 10_000;
+
+/// Recent failures per source network.
+#[derive(Debug, Default)]
+struct Failures(std::sync::Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>);
+
+impl Failures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, (u32, Instant)>> {
+        self.0.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Whether `network` has failed too often lately.
+    fn throttled(&self, network: std::net::IpAddr) -> bool {
+        self.lock().get(&network).is_some_and(|(count, since)| {
+            *count >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW
+        })
+    }
+
+    /// Counts a failure of `network`.
+    fn record(&self, network: std::net::IpAddr) {
+        let mut failures = self.lock();
+        if failures.len() >= MAX_TRACKED {
+            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = failures.entry(network).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
 }
 
 impl Tunnels {
@@ -63,7 +104,10 @@ impl Tunnels {
                 (tunnel.name.to_ascii_lowercase(), entry)
             })
             .collect();
-        Tunnels { by_name }
+        Tunnels {
+            by_name,
+            failures: Failures::default(),
+        }
     }
 }
 
@@ -113,41 +157,49 @@ pub async fn connect(
         .unwrap_or("")
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    let Some(tunnel) = context.tunnels.by_name.get(&name) else {
-        log(client, &name, "-", StatusCode::FORBIDDEN, started);
-        return text(
-            StatusCode::FORBIDDEN,
-            "403 forbidden: no tunnel by that name".into(),
+    let network = slot.limits().source_network(client.ip());
+    let tunnels = &context.tunnels;
+    if tunnels.failures.throttled(network) {
+        log(client, &name, "-", StatusCode::TOO_MANY_REQUESTS, started);
+        let mut response = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "429 too many failed tunnel requests from this network; retry later".into(),
         );
-    };
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return response;
+    }
     let source = client.ip().to_canonical();
-    if !tunnel.allow.is_empty() && !tunnel.allow.iter().any(|net| net.contains(&source)) {
-        log(client, &tunnel.name, "-", StatusCode::FORBIDDEN, started);
-        return text(
-            StatusCode::FORBIDDEN,
-            "403 forbidden: not allowed from this address".into(),
+    let admitted = tunnels.by_name.get(&name).filter(|tunnel| {
+        let allowed =
+            tunnel.allow.is_empty() || tunnel.allow.iter().any(|net| net.contains(&source));
+        let credentials = tunnel.credentials.as_ref().is_none_or(|expected| {
+            credentials_match(request.headers().get(PROXY_AUTHORIZATION), expected)
+        });
+        allowed && credentials
+    });
+    let Some(tunnel) = admitted else {
+        // One answer for an unknown name, a source outside `allow` and wrong credentials: which
+        // names exist is nobody's business but the configured clients'.
+        tunnels.failures.record(network);
+        log(
+            client,
+            &name,
+            "-",
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            started,
         );
-    }
-    if let Some(expected) = &tunnel.credentials {
-        if !credentials_match(request.headers().get(PROXY_AUTHORIZATION), expected) {
-            log(
-                client,
-                &tunnel.name,
-                "-",
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                started,
-            );
-            let mut response = text(
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                "407 proxy authentication required".into(),
-            );
-            response.headers_mut().insert(
-                PROXY_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"muxer\""),
-            );
-            return response;
-        }
-    }
+        let mut response = text(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "407 proxy authentication required".into(),
+        );
+        response.headers_mut().insert(
+            PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"muxer\""),
+        );
+        return response;
+    };
     let opened = async {
         let mut upstream = crate::connection::connect_tuned(
             &tunnel.upstream,
