@@ -9,6 +9,7 @@ pub mod muxer;
 pub mod netns;
 pub mod packets;
 pub mod process;
+pub mod public_host;
 pub mod sshd;
 
 use std::time::{Duration, Instant};

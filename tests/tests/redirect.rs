@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
-use muxer_tests::netns::{BpfFs, Link, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
+use muxer_tests::netns::{BpfFs, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
 use muxer_tests::process::{status_kib, Running};
-use muxer_tests::sshd::{SshConnection, Sshd};
+use muxer_tests::public_host::PublicHost;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
 const READY: &str = "127.0.0.1:2222";
@@ -21,31 +20,22 @@ fn config(mode: &str, extra: &str) -> String {
     )
 }
 
-struct Server {
-    link: Link,
-    sshd: Sshd,
-    _http: Backend,
+/// The public host of [`PublicHost`], with this file's checks.
+struct Server(PublicHost);
+
+impl std::ops::Deref for Server {
+    type Target = PublicHost;
+
+    fn deref(&self) -> &PublicHost {
+        &self.0
+    }
 }
 
-/// sshd on 0.0.0.0:22 and [::]:22 (like a real box), the HTTP backend on 127.0.0.1:30000.
 fn server() -> Server {
-    let link = Link::new();
-    let sshd = Sshd::start(&link.server, &["0.0.0.0:22", "[::]:22"]);
-    let http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
-    Server {
-        link,
-        sshd,
-        _http: http,
-    }
+    Server(PublicHost::new())
 }
 
 impl Server {
-    /// A login to `host` port 22 as sshd saw it: through muxer it accepted on a loopback address,
-    /// and with the transparent source it still sees the client's real address.
-    fn ssh(&self, host: &str) -> SshConnection {
-        self.sshd.connection(&self.link.client, host, 22, &[])
-    }
-
     fn curl_models(&self, url_host: &str) -> serde_json::Value {
         let url = format!("http://{url_host}:22/v1/models");
         let body = self

@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
-use muxer_tests::netns::{Link, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
+use muxer_tests::netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
 use muxer_tests::process::Running;
-use muxer_tests::sshd::{SshConnection, Sshd};
+use muxer_tests::public_host::PublicHost;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
 const READY: &str = "127.0.0.1:2222";
@@ -21,28 +20,22 @@ fn config() -> String {
         .to_owned()
 }
 
-struct Server {
-    link: Link,
-    sshd: Sshd,
-    _http: Backend,
+/// The public host of [`PublicHost`], with this file's checks.
+struct Server(PublicHost);
+
+impl std::ops::Deref for Server {
+    type Target = PublicHost;
+
+    fn deref(&self) -> &PublicHost {
+        &self.0
+    }
 }
 
 fn server() -> Server {
-    let link = Link::new();
-    let sshd = Sshd::start(&link.server, &["0.0.0.0:22", "[::]:22"]);
-    let http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
-    Server {
-        link,
-        sshd,
-        _http: http,
-    }
+    Server(PublicHost::new())
 }
 
 impl Server {
-    fn ssh(&self, host: &str) -> SshConnection {
-        self.sshd.connection(&self.link.client, host, 22, &[])
-    }
-
     /// Whether a new connection to port 22 gets sshd's banner within `limit` of now.
     fn sshd_answers_port_22_within(&self, limit: Duration) -> bool {
         let started = Instant::now();
