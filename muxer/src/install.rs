@@ -105,6 +105,39 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallErro
     std::fs::rename(&temporary, path).map_err(fail("rename into"))
 }
 
+/// The installed config's mode: owner root read-write, the service's group read-only.
+const CONFIG_MODE: u32 = 0o640;
+
+/// Makes `config` root:`group`, so the service (running as that group) can read it; returns the
+/// line to show the user.
+fn give_config_to_group(config: &Path, group: &str) -> String {
+    let gid = Command::new("getent")
+        .args(["group", group])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| {
+            let line = String::from_utf8_lossy(&output.stdout).into_owned();
+            line.split(':').nth(2)?.trim().parse::<u32>().ok()
+        });
+    let changed = gid.is_some_and(|gid| {
+        rustix::fs::chown(
+            config,
+            Some(rustix::process::Uid::ROOT),
+            Some(rustix::process::Gid::from_raw(gid)),
+        )
+        .is_ok()
+    });
+    if changed {
+        format!("{} is root:{group}, mode 0640", config.display())
+    } else {
+        format!(
+            "could not give {} to group {group}: run chown root:{group} on it so the service can read it",
+            config.display()
+        )
+    }
+}
+
 /// Installs muxer according to `layout`. Returns the lines to show the user.
 pub fn install(layout: &Layout) -> Result<Vec<String>, InstallError> {
     let mut report = Vec::new();
@@ -123,11 +156,14 @@ pub fn install(layout: &Layout) -> Result<Vec<String>, InstallError> {
     report.push(format!("installed {}", layout.binary.display()));
 
     let config_path = layout.under_root(&layout.config);
-    if config_path.exists() {
-        report.push(format!("kept existing {}", layout.config.display()));
-    } else {
-        write_file(&config_path, DEFAULT_CONFIG.as_bytes(), 0o644)?;
+    let wrote_config = !config_path.exists();
+    if wrote_config {
+        // Not world-readable: a config may hold tunnel passwords. The service reads it through its
+        // group (below).
+        write_file(&config_path, DEFAULT_CONFIG.as_bytes(), CONFIG_MODE)?;
         report.push(format!("wrote default {}", layout.config.display()));
+    } else {
+        report.push(format!("kept existing {}", layout.config.display()));
     }
     let bind_low_ports = Config::load(&config_path)
         .map(|config| {
@@ -169,6 +205,9 @@ pub fn install(layout: &Layout) -> Result<Vec<String>, InstallError> {
                     layout.user
                 )),
             }
+        }
+        if wrote_config {
+            report.push(give_config_to_group(&config_path, &layout.user));
         }
         let reloaded = Command::new("systemctl")
             .arg("daemon-reload")
@@ -238,5 +277,40 @@ mod tests {
         );
         assert!(dir.join("usr/local/bin/muxer").exists());
         assert!(dir.join("etc/systemd/system/muxer.service").exists());
+    }
+
+    #[test]
+    fn the_written_config_is_not_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let temp = tempfile::tempdir().unwrap();
+        install(&layout(temp.path())).unwrap();
+        let config = temp.path().join("etc/muxer/muxer.toml");
+        let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    }
+
+    #[test]
+    fn the_config_goes_to_the_services_group() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let temp = tempfile::tempdir().unwrap();
+        let config = temp.path().join("muxer.toml");
+        std::fs::write(&config, "").unwrap();
+        // Every Debian system has the group `adm`.
+        let line = give_config_to_group(&config, "adm");
+        assert!(line.ends_with("is root:adm, mode 0640"), "{line}");
+        let gid = std::fs::metadata(&config).unwrap().gid();
+        let adm = String::from_utf8(
+            Command::new("getent")
+                .args(["group", "adm"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        assert_eq!(adm.split(':').nth(2).unwrap().trim(), gid.to_string());
+        assert!(give_config_to_group(&config, "no-such-group-here").starts_with("could not"));
     }
 }
