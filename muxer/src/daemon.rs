@@ -268,11 +268,13 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         }
     }
     // Only once the listeners accept may port 22 be redirected to them.
+    // The reply rules for transparent connections come first: once the redirect is attached (and
+    // says so), everything a steered connection needs is in place.
+    let mut planner = Planner::default();
+    let sources = planner.apply(&config);
     let (redirect, redirect_report) = attach_redirect(&config, &listeners);
     let stats = Arc::new(Stats::default());
     let limits = ConnectionLimits::new(&config.limits);
-    let mut planner = Planner::default();
-    let sources = planner.apply(&config);
     let control = Arc::new(ControlState {
         stats: Arc::clone(&stats),
         limits: Arc::clone(&limits),

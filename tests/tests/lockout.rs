@@ -460,6 +460,7 @@ fn the_reply_rule_goes_with_a_clean_exit_and_is_harmless_after_sigkill() {
     }
     let mut server = server(&config("", ""));
     let rules = |family: &str| server.link.server.run_ok("ip", &[family, "rule", "show"]);
+    // In place before the redirect is attached, which Muxer::start waits for.
     for family in ["-4", "-6"] {
         assert!(rules(family).contains("lookup 1022"), "{}", rules(family));
     }
@@ -492,6 +493,10 @@ fn the_reply_rule_goes_with_a_clean_exit_and_is_harmless_after_sigkill() {
 
     // After SIGKILL the rule stays behind: port 22 and local logins still reach sshd.
     let mut muxer = Muxer::start(&server.link.server, &config("", ""), READY.parse().unwrap());
+    // Installed just after the redirect attaches (before any connection is served).
+    wait_for("the reply rule", Duration::from_secs(5), || {
+        rules("-4").contains("lookup 1022").then_some(())
+    });
     muxer.process.signal_and_wait(rustix::process::Signal::KILL);
     assert!(
         rules("-4").contains("lookup 1022"),
