@@ -1094,3 +1094,29 @@ fn upgrades_are_websocket_only_by_default_h2c_is_never_tunnelled_and_a_101_must_
     }
     // A real WebSocket still works: websocket_upgrades_are_tunnelled.
 }
+
+#[test]
+fn parameters_cannot_hide_dot_segments_and_overlong_utf8_is_refused() {
+    if !netns_available("parameters_cannot_hide_dot_segments_and_overlong_utf8_is_refused") {
+        return;
+    }
+    let server = server();
+    let exchange = |target: &str| {
+        let mut stream = server.raw_connection();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        read_response(&mut stream)
+    };
+    // `..;` is `..` to upstreams that drop parameters: it climbs out of the prefix here too, so the
+    // request is routed (and forwarded) as /v1/models, never to the embedding route's upstream.
+    let (head, body) = exchange("/embedding-model/..;/v1/models");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("\"id\":\"llm\""), "{body}");
+    let (head, _) = exchange("/..;/etc/passwd");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    for overlong in ["/raw/%C0%AF", "/raw/%e0%80%af"] {
+        let (head, body) = exchange(overlong);
+        assert!(head.starts_with("HTTP/1.1 400"), "{overlong}: {head}");
+        assert!(body.contains("overlong UTF-8"), "{body}");
+    }
+}

@@ -19,6 +19,21 @@ pub enum PathError {
     /// Not an origin-form path.
     #[error("the path does not start with '/'")]
     NotAbsolute,
+    /// An overlong UTF-8 sequence (`%C0%AF` is a `/` in disguise to a lax decoder).
+    #[error("overlong UTF-8 in the path")]
+    OverlongUtf8,
+}
+
+/// Whether byte `second` after lead byte `first` makes an overlong UTF-8 encoding: `C0`/`C1`
+/// leads always do; `E0` with a second byte below `A0` and `F0` below `90` encode what a shorter
+/// form could.
+fn overlong(first: u8, second: Option<u8>) -> bool {
+    match (first, second) {
+        (0xC0 | 0xC1, _) => true,
+        (0xE0, Some(second)) => second < 0xA0,
+        (0xF0, Some(second)) => second < 0x90,
+        _ => false,
+    }
 }
 
 fn is_unreserved(byte: u8) -> bool {
@@ -47,6 +62,8 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
     let mut index = 0;
+    // The previous byte's value when it was non-ASCII (escaped or raw), for the overlong check.
+    let mut lead: Option<u8> = None;
     while index < bytes.len() {
         let byte = bytes[index];
         if byte == b'%' {
@@ -60,6 +77,10 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
             if matches!(value, b'/' | b'\\' | 0) {
                 return Err(PathError::EncodedSeparator);
             }
+            if overlong(value, None) || lead.is_some_and(|first| overlong(first, Some(value))) {
+                return Err(PathError::OverlongUtf8);
+            }
+            lead = (value >= 0x80).then_some(value);
             if is_unreserved(value) {
                 decoded.push(value as char);
             } else {
@@ -71,6 +92,10 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
         if byte == b'\\' || byte.is_ascii_control() {
             return Err(PathError::ForbiddenCharacter);
         }
+        if overlong(byte, None) || lead.is_some_and(|first| overlong(first, Some(byte))) {
+            return Err(PathError::OverlongUtf8);
+        }
+        lead = (byte >= 0x80).then_some(byte);
         if byte.is_ascii() {
             decoded.push(byte as char);
         } else {
@@ -84,6 +109,14 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = decoded.ends_with('/');
     for segment in decoded.split('/').skip(1) {
+        // `;parameters` do not hide a dot segment: upstreams that drop them (Tomcat, Jetty) read
+        // `..;` as `..`, so it counts as one here, for routing and forwarding alike.
+        let name = segment.split(';').next().unwrap_or(segment);
+        let segment = if matches!(name, "." | "..") {
+            name
+        } else {
+            segment
+        };
         match segment {
             "" => {}
             "." => trailing_slash = true,
@@ -116,6 +149,33 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_do_not_hide_dot_segments() {
+        assert_eq!(canonicalize("/p/..;/x").unwrap(), "/x");
+        assert_eq!(canonicalize("/p/..;jsessionid=1/x").unwrap(), "/x");
+        assert_eq!(canonicalize("/p/.;x/y").unwrap(), "/p/y");
+        assert_eq!(
+            canonicalize("/..;/etc").unwrap_err(),
+            PathError::EscapesRoot
+        );
+        // Parameters on ordinary segments stay.
+        assert_eq!(canonicalize("/p/a;v=1/b").unwrap(), "/p/a;v=1/b");
+    }
+
+    #[test]
+    fn overlong_utf8_is_refused() {
+        for path in ["/%C0%AF", "/a%c1%9c", "/%E0%80%AF", "/%F0%80%80%AF"] {
+            assert_eq!(
+                canonicalize(path).unwrap_err(),
+                PathError::OverlongUtf8,
+                "{path}"
+            );
+        }
+        // Proper multi-byte characters pass, escaped as they came.
+        assert_eq!(canonicalize("/caf%C3%A9").unwrap(), "/caf%C3%A9");
+        assert_eq!(canonicalize("/%E2%82%AC").unwrap(), "/%E2%82%AC");
+    }
 
     #[test]
     fn canonical_forms() {
