@@ -18,6 +18,7 @@ use crate::config::{Config, ProxyVersion, Target};
 use crate::http::stream::Traffic;
 use crate::http::HttpContext;
 use crate::limits::{Class, ConnectionSlot, Refusal, TotalPermit};
+use crate::log_limit::LogLimit;
 use crate::metrics::HttpMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
@@ -234,7 +235,10 @@ pub async fn serve(
         && matches!(sniffed.outcome, SniffOutcome::Undecided(_))
         && proxy_protocol::looks_like_header(&sniffed.prefix)
     {
-        warn!(client = %tcp_peer, "PROXY header from a source not in proxy_protocol.trusted; closing");
+        static UNTRUSTED_PROXY_HEADER: LogLimit = LogLimit::per(Duration::from_secs(1));
+        if let Some(suppressed) = UNTRUSTED_PROXY_HEADER.allow() {
+            warn!(client = %tcp_peer, suppressed, "PROXY header from a source not in proxy_protocol.trusted; closing");
+        }
         log.close(
             "proxy",
             None,

@@ -16,6 +16,7 @@ pub mod http;
 pub mod install;
 pub mod limits;
 pub mod listener;
+pub mod log_limit;
 pub mod memory;
 pub mod metrics;
 pub mod policy_routing;

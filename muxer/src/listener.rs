@@ -10,8 +10,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::task::Poll;
 
 use std::net::TcpListener as StdTcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -20,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::connection;
 use crate::limits::{Refusal, TotalPermit};
+use crate::log_limit::LogLimit;
 use crate::runtime::Runtime;
 use crate::steering::{Handoff, Steering, WorkerSteering};
 
@@ -110,31 +109,9 @@ fn bind_one(address: SocketAddr, shared: bool) -> Result<StdTcpListener, ListenE
     Ok(socket.into())
 }
 
-/// Rate limiter for a warning repeated by every worker: at most one per [`WARN_INTERVAL`] for the
-/// whole process.
-struct Throttle(AtomicU64);
-
-impl Throttle {
-    const fn new() -> Throttle {
-        Throttle(AtomicU64::new(0))
-    }
-
-    fn ready(&self) -> bool {
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        // Offset by the interval so that the first warning always passes.
-        let now = START.get_or_init(std::time::Instant::now).elapsed() + WARN_INTERVAL;
-        let now = now.as_millis() as u64;
-        let last = self.0.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= WARN_INTERVAL.as_millis() as u64
-            && self
-                .0
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
-static LIMIT_WARNING: Throttle = Throttle::new();
-static FD_WARNING: Throttle = Throttle::new();
+/// Warnings every worker may repeat under a flood: at most one of each kind per second.
+static LIMIT_WARNING: LogLimit = LogLimit::per(WARN_INTERVAL);
+static FD_WARNING: LogLimit = LogLimit::per(WARN_INTERVAL);
 
 fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error() || code == rustix::io::Errno::NOBUFS.raw_os_error() || code == rustix::io::Errno::NOMEM.raw_os_error())
@@ -214,11 +191,13 @@ pub async fn accept_loop(
         let Ok(mut ready) = ready else {
             continue;
         };
-        if limits.total_exhausted() && LIMIT_WARNING.ready() {
-            warn!(
-                max_connections = runtime.current.load().config.limits.max_connections,
-                "connection limit reached; new connections wait in the backlog"
-            );
+        if limits.total_exhausted() {
+            if let Some(suppressed) = LIMIT_WARNING.allow() {
+                warn!(
+                    max_connections = runtime.current.load().config.limits.max_connections,
+                    suppressed, "connection limit reached; new connections wait in the backlog"
+                );
+            }
         }
         let permit = limits.wait_for_total().await;
         let (stream, peer) = match ready.try_io(|listener| accept(listener.get_ref())) {
@@ -231,8 +210,8 @@ pub async fn accept_loop(
                 for _ in 0..evicted {
                     limits.count_refusal(Refusal::IdleEvicted);
                 }
-                if FD_WARNING.ready() {
-                    warn!(%error, evicted, "out of file descriptors; closing the longest-idle HTTP keep-alive connections");
+                if let Some(suppressed) = FD_WARNING.allow() {
+                    warn!(%error, evicted, suppressed, "out of file descriptors; closing the longest-idle HTTP keep-alive connections");
                 }
                 // Evicted connections close on their own workers' threads: give them a moment.
                 let pause = if evicted > 0 {

@@ -438,4 +438,33 @@ fn proxy_protocol_carries_the_real_client_both_ways_and_spoofing_is_rejected() {
     }
     muxer.wait_for_log("rejected: PROXY header from an untrusted source");
     assert!(!muxer.log().contains("203.0.113.66"));
+
+    // A flood of them cannot flood the log: one warning a second, the next naming how many it
+    // left out. (Each connection's own close line stays: that is the access log.)
+    let spoof = b"PROXY TCP4 203.0.113.66 198.18.0.2 5555 22\r\nhello\n";
+    let flooding = std::time::Instant::now();
+    for _ in 0..50 {
+        let mut stream = connect(v6);
+        assert_eq!(exchange(&mut stream, spoof), "");
+    }
+    let warning = "PROXY header from a source not in proxy_protocol.trusted";
+    let warnings = muxer.log().matches(warning).count() as u64;
+    // One a second at most: the two earlier ones, plus one per second the flood took, plus one.
+    let allowed = 2 + flooding.elapsed().as_secs() + 1;
+    assert!(
+        (1..=allowed).contains(&warnings),
+        "{warnings} warnings for 52 spoofed headers in {:?}",
+        flooding.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut stream = connect(v6);
+    assert_eq!(exchange(&mut stream, spoof), "");
+    wait_for("the warning with its count", Duration::from_secs(5), || {
+        muxer
+            .log()
+            .lines()
+            .filter(|line| line.contains(warning))
+            .any(|line| !line.contains("suppressed=0"))
+            .then_some(())
+    });
 }
