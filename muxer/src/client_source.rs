@@ -21,13 +21,14 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, SourceMode};
 use crate::policy_routing::{ReplyRouting, ReplyRule};
 
-/// How connections to one backend are made, as decided at start (or reload).
+/// How connections to one backend are made, as decided at start (or reload), with the loopback
+/// upstream resolved then, not per connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effective {
-    /// Bound to the client's address; the reply rule is installed.
-    Transparent,
-    /// Bound to a per-client loopback address.
-    PerClientLoopback,
+    /// Bound to the client's address; the reply rule for this upstream is installed.
+    Transparent(SocketAddr),
+    /// Bound to a per-client loopback address; connects to this upstream.
+    PerClientLoopback(SocketAddr),
     /// muxer's own address.
     Muxer,
 }
@@ -132,13 +133,18 @@ impl Sources {
     }
 }
 
-/// The mode a config asks for, given whether the reply rule could be installed.
-pub fn effective(requested: SourceMode, local_upstream: bool, rule_installed: bool) -> Effective {
+/// The mode a config asks for, given the upstream's loopback address (none: another host) and
+/// whether the reply rule could be installed.
+pub fn effective(
+    requested: SourceMode,
+    local_upstream: Option<SocketAddr>,
+    rule_installed: bool,
+) -> Effective {
     match (requested, local_upstream) {
-        (_, false) | (SourceMode::Muxer, _) => Effective::Muxer,
-        (SourceMode::Transparent, true) if rule_installed => Effective::Transparent,
-        (SourceMode::Transparent | SourceMode::PerClientLoopback, true) => {
-            Effective::PerClientLoopback
+        (_, None) | (SourceMode::Muxer, _) => Effective::Muxer,
+        (SourceMode::Transparent, Some(local)) if rule_installed => Effective::Transparent(local),
+        (SourceMode::Transparent | SourceMode::PerClientLoopback, Some(local)) => {
+            Effective::PerClientLoopback(local)
         }
     }
 }
@@ -206,7 +212,7 @@ impl Planner {
         }
         let mode = |index: usize| {
             let requested = backends[index].1.map_or(SourceMode::Muxer, |b| b.source);
-            effective(requested, locals[index].is_some(), installed)
+            effective(requested, locals[index], installed)
         };
         let sources = match &self.sources {
             Some(previous) => previous.with_modes(mode(0), mode(1)),
@@ -233,9 +239,9 @@ pub async fn connect(
     let local = match mode {
         Effective::Muxer => None,
         _ if client_ip.is_loopback() => None,
-        _ => resolve_loopback(upstream).await,
+        Effective::Transparent(local) | Effective::PerClientLoopback(local) => Some(local),
     };
-    if let (Some(local), Effective::Transparent) = (local, mode) {
+    if let (Some(local), Effective::Transparent(_)) = (local, mode) {
         let client = SocketAddr::new(client_ip, client.port());
         let target = same_family(local, client_ip);
         match within(timeout, bound_connect(client, target, true)).await {
@@ -245,7 +251,7 @@ pub async fn connect(
             }
         }
     }
-    if let Some(local) = local.filter(|_| mode != Effective::Muxer) {
+    if let Some(local) = local {
         let source = sources.loopback_for(client_ip);
         let target = same_family(local, IpAddr::V4(source));
         let from = SocketAddr::new(IpAddr::V4(source), 0);
@@ -262,18 +268,6 @@ pub async fn connect(
     }
     let stream = within(timeout, TcpStream::connect(upstream)).await?;
     Ok((stream, UsedSource::Muxer))
-}
-
-/// The loopback address `upstream` names, without blocking: a literal address is parsed, a name
-/// looked up asynchronously.
-async fn resolve_loopback(upstream: &str) -> Option<SocketAddr> {
-    if let Ok(address) = upstream.parse::<SocketAddr>() {
-        return address.ip().is_loopback().then_some(address);
-    }
-    tokio::net::lookup_host(upstream)
-        .await
-        .ok()?
-        .find(|address| address.ip().is_loopback())
 }
 
 /// `connecting`, failed with `TimedOut` after `timeout`.
@@ -354,17 +348,22 @@ mod tests {
     #[test]
     fn the_mode_in_effect() {
         use SourceMode::*;
-        assert_eq!(effective(Transparent, true, true), Effective::Transparent);
+        let sshd: SocketAddr = "127.0.0.1:22".parse().unwrap();
+        let local = Some(sshd);
         assert_eq!(
-            effective(Transparent, true, false),
-            Effective::PerClientLoopback
+            effective(Transparent, local, true),
+            Effective::Transparent(sshd)
         );
         assert_eq!(
-            effective(PerClientLoopback, true, true),
-            Effective::PerClientLoopback
+            effective(Transparent, local, false),
+            Effective::PerClientLoopback(sshd)
         );
-        assert_eq!(effective(Transparent, false, true), Effective::Muxer);
-        assert_eq!(effective(Muxer, true, true), Effective::Muxer);
+        assert_eq!(
+            effective(PerClientLoopback, local, true),
+            Effective::PerClientLoopback(sshd)
+        );
+        assert_eq!(effective(Transparent, None, true), Effective::Muxer);
+        assert_eq!(effective(Muxer, local, true), Effective::Muxer);
     }
 
     #[test]
@@ -383,13 +382,14 @@ mod tests {
     #[tokio::test]
     async fn per_client_loopback_connects_from_the_clients_loopback_address() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = listener.local_addr().unwrap().to_string();
+        let address = listener.local_addr().unwrap();
+        let upstream = address.to_string();
         let sources = Sources::default();
         let client: SocketAddr = "198.18.0.1:40000".parse().unwrap();
         let (stream, used) = connect(
             &upstream,
             client,
-            Effective::PerClientLoopback,
+            Effective::PerClientLoopback(address),
             &sources,
             Duration::from_secs(2),
         )
