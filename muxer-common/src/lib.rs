@@ -9,9 +9,9 @@ pub const DEFAULT_LISTEN_PORT: u16 = 2222;
 /// Public port redirected to the daemon when the config does not say otherwise.
 pub const DEFAULT_PUBLIC_PORT: u16 = 22;
 
-/// TC ingress program: public port → muxer port.
+/// TC ingress program: public port → internal port.
 pub const PROGRAM_TC_INGRESS: &str = "tc_ingress";
-/// TC egress program: muxer port → public port on replies of redirected flows.
+/// TC egress program: internal port → public port on every packet leaving an internal port.
 pub const PROGRAM_TC_EGRESS: &str = "tc_egress";
 /// XDP ingress program, the alternative to [`PROGRAM_TC_INGRESS`].
 pub const PROGRAM_XDP_INGRESS: &str = "xdp_ingress";
@@ -37,12 +37,12 @@ impl Listener {
     pub const COUNT: u32 = 2;
 }
 
-/// `Array<u32>` of [`Setting`] values written by the daemon before attaching.
-pub const SETTINGS_MAP: &str = "SETTINGS";
-/// `HashMap<u16, u32>`: public port (host byte order) → its slot in [`PORT_COUNTERS_MAP`].
+/// `HashMap<u16, PublicPort>`: public port (host byte order) → its counter slot and, in TC/XDP
+/// mode, the internal port its connections are redirected to.
 pub const PUBLIC_PORTS_MAP: &str = "PUBLIC_PORTS";
-/// `LruHashMap<FlowKey, FlowValue>`: redirected flows, so replies get their public port back.
-pub const FLOWS_MAP: &str = "FLOWS";
+/// `Array<Steered>` indexed by port (host byte order): for each internal port, the public port
+/// its replies leave from. An entry with public port 0 is not an internal port.
+pub const INTERNAL_PORTS_MAP: &str = "INTERNAL_PORTS";
 /// `PerCpuArray<u64>` indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// `PerCpuArray<u64>` indexed by `slot * PortCounter::COUNT + PortCounter`.
@@ -50,53 +50,42 @@ pub const PORT_COUNTERS_MAP: &str = "PORT_COUNTERS";
 
 /// Most public ports one daemon can redirect.
 pub const MAX_PUBLIC_PORTS: u32 = 16;
-/// Capacity of [`FLOWS_MAP`]; the least recently used flow is evicted beyond it.
-pub const MAX_FLOWS: u32 = 131_072;
+/// Entries of [`INTERNAL_PORTS_MAP`]: one per port number.
+pub const PORT_COUNT: u32 = 65_536;
 
-/// Indices into [`SETTINGS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Setting {
-    /// The daemon's listening port (host byte order); 0 means "redirect nothing".
-    MuxerPort = 0,
-}
-
-impl Setting {
-    /// Number of slots [`SETTINGS_MAP`] needs.
-    pub const COUNT: u32 = 1;
-}
-
-/// Identifies a redirected TCP flow from the host's point of view. Addresses are in network byte
-/// order; IPv4 addresses use the first word only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// The remote client's address.
-    pub client_addr: [u32; 4],
-    /// The local address the client connected to.
-    pub local_addr: [u32; 4],
-    /// The client's port, network byte order.
-    pub client_port: u16,
-    /// 4 or 6.
-    pub family: u16,
-}
-
-/// What the egress program needs to restore a reply.
+/// What the programs know about one public port.
+///
+/// In TC/XDP mode each public port has an internal port of its own, where muxer listens for the
+/// connections redirected from it and nothing else: a packet's port then says which public port
+/// it belongs to, in both directions, and the kernel's own socket table says whether a packet
+/// belongs to one of muxer's connections. No flow is recorded anywhere (docs/redirect.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowValue {
-    /// The public port the client connected to, host byte order.
+pub struct PublicPort {
+    /// Its slot in [`PORT_COUNTERS_MAP`].
+    pub slot: u16,
+    /// The internal port its new connections are redirected to (host byte order); 0 in sk_lookup
+    /// mode, which needs none.
+    pub internal_port: u16,
+}
+
+/// What the egress program needs to restore a reply from an internal port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steered {
+    /// The public port the client connected to, host byte order; 0 for a port that is not an
+    /// internal port.
     pub public_port: u16,
     /// Its slot in [`PORT_COUNTERS_MAP`].
     pub slot: u16,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: plain-old-data, repr(C), no padding-dependent invariants.
-unsafe impl aya::Pod for FlowKey {}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl aya::Pod for PublicPort {}
 #[cfg(feature = "user")]
-// SAFETY: plain-old-data, repr(C).
-unsafe impl aya::Pod for FlowValue {}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl aya::Pod for Steered {}
 
 /// Indices into the [`COUNTERS_MAP`] per-CPU array.
 ///
@@ -109,8 +98,9 @@ pub enum Counter {
     /// New connections to a public port passed to the original service because nothing listens
     /// on the muxer port (the in-kernel fail-open).
     PassedNoListener = 1,
-    /// Packets to a public port of a flow that started before the redirect was attached; they keep
-    /// going to the original service.
+    /// Packets to a public port that belong to no connection of muxer's: those of connections the
+    /// original service accepted directly (before the redirect was attached, or while muxer was
+    /// down), which keep going to it.
     PassedUntracked = 2,
     /// IP fragments, passed untouched.
     PassedFragment = 3,
@@ -118,10 +108,11 @@ pub enum Counter {
     ParseFailures = 4,
     /// Packets dropped because rewriting them failed half-way.
     Dropped = 5,
-    /// Redirected flows recorded in [`FLOWS_MAP`].
-    FlowsTracked = 6,
-    /// Packets sent straight to the muxer port from outside (not redirected).
-    DirectToMuxerPort = 7,
+    /// New connections (SYNs) to a public port redirected to its internal port.
+    ConnectionsRedirected = 6,
+    /// Packets from outside addressed straight to an internal port, dropped: only redirected
+    /// connections may reach it.
+    DroppedDirectToInternal = 7,
     /// New connections to a public port assigned to muxer's listening socket (sk_lookup).
     SkLookupAssigned = 8,
     /// New connections to a public port on a loopback address, left to the original service
@@ -129,22 +120,27 @@ pub enum Counter {
     SkLookupLocal = 9,
     /// Assigning a connection to muxer's socket failed; it went to the original service.
     SkLookupErrors = 10,
+    /// Packets to a public port of no known connection, handed to the internal port's listening
+    /// socket so that the kernel answers them there (a SYN-cookie handshake completes; anything
+    /// else gets the reset the original service would have sent).
+    RedirectedStrays = 11,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Passed,
         Counter::PassedNoListener,
         Counter::PassedUntracked,
         Counter::PassedFragment,
         Counter::ParseFailures,
         Counter::Dropped,
-        Counter::FlowsTracked,
-        Counter::DirectToMuxerPort,
+        Counter::ConnectionsRedirected,
+        Counter::DroppedDirectToInternal,
         Counter::SkLookupAssigned,
         Counter::SkLookupLocal,
         Counter::SkLookupErrors,
+        Counter::RedirectedStrays,
     ];
 
     /// Number of slots [`COUNTERS_MAP`] needs.
@@ -159,11 +155,12 @@ impl Counter {
             Counter::PassedFragment => "passed_fragment",
             Counter::ParseFailures => "parse_failures",
             Counter::Dropped => "dropped",
-            Counter::FlowsTracked => "flows_tracked",
-            Counter::DirectToMuxerPort => "direct_to_muxer_port",
+            Counter::ConnectionsRedirected => "connections_redirected",
+            Counter::DroppedDirectToInternal => "dropped_direct_to_internal",
             Counter::SkLookupAssigned => "sk_lookup_assigned",
             Counter::SkLookupLocal => "sk_lookup_local",
             Counter::SkLookupErrors => "sk_lookup_errors",
+            Counter::RedirectedStrays => "redirected_strays",
         }
     }
 }
@@ -172,7 +169,7 @@ impl Counter {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortCounter {
-    /// Packets redirected to the muxer port.
+    /// Packets redirected to the internal port.
     InPackets = 0,
     /// Bytes (whole packets) redirected to the muxer port.
     InBytes = 1,

@@ -1,18 +1,21 @@
-//! Kernel fast path of muxer: redirect the public port (22) to the daemon's port without iptables
-//! or conntrack, and give replies their public port back.
+//! Kernel fast path of muxer: steer the public port (22) to the daemon without iptables or
+//! conntrack, and without any per-flow state a flood could evict.
 //!
-//! - `tc_ingress` / `xdp_ingress`: a SYN to a public port is redirected only when a socket listens
-//!   on the muxer port (otherwise it goes to the original service: fail open even if this program
-//!   outlives the daemon); the flow is recorded in `FLOWS`, and its later packets follow it.
-//!   Packets of flows that began before the redirect existed are left alone, so SSH sessions
-//!   opened while muxer was down survive its return.
-//! - `tc_egress`: replies from the muxer port that belong to a recorded flow get the public port
-//!   back as their source port. Direct connections to the muxer port are not in `FLOWS` and are
-//!   left alone.
+//! - `tc_ingress` / `xdp_ingress`: each public port has an internal port where only muxer's
+//!   connections from that public port land. A SYN to a public port is redirected to its internal
+//!   port only when a socket listens there (otherwise it goes to the original service: fail open
+//!   even if this program outlives the daemon). Every later packet is redirected when the kernel's
+//!   socket table holds a connection of that tuple on the internal port (a handshake in progress,
+//!   an established or closing connection), and left alone when it holds one on the public port:
+//!   SSH sessions opened while muxer was down survive its return. Nothing is recorded, so nothing
+//!   can be evicted or deleted by spoofed packets. Packets sent from outside straight to an
+//!   internal port are dropped.
+//! - `tc_egress`: every packet leaving an internal port gets its public port back as its source
+//!   port; only muxer's redirected connections use an internal port.
 //! - `sk_lookup_steer` (the other mode): assigns a new TCP connection to a public port to muxer's
-//!   listening socket of its family, held in `LISTENERS`. No packet is rewritten and no flow is
-//!   recorded: the connection is an ordinary socket on the public port. Fail-open: a closed
-//!   listening socket leaves the map, and the lookup then goes on to the original service.
+//!   listening socket of its family, held in `LISTENERS`. No packet is rewritten: the connection
+//!   is an ordinary socket on the public port. Fail-open: a closed listening socket leaves the
+//!   map, and the lookup then goes on to the original service.
 #![no_std]
 #![no_main]
 
@@ -23,23 +26,22 @@ use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::helpers::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes, bpf_xdp_store_bytes};
 use aya_ebpf::macros::{classifier, map, sk_lookup, xdp};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, SockMap};
 use aya_ebpf::programs::{SkLookupContext, TcContext, XdpContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{error, warn};
 use muxer_common::{
-    Counter, FlowKey, FlowValue, Listener, PortCounter, Setting, MAX_FLOWS, MAX_PUBLIC_PORTS,
+    Counter, Listener, PortCounter, PublicPort, Steered, MAX_PUBLIC_PORTS, PORT_COUNT,
 };
-use packet::{Packet, Parsed, Tcp, TCP_CHECKSUM, TCP_DEST_PORT, TCP_SOURCE_PORT};
-
-#[map(name = "SETTINGS")]
-static SETTINGS: Array<u32> = Array::with_max_entries(Setting::COUNT, 0);
+use packet::{Packet, Parsed, Socket, Tcp, TCP_CHECKSUM, TCP_DEST_PORT, TCP_SOURCE_PORT};
 
 #[map(name = "PUBLIC_PORTS")]
-static PUBLIC_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_PUBLIC_PORTS, 0);
+static PUBLIC_PORTS: HashMap<u16, PublicPort> = HashMap::with_max_entries(MAX_PUBLIC_PORTS, 0);
 
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+// An array indexed by port, not a hash map: egress looks up every TCP packet the host sends, and
+// an array lookup is a bounds check and an offset.
+#[map(name = "INTERNAL_PORTS")]
+static INTERNAL_PORTS: Array<Steered> = Array::with_max_entries(PORT_COUNT, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -70,11 +72,11 @@ fn count_port(slot: u32, packets: PortCounter, bytes: PortCounter, len: u32) {
     add(&PORT_COUNTERS, bytes.index(slot), u64::from(len));
 }
 
-/// The daemon's port in network byte order, or `None` while unset.
+/// The public port an internal port (host byte order) serves, if it is one.
 #[inline(always)]
-fn muxer_port() -> Option<u16> {
-    let port = *SETTINGS.get(Setting::MuxerPort as u32)?;
-    (port != 0 && port <= 0xffff).then(|| (port as u16).to_be())
+fn steered(internal_port: u16) -> Option<Steered> {
+    let steered = *INTERNAL_PORTS.get(u32::from(internal_port))?;
+    (steered.public_port != 0).then_some(steered)
 }
 
 enum Verdict {
@@ -90,58 +92,48 @@ fn ingress<P: Packet>(packet: &mut P) -> Verdict {
         Parsed::Fragment => return pass(Counter::PassedFragment),
         Parsed::Malformed => return pass(Counter::ParseFailures),
     };
-    let Some(target) = muxer_port() else {
-        return pass(Counter::Passed);
-    };
-    let key = FlowKey {
-        client_addr: segment.saddr,
-        local_addr: segment.daddr,
-        client_port: segment.sport,
-        family: segment.family,
-    };
-    if segment.dport == target {
-        // A connection straight to the muxer port: never rewritten. A new one may reuse the
-        // tuple of an old redirected flow, whose record must not rewrite its replies.
-        if segment.is_syn() {
-            let _ = FLOWS.remove(key);
-        }
-        return pass(Counter::DirectToMuxerPort);
+    let dport = u16::from_be(segment.dport);
+    if steered(dport).is_some() {
+        // Only redirected connections may reach an internal port: its replies leave from the
+        // public port, and no lookup below may be bypassed.
+        count(Counter::DroppedDirectToInternal);
+        return Verdict::Drop;
     }
-    let public_port = u16::from_be(segment.dport);
     // SAFETY: the value is copied out at once; the map is only written by the daemon.
-    let Some(&slot) = (unsafe { PUBLIC_PORTS.get(public_port) }) else {
+    let Some(&public) = (unsafe { PUBLIC_PORTS.get(dport) }) else {
         return pass(Counter::Passed);
     };
+    if public.internal_port == 0 {
+        return pass(Counter::Passed);
+    }
+    let internal = public.internal_port.to_be();
     if segment.is_syn() {
-        if !packet::listener_exists(packet, &segment, target) {
-            log_no_listener(packet, u16::from_be(target), public_port);
+        if !packet::listener_exists(packet, &segment, internal) {
+            log_no_listener(packet, public.internal_port, dport);
             return pass(Counter::PassedNoListener);
         }
-        let value = FlowValue {
-            public_port,
-            slot: slot as u16,
-        };
-        // A client reusing its port finds its previous flow's record, usually with the same
-        // value: replacing it costs an LRU node allocation and free per SYN, looking costs a read.
-        let recorded = FLOWS.get_ptr(key).is_some_and(|flow| {
-            // SAFETY: a valid map value pointer; copied out at once.
-            let flow = unsafe { *flow };
-            flow.public_port == value.public_port && flow.slot == value.slot
-        });
-        if !recorded && FLOWS.insert(key, value, 0).is_err() {
-            return pass(Counter::PassedNoListener);
+        count(Counter::ConnectionsRedirected);
+    } else {
+        match packet::socket_of(packet, &segment, internal) {
+            Socket::Connection => {}
+            Socket::None => return pass(Counter::PassedUntracked),
+            // No connection of muxer's: the original service's own, or a stray packet, which
+            // the internal port's listener answers (it may complete a SYN-cookie handshake).
+            Socket::Listener => {
+                if packet::socket_of(packet, &segment, segment.dport) == Socket::Connection {
+                    return pass(Counter::PassedUntracked);
+                }
+                count(Counter::RedirectedStrays);
+            }
         }
-        count(Counter::FlowsTracked);
-    } else if FLOWS.get_ptr(key).is_none() {
-        return pass(Counter::PassedUntracked);
     }
     rewrite(
         packet,
         &segment,
         TCP_DEST_PORT,
         segment.dport,
-        target,
-        slot,
+        internal,
+        u32::from(public.slot),
         PortCounter::InPackets,
         PortCounter::InBytes,
     )
@@ -152,30 +144,16 @@ fn egress<P: Packet>(packet: &mut P) -> Verdict {
     let Parsed::Tcp(segment) = packet::parse(packet) else {
         return Verdict::Pass;
     };
-    let Some(target) = muxer_port() else {
+    let Some(steered) = steered(u16::from_be(segment.sport)) else {
         return Verdict::Pass;
     };
-    if segment.sport != target {
-        return Verdict::Pass;
-    }
-    let key = FlowKey {
-        client_addr: segment.daddr,
-        local_addr: segment.saddr,
-        client_port: segment.dport,
-        family: segment.family,
-    };
-    let Some(flow) = FLOWS.get_ptr(key) else {
-        return Verdict::Pass;
-    };
-    // SAFETY: a valid map value pointer; copied out at once.
-    let flow = unsafe { *flow };
     rewrite(
         packet,
         &segment,
         TCP_SOURCE_PORT,
         segment.sport,
-        flow.public_port.to_be(),
-        u32::from(flow.slot),
+        steered.public_port.to_be(),
+        u32::from(steered.slot),
         PortCounter::OutPackets,
         PortCounter::OutBytes,
     )
@@ -186,11 +164,11 @@ fn egress<P: Packet>(packet: &mut P) -> Verdict {
 // ("attempt to corrupt spilled pointer on stack") when loaded with CAP_BPF but without
 // CAP_PERFMON, as the systemd unit does.
 #[inline(never)]
-fn log_no_listener<P: Packet>(packet: &P, target: u16, public_port: u16) {
+fn log_no_listener<P: Packet>(packet: &P, internal_port: u16, public_port: u16) {
     warn!(
         packet,
-        "nothing listens on port {}: new connection to port {} left to the original service",
-        target,
+        "nothing listens on internal port {}: new connection to port {} left to the original service",
+        internal_port,
         public_port
     );
 }
@@ -322,7 +300,7 @@ impl Packet for XdpPacket {
     }
 }
 
-/// Ingress classifier: public port → muxer port.
+/// Ingress classifier: public port → internal port.
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     match ingress(&mut TcPacket(ctx)) {
@@ -331,7 +309,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Egress classifier: muxer port → public port, for recorded flows only.
+/// Egress classifier: internal port → public port.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     match egress(&mut TcPacket(ctx)) {
@@ -398,7 +376,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-// bpf_sk_lookup_tcp and bpf_sk_release are GPL-only helpers.
+// bpf_sk_lookup_tcp, bpf_skc_lookup_tcp and bpf_sk_release are GPL-only helpers.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";

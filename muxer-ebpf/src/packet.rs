@@ -4,7 +4,7 @@ use aya_ebpf::bindings::{
     bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS,
 };
-use aya_ebpf::helpers::{bpf_sk_lookup_tcp, bpf_sk_release};
+use aya_ebpf::helpers::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp};
 
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -209,54 +209,104 @@ fn tcp<P: Packet>(packet: &P, l4: usize, family: u16, saddr: [u32; 4], daddr: [u
     })
 }
 
+/// `TCP_LISTEN` in the kernel's socket states.
+const TCP_LISTEN: u32 = 10;
+
+/// What the kernel's socket table holds for a segment's tuple on some local port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    /// A connection of exactly that tuple: a handshake in progress, established, or closing
+    /// (TIME_WAIT included).
+    Connection,
+    /// No such connection, but a socket listens on the port.
+    Listener,
+    /// Nothing.
+    None,
+}
+
 /// Whether a TCP socket in this network namespace listens for connections to `segment`'s
 /// destination address on `port` (network byte order): the in-kernel half of failing open.
 ///
 /// The lookup uses source port 0, which no connection has, so it can only find a listener. With
-/// the segment's own port, a client reusing a port would find the muxer's TIME_WAIT socket of its
+/// the segment's own port, a client reusing a port would find muxer's TIME_WAIT socket of its
 /// previous connection, which `bpf_sk_lookup_tcp` reports as no socket at all, and the new
 /// connection would wrongly go to the original service.
 #[inline(always)]
 pub fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool {
-    // Each family builds its own tuple, field by field: `mem::zeroed()` would become a memset
-    // loop, whose variable stack offsets the verifier refuses without CAP_PERFMON (the unit grants
-    // only CAP_BPF and CAP_NET_ADMIN).
-    if segment.family == 4 {
-        let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: segment.saddr[0],
-            daddr: segment.daddr[0],
-            sport: 0,
-            dport: port,
-        };
-        let mut tuple = bpf_sock_tuple {
-            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
-        };
-        lookup(packet, &mut tuple, 12)
-    } else {
-        let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: segment.saddr,
-            daddr: segment.daddr,
-            sport: 0,
-            dport: port,
-        };
-        let mut tuple = bpf_sock_tuple {
-            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
-        };
-        lookup(packet, &mut tuple, 36)
-    }
-}
-
-#[inline(always)]
-fn lookup<P: Packet>(packet: &P, tuple: &mut bpf_sock_tuple, size: u32) -> bool {
-    // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the call.
-    let socket =
-        unsafe { bpf_sk_lookup_tcp(packet.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
+    let socket = with_tuple(segment, 0, port, |tuple, size| {
+        // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the
+        // call.
+        unsafe { bpf_sk_lookup_tcp(packet.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) }
+    });
     if socket.is_null() {
         return false;
     }
     // SAFETY: releasing the reference the lookup took.
     unsafe { bpf_sk_release(socket.cast()) };
     true
+}
+
+/// What the socket table holds for `segment`'s tuple with `port` (network byte order) as its
+/// local port. This lookup (`bpf_skc_lookup_tcp`) also sees request and TIME_WAIT sockets, so a
+/// connection is found from its first SYN-ACK to its last ACK.
+#[inline(always)]
+pub fn socket_of<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> Socket {
+    let socket = with_tuple(segment, segment.sport, port, |tuple, size| {
+        // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the
+        // call.
+        unsafe { bpf_skc_lookup_tcp(packet.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) }
+    });
+    if socket.is_null() {
+        return Socket::None;
+    }
+    // SAFETY: a socket pointer the verifier knows as such; `state` is a readable field of every
+    // socket kind the lookup returns.
+    let state = unsafe { (*socket).state };
+    // SAFETY: releasing the reference the lookup took.
+    unsafe { bpf_sk_release(socket.cast()) };
+    if state == TCP_LISTEN {
+        Socket::Listener
+    } else {
+        Socket::Connection
+    }
+}
+
+/// Calls `lookup` with the lookup tuple of `segment` as the receiving host sees it, with the
+/// given ports (network byte order), and the tuple's size.
+#[inline(always)]
+fn with_tuple<R>(
+    segment: &Tcp,
+    sport: u16,
+    dport: u16,
+    lookup: impl FnOnce(&mut bpf_sock_tuple, u32) -> R,
+) -> R {
+    // Each family builds its own tuple, field by field, and uses it where it is built:
+    // `mem::zeroed()` would become a memset loop, and a copy of the union would read its
+    // uninitialised tail; the verifier refuses both without CAP_PERFMON (the unit grants only
+    // CAP_BPF and CAP_NET_ADMIN).
+    if segment.family == 4 {
+        let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: segment.saddr[0],
+            daddr: segment.daddr[0],
+            sport,
+            dport,
+        };
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
+        };
+        lookup(&mut tuple, 12)
+    } else {
+        let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: segment.saddr,
+            daddr: segment.daddr,
+            sport,
+            dport,
+        };
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
+        };
+        lookup(&mut tuple, 36)
+    }
 }
 
 /// RFC 1624 incremental checksum update for one 16-bit word changing from `old` to `new`. One's

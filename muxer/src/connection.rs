@@ -603,6 +603,7 @@ mod tests {
                 interfaces: vec![],
                 ports: vec![],
                 target_port: None,
+                internal_ports: Default::default(),
                 ingress: None,
             }),
             started: std::time::Instant::now(),

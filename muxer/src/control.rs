@@ -55,8 +55,11 @@ pub struct RedirectReport {
     pub interfaces: Vec<String>,
     /// Public ports redirected.
     pub ports: Vec<u16>,
-    /// Where they are redirected to.
+    /// muxer's listen port (sk_lookup steers to its sockets).
     pub target_port: Option<u16>,
+    /// TC/XDP mode: public port → the internal port its connections are redirected to.
+    #[serde(default)]
+    pub internal_ports: std::collections::BTreeMap<u16, u16>,
     /// `tc`, `xdp_native` or `xdp_generic`.
     pub ingress: Option<IngressHook>,
 }

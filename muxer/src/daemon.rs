@@ -17,10 +17,11 @@ use crate::client_source::Planner;
 use crate::config::{Config, RedirectMode};
 use crate::connection::Shared;
 use crate::control::{ControlError, ControlSocket, ControlState, RedirectReport};
+use crate::internal_ports::InternalPorts;
 use crate::limits::ConnectionLimits;
 use crate::listener::{self, ListenError};
 use crate::metrics::Metrics;
-use crate::redirect::Redirect;
+use crate::redirect::{Redirect, Targets};
 use crate::runtime::Runtime;
 use crate::stats::Stats;
 use crate::workers::{WorkerError, Workers};
@@ -64,6 +65,7 @@ fn off_report(config: &Config, reason: String) -> RedirectReport {
         interfaces: Vec::new(),
         ports: config.redirect.ports.clone(),
         target_port: config.redirect_target_port(),
+        internal_ports: Default::default(),
         ingress: None,
     }
 }
@@ -75,13 +77,31 @@ fn attached_report(redirect: &Redirect) -> RedirectReport {
         interfaces: redirect.interfaces(),
         ports: redirect.ports(),
         target_port: Some(redirect.target_port),
+        internal_ports: redirect.internal_ports().clone(),
         ingress: Some(redirect.ingress),
     }
 }
 
+/// The internal ports `config`'s redirect needs (binding the missing ones), or none.
+fn internal_ports_for(
+    config: &Config,
+    internal: &mut InternalPorts,
+) -> Result<std::collections::BTreeMap<u16, u16>, ListenError> {
+    if config.redirect.mode == RedirectMode::Off
+        || !Redirect::needs_internal_ports(&config.redirect)
+    {
+        return Ok(Default::default());
+    }
+    internal.ensure(&config.redirect.ports).cloned()
+}
+
 /// Attaches the redirect if configured. Failing to attach is not fatal: the daemon still serves
 /// its listen port, and says why the redirect is off.
-fn attach_redirect(config: &Config, listeners: &[OwnedFd]) -> (Option<Redirect>, RedirectReport) {
+fn attach_redirect(
+    config: &Config,
+    listeners: &[OwnedFd],
+    internal: &mut InternalPorts,
+) -> (Option<Redirect>, RedirectReport) {
     if config.redirect.mode == RedirectMode::Off {
         info!("kernel redirect off by config; clients use the listen port directly");
         return (None, off_report(config, "redirect.mode = \"off\"".into()));
@@ -90,7 +110,22 @@ fn attach_redirect(config: &Config, listeners: &[OwnedFd]) -> (Option<Redirect>,
         .redirect_target_port()
         .expect("validated: one listen port");
     let listeners: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
-    let attached = Redirect::attach(&config.redirect, target, &listeners);
+    let attached = internal_ports_for(config, internal)
+        .map_err(|error| error.to_string())
+        .and_then(|internal_ports| {
+            let targets = Targets {
+                listen_port: target,
+                listeners: &listeners,
+                internal_ports: &internal_ports,
+            };
+            Redirect::attach(&config.redirect, &targets).map_err(|error| {
+                if error.is_permission() {
+                    format!("{error} (needs CAP_BPF and CAP_NET_ADMIN)")
+                } else {
+                    error.to_string()
+                }
+            })
+        });
     // Parsing and loading the eBPF object allocates and frees ~26 MB on this thread; without this
     // the allocator would keep it resident for the daemon's life.
     crate::memory::release_freed();
@@ -101,12 +136,8 @@ fn attach_redirect(config: &Config, listeners: &[OwnedFd]) -> (Option<Redirect>,
         }
         Err(error) => {
             let ports = &config.redirect.ports;
-            if error.is_permission() {
-                warn!(%error, "kernel redirect OFF: public ports {ports:?} are not steered (needs CAP_BPF and CAP_NET_ADMIN); still serving on port {target}");
-            } else {
-                warn!(%error, "kernel redirect OFF: public ports {ports:?} are not steered; still serving on port {target}");
-            }
-            let mut report = off_report(config, error.to_string());
+            warn!(%error, "kernel redirect OFF: public ports {ports:?} are not steered; still serving on port {target}");
+            let mut report = off_report(config, error);
             report.state = "failed".into();
             (None, report)
         }
@@ -122,6 +153,8 @@ pub struct Daemon {
     /// One listening socket per listen address (copies of the first worker's), for the sk_lookup
     /// program's map; closed when the daemon stops accepting.
     listeners: Mutex<Vec<OwnedFd>>,
+    /// The TC/XDP redirect's internal ports.
+    internal_ports: Mutex<InternalPorts>,
 }
 
 impl Daemon {
@@ -129,6 +162,15 @@ impl Daemon {
         self.listeners
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Attaches the redirect `config` asks for, with the daemon's sockets.
+    fn attach_redirect(&self, config: &Config) -> (Option<Redirect>, RedirectReport) {
+        let mut internal = self
+            .internal_ports
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        attach_redirect(config, &self.listeners(), &mut internal)
     }
 
     /// Re-reads the config file and applies it to new connections and requests. An invalid file
@@ -200,7 +242,22 @@ impl Daemon {
         }
         match (slot.as_mut(), config.redirect.mode) {
             (Some(redirect), mode) if mode == redirect.requested_mode() => {
-                match redirect.update(&config.redirect) {
+                let internal_ports = internal_ports_for(
+                    config,
+                    &mut self
+                        .internal_ports
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner()),
+                );
+                let updated =
+                    internal_ports
+                        .map_err(|error| error.to_string())
+                        .and_then(|internal_ports| {
+                            redirect
+                                .update(&config.redirect, &internal_ports)
+                                .map_err(|error| error.to_string())
+                        });
+                match updated {
                     Ok(()) => *report = attached_report(redirect),
                     Err(error) => notes.push(format!(
                         "redirect update failed, previous attachment kept: {error}"
@@ -210,7 +267,7 @@ impl Daemon {
             (Some(_), _) => {
                 // A mode change: detach (port 22 reaches sshd directly for that instant), attach anew.
                 drop(slot.take());
-                let (redirect, new_report) = attach_redirect(config, &self.listeners());
+                let (redirect, new_report) = self.attach_redirect(config);
                 *slot = redirect;
                 *report = new_report;
             }
@@ -218,7 +275,7 @@ impl Daemon {
                 *report = off_report(config, "redirect.mode = \"off\"".into())
             }
             (None, _) => {
-                let (redirect, new_report) = attach_redirect(config, &self.listeners());
+                let (redirect, new_report) = self.attach_redirect(config);
                 *slot = redirect;
                 *report = new_report;
             }
@@ -272,7 +329,12 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     // says so), everything a steered connection needs is in place.
     let mut planner = Planner::default();
     let sources = planner.apply(&config);
-    let (redirect, redirect_report) = attach_redirect(&config, &listeners);
+    let (mut internal_ports, adopt) = InternalPorts::new(
+        &config.listen.addresses,
+        worker_count,
+        config.splice.tcp_keepalive,
+    );
+    let (redirect, redirect_report) = attach_redirect(&config, &listeners, &mut internal_ports);
     let stats = Arc::new(Stats::default());
     let limits = ConnectionLimits::new(&config.limits);
     let control = Arc::new(ControlState {
@@ -312,13 +374,14 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         control: Arc::clone(&control),
         sources: Mutex::new(planner),
         listeners: Mutex::new(listeners),
+        internal_ports: Mutex::new(internal_ports),
     });
     *control
         .reload
         .lock()
         .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
 
-    let workers = Workers::start(per_worker, &runtime, pin_workers)?;
+    let workers = Workers::start(per_worker, adopt, &runtime, pin_workers)?;
     let _ = control.steering.set(workers.steering());
     let controlling = tokio::spawn(control_socket.serve(Arc::clone(&control)));
     let metrics_task = metrics_listener.map(|listener| {
@@ -355,9 +418,10 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         .lock()
         .unwrap_or_else(|poison| poison.into_inner())
         .clear();
-    // 1. Stop accepting. With no listener on the muxer port the kernel program stops redirecting
-    //    new connections at once: from here on port 22 reaches sshd directly again. Connections
-    //    already redirected keep their rewrite, so in-flight requests through port 22 can finish.
+    // 1. Stop accepting. With no listener on the internal ports the kernel program stops
+    //    redirecting new connections at once: from here on port 22 reaches sshd directly again.
+    //    Connections already redirected keep their sockets, hence their rewrite, so in-flight
+    //    requests through port 22 can finish.
     workers.stop_accepting().await;
     info!("stopped accepting; new connections to the public ports reach their own services");
     // 2. Let in-flight HTTP requests finish, up to the grace period.

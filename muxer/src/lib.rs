@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod http;
 pub mod install;
+pub mod internal_ports;
 pub mod limits;
 pub mod listener;
 pub mod log_limit;

@@ -156,22 +156,19 @@ fn accept(listener: &StdTcpListener) -> io::Result<(std::net::TcpStream, SocketA
 ///
 /// With steering on, the worker claims its CPU's new connections and hands connections to a less
 /// loaded worker when it is far ahead (see [`crate::steering`]); `handoffs` brings the connections
-/// other workers hand to this one.
+/// other workers hand to this one. Sockets arriving through `adopt` (internal ports bound later)
+/// are accepted from too.
 pub async fn accept_loop(
     listeners: Vec<StdTcpListener>,
+    mut adopt: UnboundedReceiver<StdTcpListener>,
     runtime: Arc<Runtime>,
     worker: usize,
     steering: Arc<Steering>,
     mut handoffs: UnboundedReceiver<Handoff>,
 ) -> io::Result<()> {
-    let listeners = listeners
+    let mut listeners = listeners
         .into_iter()
-        .map(|listener| {
-            // SAFETY: a TcpListener owns its descriptor until dropped and always returns it, and
-            // the AsyncFd owns the listener.
-            unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
-                .map_err(|error| error.into_parts().1)
-        })
+        .map(register)
         .collect::<io::Result<Vec<_>>>()?;
     let limits = Arc::clone(&runtime.limits);
     let mut next = 0;
@@ -184,6 +181,16 @@ pub async fn accept_loop(
             Some(handoff) = handoffs.recv() => {
                 steering.taken();
                 serve_accepted(handoff.stream, handoff.peer, handoff.permit, &runtime);
+                continue;
+            }
+            Some(listener) = adopt.recv() => {
+                match register(listener) {
+                    Ok(listener) => {
+                        steering.adopt(&listener);
+                        listeners.push(listener);
+                    }
+                    Err(error) => warn!(worker, %error, "cannot register a listening socket"),
+                }
                 continue;
             }
             ready = ready_listener(&listeners, &mut next) => ready,
@@ -245,6 +252,13 @@ pub async fn accept_loop(
         };
         serve_accepted(stream, peer, permit, &runtime);
     }
+}
+
+fn register(listener: StdTcpListener) -> io::Result<AsyncFd<StdTcpListener>> {
+    // SAFETY: a TcpListener owns its descriptor until dropped and always returns it, and the
+    // AsyncFd owns the listener.
+    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+        .map_err(|error| error.into_parts().1)
 }
 
 fn steering_enabled(runtime: &Runtime) -> bool {

@@ -26,19 +26,28 @@ pub fn table(report: &StatsReport, previous: Option<&StatsReport>) -> String {
             } else {
                 redirect.interfaces.join(", ")
             };
+            let to = if redirect.internal_ports.is_empty() {
+                redirect
+                    .target_port
+                    .map(|p| format!("muxer's sockets on {p}"))
+                    .unwrap_or_default()
+            } else {
+                let pairs: Vec<String> = redirect
+                    .internal_ports
+                    .iter()
+                    .map(|(public, internal)| format!("{public}→{internal}"))
+                    .collect();
+                format!("internal ports {}", pairs.join(", "))
+            };
             let _ = writeln!(
                 out,
-                "redirect: {} on {} — ports {:?} → {}",
+                "redirect: {} on {} — ports {:?} → {to}",
                 redirect
                     .ingress
                     .map(|h| format!("{h:?}").to_lowercase())
                     .unwrap_or_default(),
                 on,
                 redirect.ports,
-                redirect
-                    .target_port
-                    .map(|p| p.to_string())
-                    .unwrap_or_default(),
             );
         }
         state => {

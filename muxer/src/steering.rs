@@ -236,6 +236,16 @@ impl WorkerSteering {
         decide(self.me, mine, least)
     }
 
+    /// Gives a listening socket added to this worker the claim its other sockets have.
+    pub fn adopt(&self, listener: &AsyncFd<StdTcpListener>) {
+        let claimed = self.steering.workers[self.me]
+            .claimed
+            .load(Ordering::Relaxed);
+        if claimed >= 0 {
+            set_incoming_cpu(listener, claimed as i32);
+        }
+    }
+
     /// Claims the CPU the caller runs on now (when `claim`), or gives any claim up. A system
     /// call only when that changes the claim.
     fn claim(&self, claim: bool, listeners: &[AsyncFd<StdTcpListener>]) {
@@ -248,11 +258,7 @@ impl WorkerSteering {
             return;
         }
         for listener in listeners {
-            if let Err(error) =
-                rustix::net::sockopt::set_socket_incoming_cpu(listener.get_ref(), value as u32)
-            {
-                debug!(%error, "setsockopt(SO_INCOMING_CPU) failed; connections spread by hash");
-            }
+            set_incoming_cpu(listener, value);
         }
         claimed.store(i64::from(value), Ordering::Relaxed);
     }
@@ -272,6 +278,15 @@ impl WorkerSteering {
         self.steering.workers[self.me]
             .pending
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Matches `listener` to connections whose handshake ran on `cpu` (-1: to none).
+fn set_incoming_cpu(listener: &AsyncFd<StdTcpListener>, cpu: i32) {
+    if let Err(error) =
+        rustix::net::sockopt::set_socket_incoming_cpu(listener.get_ref(), cpu as u32)
+    {
+        debug!(%error, "setsockopt(SO_INCOMING_CPU) failed; connections spread by hash");
     }
 }
 

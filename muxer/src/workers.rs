@@ -12,6 +12,7 @@ use std::net::TcpListener as StdTcpListener;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
@@ -64,9 +65,11 @@ pub struct Workers {
 impl Workers {
     /// Starts one worker per entry of `listeners` (each entry: that worker's socket for every
     /// listen address), serving with `runtime`; with `pin`, each worker's thread is pinned to a
-    /// CPU of its own ([`crate::affinity`]).
+    /// CPU of its own ([`crate::affinity`]). Worker `i` also accepts on the sockets that arrive
+    /// through `adopt[i]` later (internal ports).
     pub fn start(
         listeners: Vec<Vec<StdTcpListener>>,
+        adopt: Vec<UnboundedReceiver<StdTcpListener>>,
         runtime: &Arc<Runtime>,
         pin: bool,
     ) -> Result<Workers, WorkerError> {
@@ -98,8 +101,10 @@ impl Workers {
             .into_iter()
             .zip(tokio_runtimes)
             .zip(handoffs)
+            .zip(adopt)
             .zip(cpus);
-        for (index, (((sockets, tokio_runtime), handoffs), cpu)) in per_worker.enumerate() {
+        for (index, ((((sockets, tokio_runtime), handoffs), adopt), cpu)) in per_worker.enumerate()
+        {
             let runtime = Arc::clone(runtime);
             let steering = Arc::clone(&steering);
             let stop_accepting = stop_accepting.clone();
@@ -118,7 +123,7 @@ impl Workers {
                     }
                     tokio_runtime.block_on(async move {
                         tokio::select! {
-                            result = listener::accept_loop(sockets, runtime, index, steering, handoffs) => {
+                            result = listener::accept_loop(sockets, adopt, runtime, index, steering, handoffs) => {
                                 if let Err(error) = result {
                                     error!(worker = index, %error, "cannot register listening sockets");
                                 }

@@ -169,7 +169,7 @@ fn redirect_end_to_end(mode: &str, test: &str) {
     assert_eq!(stats["daemon"]["routes"]["http"]["total"], http_connections);
     let kernel = &stats["kernel"];
     assert_eq!(
-        kernel["global"]["flows_tracked"],
+        kernel["global"]["connections_redirected"],
         ssh_connections + http_connections
     );
     assert_eq!(kernel["global"]["dropped"], 0);
@@ -329,16 +329,13 @@ fn direct_connections_to_the_muxer_port_are_served_unrewritten() {
         "llm"
     );
     let stats = muxer.stats();
-    assert!(
-        stats["kernel"]["global"]["direct_to_muxer_port"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
     assert_eq!(
-        stats["kernel"]["global"]["flows_tracked"], 1,
-        "only the port-22 connection is a redirected flow"
+        stats["kernel"]["global"]["connections_redirected"], 1,
+        "only the port-22 connection is redirected"
     );
+    // The listen port is not the internal port: connections to it are never rewritten.
+    let internal = stats["redirect"]["internal_ports"]["22"].as_u64().unwrap();
+    assert_ne!(internal, 2222);
 
     // `muxer stats --watch` refreshes with rates.
     let mut command = std::process::Command::new(muxer_tests::muxer::binary());
@@ -353,6 +350,10 @@ fn direct_connections_to_the_muxer_port_are_served_unrewritten() {
     assert!(screen.matches("muxer up").count() >= 3, "{screen}");
     assert!(screen.contains("/s"), "rates expected: {screen}");
     assert!(screen.contains("tc on veth-s"), "{screen}");
+    assert!(
+        screen.contains(&format!("internal ports 22→{internal}")),
+        "{screen}"
+    );
 }
 
 #[test]
@@ -371,7 +372,7 @@ fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_remove
     // What an earlier muxer on a kernel without TCX would leave: a netlink TC filter (which
     // outlives its process) and pinned maps.
     server.link.server.enter(|| {
-        let mut loaded = muxer::redirect::load(&[22], 2222).unwrap();
+        let mut loaded = muxer::redirect::load(&[(22, 3022)]).unwrap();
         let _ = tc::qdisc_add_clsact("veth-s");
         let program: &mut aya::programs::SchedClassifier =
             muxer::redirect::program(&mut loaded.ebpf, muxer_common::PROGRAM_TC_INGRESS).unwrap();
@@ -427,7 +428,7 @@ fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_remove
     );
     let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
     // Without BTF for the value type, bpftool prints each CPU's u64 as little-endian hex bytes.
-    let flows_tracked: u64 = entries[muxer_common::Counter::FlowsTracked as usize]["values"]
+    let redirected: u64 = entries[muxer_common::Counter::ConnectionsRedirected as usize]["values"]
         .as_array()
         .unwrap()
         .iter()
@@ -443,7 +444,7 @@ fn stale_filters_and_pins_are_removed_at_start_and_pins_are_readable_then_remove
             u64::from_le_bytes(bytes.try_into().unwrap())
         })
         .sum();
-    assert_eq!(flows_tracked, 1);
+    assert_eq!(redirected, 1);
 
     let status = muxer.process.signal_and_wait(rustix::process::Signal::TERM);
     assert!(status.success(), "{status}");

@@ -385,7 +385,7 @@ fn metrics_and_json_logs() {
         "muxer_refused_total{reason=\"shared_classes_full\"} 0",
         "muxer_timeouts_total{kind=\"write_stalled\"} 0",
         "muxer_worker_connections{worker=\"0\"} ",
-        "muxer_kernel_packets_total{counter=\"flows_tracked\"} 2",
+        "muxer_kernel_packets_total{counter=\"connections_redirected\"} 2",
         "muxer_kernel_port_packets_total{port=\"22\",direction=\"in\"}",
         "# EOF",
     ] {
@@ -476,7 +476,7 @@ fn with_only_cap_bpf_and_cap_net_admin_everything_works_including_the_redirect()
         .contains("\"llm\""));
     let stats = muxer.stats();
     assert_eq!(stats["redirect"]["state"], "attached");
-    assert_eq!(stats["kernel"]["global"]["flows_tracked"], 2);
+    assert_eq!(stats["kernel"]["global"]["connections_redirected"], 2);
     assert!(
         pin_dir.join(muxer_common::COUNTERS_MAP).exists(),
         "counters pinned by the unprivileged daemon"

@@ -129,7 +129,7 @@ fn sk_lookup_steers_ssh_scp_and_curl_on_ipv4_and_ipv6_without_rewriting_packets(
         "muxer's own connections to sshd pass: {kernel}"
     );
     assert_eq!(kernel["sk_lookup_errors"], 0);
-    assert_eq!(kernel["flows_tracked"], 0, "no per-flow state");
+    assert_eq!(kernel["connections_redirected"], 0, "no packet rewritten");
     let tcx = server
         .link
         .server
@@ -191,73 +191,4 @@ fn sk_lookup_fails_open_on_sigkill_and_sigterm_and_a_restart_restores_it() {
     );
     let status = muxer.process.signal_and_wait(rustix::process::Signal::TERM);
     assert!(status.success(), "{status}");
-}
-
-#[test]
-fn an_idle_ssh_session_survives_spoofed_floods() {
-    if !netns_available("an_idle_ssh_session_survives_spoofed_floods") {
-        return;
-    }
-    use std::io::{BufRead, Write};
-    let server = server();
-    let muxer = Muxer::start(&server.link.server, &config(), READY.parse().unwrap());
-    // An interactive session through port 22 that stays idle until the test writes a line.
-    let mut session = server
-        .link
-        .client
-        .command("ssh")
-        .args(
-            server
-                .sshd
-                .ssh_args(&SERVER_V4.to_string(), 22, "read line; echo alive-$line"),
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    wait_for("the session to open", Duration::from_secs(10), || {
-        (muxer.stats()["daemon"]["routes"]["ssh"]["open"] == 1).then_some(())
-    });
-    let sockets = server
-        .link
-        .client
-        .run_ok("ss", &["-Htn", "state", "established", "( dport = :22 )"]);
-    let client_port: u16 = sockets
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix(&format!("{CLIENT_V4}:")))
-        .and_then(|port| port.parse().ok())
-        .unwrap_or_else(|| panic!("the session's port in {sockets:?}"));
-
-    let started = Instant::now();
-    let (flood, tuple_syns) = server.link.client.enter(|| {
-        let flood = muxer_tests::packets::spoofed_syn_ack_pairs(SERVER_V4, 22, 300_000);
-        // SYNs to the muxer port carrying the session's own tuple.
-        let syn = muxer_tests::packets::build(&muxer_tests::packets::Spec::tcp(
-            CLIENT_V4.into(),
-            client_port,
-            SERVER_V4.into(),
-            2222,
-            muxer_tests::packets::SYN,
-        ));
-        let tuple_syns =
-            muxer_tests::packets::send_raw_ipv4(SERVER_V4, std::iter::repeat_n(syn, 1_000));
-        (flood, tuple_syns)
-    });
-    assert_eq!((flood, tuple_syns), (600_000, 1_000), "packets sent");
-    eprintln!("flood sent in {:?}", started.elapsed());
-
-    let mut stdin = session.stdin.take().unwrap();
-    stdin.write_all(b"1\n").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(session.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(
-        line.trim(),
-        "alive-1",
-        "the idle session must survive the floods"
-    );
-    assert!(session.wait().unwrap().success());
-    // And new logins still come through muxer.
-    assert!(server.ssh(&SERVER_V4.to_string()).through_muxer());
 }

@@ -11,9 +11,9 @@ use super::RedirectError;
 pub struct PortCounters {
     /// The public port.
     pub port: u16,
-    /// Packets redirected to the muxer port.
+    /// Packets redirected to muxer (TC/XDP mode).
     pub in_packets: u64,
-    /// Bytes redirected to the muxer port.
+    /// Bytes redirected to muxer.
     pub in_bytes: u64,
     /// Replies given the public port back.
     pub out_packets: u64,

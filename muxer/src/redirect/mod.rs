@@ -1,8 +1,9 @@
 //! The kernel fast path: loads muxer's eBPF programs, attaches them, and owns the attachments.
 //!
 //! Two ways to steer the public ports (docs/redirect.md): TC (or XDP) programs on each interface
-//! that rewrite ports, or an sk_lookup program on the network namespace that assigns new
-//! connections to muxer's listening sockets.
+//! that rewrite each public port to an internal port of its own, where muxer listens, or an
+//! sk_lookup program on the network namespace that assigns new connections to muxer's listening
+//! sockets.
 //!
 //! Fail-open rests on three things: the programs are attached through TCX, XDP and netns *links*
 //! owned by this process, so they vanish the moment it dies, SIGKILL included; the programs only
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, MapError, SockMap};
 use aya::programs::tc::{self, TcAttachType};
+use muxer_common::{PublicPort, Steered, INTERNAL_PORTS_MAP};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -29,8 +31,8 @@ use aya::programs::{ProgramError, SchedClassifier, SkLookup, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use muxer_common::{
-    Listener, Setting, COUNTERS_MAP, LISTENERS_MAP, PORT_COUNTERS_MAP, PROGRAM_SK_LOOKUP,
-    PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS, PROGRAM_XDP_INGRESS, PUBLIC_PORTS_MAP, SETTINGS_MAP,
+    Listener, COUNTERS_MAP, LISTENERS_MAP, PORT_COUNTERS_MAP, PROGRAM_SK_LOOKUP, PROGRAM_TC_EGRESS,
+    PROGRAM_TC_INGRESS, PROGRAM_XDP_INGRESS, PUBLIC_PORTS_MAP,
 };
 use tracing::{info, warn};
 
@@ -102,6 +104,9 @@ pub enum RedirectError {
     /// No listening socket to steer connections to.
     #[error("no listening socket to assign connections to (sk_lookup needs the listen sockets)")]
     NoListener,
+    /// A public port has no internal port to redirect to (TC/XDP mode).
+    #[error("public port {0} has no internal listening port")]
+    NoInternalPort(u16),
     /// A map could not be pinned.
     #[error("pinning eBPF map {name}: {source}")]
     Pin {
@@ -166,11 +171,13 @@ pub struct Redirect {
     netns_link: Option<SkLookupLinkId>,
     /// `(public port, counter slot)`.
     slots: Vec<(u16, u32)>,
+    /// Public port → internal port, in TC/XDP mode.
+    internal_ports: BTreeMap<u16, u16>,
     /// The mode attached in (`tc` where `sk_lookup` was asked of a kernel without it).
     mode: RedirectMode,
     /// The mode the config asked for.
     requested: RedirectMode,
-    /// The port public ports are redirected to.
+    /// muxer's listen port (for direct connections; sk_lookup steers to its sockets).
     pub target_port: u16,
     /// How ingress is hooked.
     pub ingress: IngressHook,
@@ -235,15 +242,36 @@ fn attach_error(
     }
 }
 
+/// Where the public ports lead.
+pub struct Targets<'a> {
+    /// muxer's listen port.
+    pub listen_port: u16,
+    /// One listening socket per listen address (sk_lookup mode steers to them).
+    pub listeners: &'a [BorrowedFd<'a>],
+    /// Public port → the internal port where muxer listens for the connections redirected from it
+    /// (TC/XDP mode; see [`Redirect::needs_internal_ports`]).
+    pub internal_ports: &'a BTreeMap<u16, u16>,
+}
+
 impl Redirect {
-    /// Loads the programs and attaches them so that `config.ports` reach `target_port`, where
-    /// `listeners` (one socket per address family, from the listen addresses' groups) accept. Call
-    /// only once they listen: from the first steered packet on, clients need them.
+    /// Whether `config` steers with TC/XDP programs, which need an internal listening port per
+    /// public port, in this kernel.
+    pub fn needs_internal_ports(config: &RedirectConfig) -> bool {
+        matches!(
+            effective_mode(config.mode, KernelVersion::current().ok()),
+            RedirectMode::Tc | RedirectMode::Xdp
+        )
+    }
+
+    /// Loads the programs and attaches them so that `config.ports` reach muxer's sockets in
+    /// `targets`. Call only once they listen: from the first steered packet on, clients need
+    /// them.
     pub fn attach(
         config: &RedirectConfig,
-        target_port: u16,
-        listeners: &[BorrowedFd<'_>],
+        targets: &Targets<'_>,
     ) -> Result<Redirect, RedirectError> {
+        let target_port = targets.listen_port;
+        let listeners = targets.listeners;
         let mode = effective_mode(config.mode, KernelVersion::current().ok());
         let interfaces = match mode {
             RedirectMode::SkLookup => {
@@ -255,7 +283,7 @@ impl Redirect {
             _ => interfaces::resolve(&config.interfaces)?,
         };
         // Loading first: without CAP_BPF this is the step that fails, with the clearest reason.
-        let Loaded { ebpf, logger } = load(&[], target_port)?;
+        let Loaded { ebpf, logger } = load(&[])?;
         let mut redirect = Redirect {
             ebpf,
             pins: Vec::new(),
@@ -263,12 +291,13 @@ impl Redirect {
             links: BTreeMap::new(),
             netns_link: None,
             slots: Vec::new(),
+            internal_ports: BTreeMap::new(),
             mode,
             requested: config.mode,
             target_port,
             ingress: IngressHook::Tc,
         };
-        redirect.set_ports(&config.ports)?;
+        redirect.set_ports(&config.ports, targets.internal_ports)?;
         if mode == RedirectMode::SkLookup {
             redirect.attach_netns(listeners)?;
         }
@@ -283,7 +312,7 @@ impl Redirect {
         info!(
             interfaces = ?redirect.interfaces(),
             ports = ?redirect.ports(),
-            target_port,
+            internal_ports = ?redirect.internal_ports,
             ingress = ?redirect.ingress,
             "kernel redirect attached"
         );
@@ -300,6 +329,11 @@ impl Redirect {
         self.slots.iter().map(|&(port, _)| port).collect()
     }
 
+    /// Public port → internal port (TC/XDP mode; empty in sk_lookup mode).
+    pub fn internal_ports(&self) -> &BTreeMap<u16, u16> {
+        &self.internal_ports
+    }
+
     /// The mode the config asked for (a reload with another one re-attaches).
     pub fn requested_mode(&self) -> RedirectMode {
         self.requested
@@ -308,14 +342,18 @@ impl Redirect {
     /// Applies new `interfaces` and `ports` without a gap: new interfaces and ports are added
     /// before old ones are removed, so port 22 is never closed or sent astray on the way. (A mode
     /// change needs a new [`Redirect`].)
-    pub fn update(&mut self, config: &RedirectConfig) -> Result<(), RedirectError> {
+    pub fn update(
+        &mut self,
+        config: &RedirectConfig,
+        internal_ports: &BTreeMap<u16, u16>,
+    ) -> Result<(), RedirectError> {
         if self.mode == RedirectMode::SkLookup {
-            self.set_ports(&config.ports)?;
+            self.set_ports(&config.ports, internal_ports)?;
             info!(ports = ?self.ports(), "kernel steering updated");
             return Ok(());
         }
         let wanted = interfaces::resolve(&config.interfaces)?;
-        self.set_ports(&config.ports)?;
+        self.set_ports(&config.ports, internal_ports)?;
         for interface in &wanted {
             if !self.links.contains_key(interface) {
                 self.attach_interface(interface)?;
@@ -334,23 +372,36 @@ impl Redirect {
         Ok(())
     }
 
-    /// Makes `ports` the redirected ports: added ones first, then removed ones.
-    fn set_ports(&mut self, ports: &[u16]) -> Result<(), RedirectError> {
-        let map_error = |source| RedirectError::Map {
-            name: PUBLIC_PORTS_MAP,
-            source,
-        };
-        let mut public: HashMap<_, u16, u32> =
-            HashMap::try_from(map_mut(&mut self.ebpf, PUBLIC_PORTS_MAP)?).map_err(map_error)?;
+    /// Makes `ports` the redirected ports: added ones first, then removed ones. In TC/XDP mode
+    /// each needs its internal port in `internal_ports`.
+    fn set_ports(
+        &mut self,
+        ports: &[u16],
+        internal_ports: &BTreeMap<u16, u16>,
+    ) -> Result<(), RedirectError> {
+        let tc = self.mode != RedirectMode::SkLookup;
+        let mut wanted = Vec::with_capacity(ports.len());
         for &port in ports {
+            let internal = match internal_ports.get(&port) {
+                Some(&internal) if tc => internal,
+                None if tc => return Err(RedirectError::NoInternalPort(port)),
+                _ => 0,
+            };
+            wanted.push((port, internal));
+        }
+        let mut maps = PortMaps::open(&mut self.ebpf)?;
+        for &(port, internal) in &wanted {
             if self.slots.iter().any(|&(p, _)| p == port) {
                 continue;
             }
             let slot = (0..muxer_common::MAX_PUBLIC_PORTS)
                 .find(|slot| !self.slots.iter().any(|&(_, used)| used == *slot))
                 .expect("validated: at most MAX_PUBLIC_PORTS ports");
-            public.insert(port, slot, 0).map_err(map_error)?;
+            maps.add(port, slot, internal)?;
             self.slots.push((port, slot));
+            if internal != 0 {
+                self.internal_ports.insert(port, internal);
+            }
         }
         let removed: Vec<u16> = self
             .slots
@@ -359,7 +410,7 @@ impl Redirect {
             .filter(|p| !ports.contains(p))
             .collect();
         for port in removed {
-            public.remove(&port).map_err(map_error)?;
+            maps.remove(port, self.internal_ports.remove(&port))?;
             self.slots.retain(|&(p, _)| p != port);
         }
         Ok(())
@@ -542,10 +593,10 @@ pub struct Loaded {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// Loads the embedded object, redirecting `ports` to `target_port`, and loads every program.
-/// Used by [`Redirect::attach`], and on its own by tests that run the programs with
-/// `BPF_PROG_TEST_RUN`.
-pub fn load(ports: &[u16], target_port: u16) -> Result<Loaded, RedirectError> {
+/// Loads the embedded object, redirecting each public port of `ports` (`(public, internal)`;
+/// internal 0 for sk_lookup only) from counter slot 0 on, and loads every program. Used by
+/// [`Redirect::attach`], and on its own by tests that run the programs with `BPF_PROG_TEST_RUN`.
+pub fn load(ports: &[(u16, u16)]) -> Result<Loaded, RedirectError> {
     let mut ebpf = EbpfLoader::new().load(crate::ebpf::OBJECT)?;
     // The log reader must exist before the programs load: it owns the log ring buffer they use.
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -555,7 +606,10 @@ pub fn load(ports: &[u16], target_port: u16) -> Result<Loaded, RedirectError> {
             None
         }
     };
-    configure_maps(&mut ebpf, ports, target_port)?;
+    let mut maps = PortMaps::open(&mut ebpf)?;
+    for (slot, &(port, internal)) in ports.iter().enumerate() {
+        maps.add(port, slot as u32, internal)?;
+    }
     for name in [PROGRAM_TC_EGRESS, PROGRAM_TC_INGRESS] {
         let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
         classifier
@@ -575,21 +629,86 @@ pub fn load(ports: &[u16], target_port: u16) -> Result<Loaded, RedirectError> {
     Ok(Loaded { ebpf, logger })
 }
 
-fn configure_maps(ebpf: &mut Ebpf, ports: &[u16], target_port: u16) -> Result<(), RedirectError> {
-    let map_error = |name| move |source| RedirectError::Map { name, source };
-    let mut settings: Array<_, u32> =
-        Array::try_from(map_mut(ebpf, SETTINGS_MAP)?).map_err(map_error(SETTINGS_MAP))?;
-    settings
-        .set(Setting::MuxerPort as u32, u32::from(target_port), 0)
-        .map_err(map_error(SETTINGS_MAP))?;
-    let mut public: HashMap<_, u16, u32> =
-        HashMap::try_from(map_mut(ebpf, PUBLIC_PORTS_MAP)?).map_err(map_error(PUBLIC_PORTS_MAP))?;
-    for (slot, &port) in ports.iter().enumerate() {
-        public
-            .insert(port, slot as u32, 0)
-            .map_err(map_error(PUBLIC_PORTS_MAP))?;
+/// The two maps that say which ports are steered where, written together.
+struct PortMaps<'a> {
+    public: HashMap<&'a mut aya::maps::MapData, u16, PublicPort>,
+    internal: Array<&'a mut aya::maps::MapData, Steered>,
+}
+
+impl<'a> PortMaps<'a> {
+    fn open(ebpf: &'a mut Ebpf) -> Result<PortMaps<'a>, RedirectError> {
+        let map_error = |name| move |source| RedirectError::Map { name, source };
+        let mut public = None;
+        let mut internal = None;
+        for (name, map) in ebpf.maps_mut() {
+            match name {
+                PUBLIC_PORTS_MAP => public = Some(map),
+                INTERNAL_PORTS_MAP => internal = Some(map),
+                _ => {}
+            }
+        }
+        let missing = |name: &'static str| RedirectError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        };
+        Ok(PortMaps {
+            public: HashMap::try_from(public.ok_or_else(|| missing(PUBLIC_PORTS_MAP))?)
+                .map_err(map_error(PUBLIC_PORTS_MAP))?,
+            internal: Array::try_from(internal.ok_or_else(|| missing(INTERNAL_PORTS_MAP))?)
+                .map_err(map_error(INTERNAL_PORTS_MAP))?,
+        })
     }
-    Ok(())
+
+    /// Steers `port` (counted in `slot`) to `internal` (0: no internal port). The internal port
+    /// is entered first, so its replies are restored before its first connection arrives.
+    fn add(&mut self, port: u16, slot: u32, internal: u16) -> Result<(), RedirectError> {
+        let slot = slot as u16;
+        if internal != 0 {
+            let steered = Steered {
+                public_port: port,
+                slot,
+            };
+            self.internal
+                .set(u32::from(internal), steered, 0)
+                .map_err(|source| RedirectError::Map {
+                    name: INTERNAL_PORTS_MAP,
+                    source,
+                })?;
+        }
+        let public = PublicPort {
+            slot,
+            internal_port: internal,
+        };
+        self.public
+            .insert(port, public, 0)
+            .map_err(|source| RedirectError::Map {
+                name: PUBLIC_PORTS_MAP,
+                source,
+            })
+    }
+
+    /// Stops steering `port`, and forgets its internal port.
+    fn remove(&mut self, port: u16, internal: Option<u16>) -> Result<(), RedirectError> {
+        self.public
+            .remove(&port)
+            .map_err(|source| RedirectError::Map {
+                name: PUBLIC_PORTS_MAP,
+                source,
+            })?;
+        if let Some(internal) = internal {
+            let none = Steered {
+                public_port: 0,
+                slot: 0,
+            };
+            self.internal
+                .set(u32::from(internal), none, 0)
+                .map_err(|source| RedirectError::Map {
+                    name: INTERNAL_PORTS_MAP,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
 }
 
 /// Removes TC filters carrying muxer's program names left on `interface` by an earlier muxer on a

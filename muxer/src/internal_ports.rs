@@ -1,0 +1,153 @@
+//! The internal listening ports of the TC/XDP redirect: one per public port, on every listen
+//! address, where muxer accepts the connections redirected from that public port and nothing else
+//! (docs/redirect.md). A packet's port then tells the kernel programs which public port it
+//! belongs to, and the kernel's socket table which connections are muxer's: no flow table.
+//!
+//! The kernel picks each port (bind to port 0, so nothing else on the host holds it and no
+//! outgoing connection gets it as its source port). Each worker gets its socket of every new
+//! group through a channel, so a reload that adds a public port adds its listener to running
+//! workers. A group stays open for the daemon's life: re-adding a port reuses it.
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::time::Duration;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tracing::info;
+
+use crate::listener::{self, ListenError};
+
+/// Attempts at finding one port free on every listen address.
+const BIND_ATTEMPTS: usize = 16;
+
+/// The internal ports bound so far, and the way to each worker's accept loop.
+pub struct InternalPorts {
+    /// Public port → internal port.
+    ports: BTreeMap<u16, u16>,
+    /// The listen addresses (their IPs are the internal listeners' IPs).
+    addresses: Vec<SocketAddr>,
+    keepalive: Duration,
+    /// One sender per worker: new listening sockets for its accept loop.
+    workers: Vec<UnboundedSender<StdTcpListener>>,
+}
+
+impl InternalPorts {
+    /// Internal ports on `addresses`' IPs for `workers` workers; returns the receiving end of
+    /// each worker's channel, in worker order.
+    pub fn new(
+        addresses: &[SocketAddr],
+        workers: usize,
+        keepalive: Duration,
+    ) -> (InternalPorts, Vec<UnboundedReceiver<StdTcpListener>>) {
+        let (senders, receivers) = (0..workers).map(|_| unbounded_channel()).unzip();
+        let internal = InternalPorts {
+            ports: BTreeMap::new(),
+            addresses: addresses.to_vec(),
+            keepalive,
+            workers: senders,
+        };
+        (internal, receivers)
+    }
+
+    /// Binds an internal port for every port of `public` that has none yet, hands the new
+    /// sockets to the workers, and returns public port → internal port for all of them.
+    pub fn ensure(&mut self, public: &[u16]) -> Result<&BTreeMap<u16, u16>, ListenError> {
+        for &port in public {
+            if self.ports.contains_key(&port) {
+                continue;
+            }
+            let (internal, groups) = self.bind()?;
+            for group in groups {
+                for (sender, socket) in self.workers.iter().zip(group) {
+                    // A worker that stopped accepting drops the socket: nothing to do.
+                    let _ = sender.send(socket);
+                }
+            }
+            info!(
+                public_port = port,
+                internal_port = internal,
+                "internal port bound"
+            );
+            self.ports.insert(port, internal);
+        }
+        Ok(&self.ports)
+    }
+
+    /// One group per listen address, all on one port the kernel picked.
+    fn bind(&self) -> Result<(u16, Vec<Vec<StdTcpListener>>), ListenError> {
+        let count = self.workers.len();
+        let Some(first) = self.addresses.first() else {
+            return Err(ListenError {
+                address: SocketAddr::from(([0, 0, 0, 0], 0)),
+                call: "bind (no listen address)",
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        };
+        let mut last_error = None;
+        for _ in 0..BIND_ATTEMPTS {
+            let first_group = listener::bind_group(with_port(*first, 0), count, self.keepalive)?;
+            let port = first_group
+                .first()
+                .and_then(|socket| socket.local_addr().ok())
+                .map_or(0, |address| address.port());
+            let mut groups = vec![first_group];
+            // The other addresses need the same port; if one has it taken, try another port.
+            let rest = self.addresses[1..]
+                .iter()
+                .map(|&address| {
+                    listener::bind_group(with_port(address, port), count, self.keepalive)
+                })
+                .collect::<Result<Vec<_>, _>>();
+            match rest {
+                Ok(rest) => {
+                    groups.extend(rest);
+                    return Ok((port, groups));
+                }
+                Err(error) if error.source.kind() == io::ErrorKind::AddrInUse => {
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+}
+
+fn with_port(mut address: SocketAddr, port: u16) -> SocketAddr {
+    address.set_port(port);
+    address
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_port_per_public_port_on_every_address_and_every_worker_gets_its_socket() {
+        let addresses: Vec<SocketAddr> = vec![
+            "127.0.0.1:2222".parse().unwrap(),
+            "[::1]:2222".parse().unwrap(),
+        ];
+        let (mut internal, mut receivers) =
+            InternalPorts::new(&addresses, 2, Duration::from_secs(30));
+        let ports = internal.ensure(&[22, 443]).unwrap().clone();
+        assert_eq!(ports.len(), 2);
+        assert_ne!(ports[&22], ports[&443]);
+        assert!(!ports.values().any(|&port| port == 0 || port == 2222));
+        // Asking again binds nothing new.
+        assert_eq!(internal.ensure(&[443, 22]).unwrap(), &ports);
+        for receiver in &mut receivers {
+            let mut bound = Vec::new();
+            while let Ok(socket) = receiver.try_recv() {
+                bound.push(socket.local_addr().unwrap());
+            }
+            bound.sort();
+            let mut expected: Vec<SocketAddr> = ports
+                .values()
+                .flat_map(|&port| addresses.iter().map(move |&a| with_port(a, port)))
+                .collect();
+            expected.sort();
+            assert_eq!(bound, expected);
+        }
+    }
+}
