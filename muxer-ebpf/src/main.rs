@@ -331,6 +331,8 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const ENOENT: i32 = 2;
+/// `bpf_sk_assign` flag: replace a socket an earlier program selected.
+const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
 
 /// sk_lookup: a new TCP connection to a public port, on any address but a loopback one, goes to
 /// muxer's listening socket of its family (which the kernel may then trade for another socket of
@@ -362,7 +364,9 @@ pub fn sk_lookup_steer(ctx: SkLookupContext) -> u32 {
         count(Counter::SkLookupLocal);
         return SK_PASS;
     }
-    match LISTENERS.redirect_sk_lookup(&ctx, listener as u32, 0) {
+    // REPLACE: programs run in the order they were attached, so the newest muxer's choice wins
+    // over a program an earlier muxer, still alive, left on the namespace.
+    match LISTENERS.redirect_sk_lookup(&ctx, listener as u32, BPF_SK_LOOKUP_F_REPLACE) {
         Ok(()) => count(Counter::SkLookupAssigned),
         Err(error) if error == -ENOENT => count(Counter::PassedNoListener),
         Err(_) => count(Counter::SkLookupErrors),

@@ -55,8 +55,14 @@ impl Server {
             .run_ok("ethtool", &["-K", &self.link.server_if, "tx", state]);
     }
 
-    /// Names of the TCX programs on the server's interface, both directions.
+    /// Names of the TCX programs on the server's interface, both directions, and `xdp` if an XDP
+    /// program is attached to it.
     fn attached_programs(&self) -> String {
+        let link = self
+            .link
+            .server
+            .run_ok("ip", &["link", "show", "dev", &self.link.server_if]);
+        let xdp = link.contains("prog/xdp");
         use aya::programs::{tc::TcAttachType, SchedClassifier};
         self.link.server.enter(|| {
             let mut names = Vec::new();
@@ -68,6 +74,9 @@ impl Server {
                         .iter()
                         .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
                 );
+            }
+            if xdp {
+                names.push("xdp".into());
             }
             names.join(" ")
         })
@@ -213,19 +222,35 @@ fn xdp_redirect_carries_ssh_curl_and_scp_on_ipv4_and_ipv6_with_checksum_offload_
 }
 
 #[test]
-fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
-    if !netns_available("sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect") {
+fn tc_sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
+    sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect(
+        "tc",
+        "tc_sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect",
+    );
+}
+
+#[test]
+fn xdp_sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
+    sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect(
+        "xdp",
+        "xdp_sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect",
+    );
+}
+
+fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect(mode: &str, test: &str) {
+    if !netns_available(test) {
         return;
     }
     let server = server();
     let host = SERVER_V4.to_string();
     let mut muxer = Muxer::start(
         &server.link.server,
-        &config("tc", ""),
+        &config(mode, ""),
         READY.parse().unwrap(),
     );
     assert!(server.ssh(&host).through_muxer());
-    assert!(server.attached_programs().contains("tc_ingress"));
+    let ingress = if mode == "xdp" { "xdp" } else { "tc_ingress" };
+    assert!(server.attached_programs().contains(ingress));
 
     // A session open through muxer while it dies.
     let dir = tempfile::tempdir().unwrap();
@@ -265,21 +290,31 @@ fn sigkill_fails_open_within_a_second_and_a_restart_restores_the_redirect() {
     assert!(!direct.through_muxer(), "direct to sshd: {direct:?}");
     assert_eq!(direct.client, CLIENT_V4.to_string());
     let attached = server.attached_programs();
-    assert!(
-        !attached.contains("tc_ingress") && !attached.contains("tc_egress"),
-        "left attached:\n{attached}"
-    );
+    assert!(attached.is_empty(), "left attached:\n{attached}");
 
     // A session opened while muxer is down survives its return.
+    let established = || {
+        server
+            .link
+            .client
+            .run_ok("ss", &["-Htn", "state", "established", "( dport = :22 )"])
+            .lines()
+            .count()
+    };
+    let before = established();
     let mut command = server.link.client.command("ssh");
     command.args(server.sshd.ssh_args(&host, 22, "sleep 3; echo survived"));
     let mut during_downtime =
         Running::spawn("downtime session", command, dir.path().join("downtime.log"));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        "the downtime session's connection",
+        Duration::from_secs(10),
+        || (established() > before).then_some(()),
+    );
 
     let muxer = Muxer::start(
         &server.link.server,
-        &config("tc", ""),
+        &config(mode, ""),
         READY.parse().unwrap(),
     );
     assert!(server.ssh(&host).through_muxer(), "redirect restored");

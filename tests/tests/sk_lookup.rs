@@ -192,3 +192,54 @@ fn sk_lookup_fails_open_on_sigkill_and_sigterm_and_a_restart_restores_it() {
     let status = muxer.process.signal_and_wait(rustix::process::Signal::TERM);
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn an_earlier_muxer_still_holding_its_link_neither_steals_connections_nor_stays() {
+    if !netns_available(
+        "an_earlier_muxer_still_holding_its_link_neither_steals_connections_nor_stays",
+    ) {
+        return;
+    }
+    use rustix::process::Signal;
+    let server = server();
+    let host = SERVER_V4.to_string();
+    // A muxer that hangs: its link and its sockets in its map stay, but it accepts nothing.
+    let hung = Muxer::start(&server.link.server, &config(), READY.parse().unwrap());
+    hung.process.signal(Signal::STOP);
+    let second = config().replace(":2222", ":2223");
+    let second_ready = "127.0.0.1:2223".parse().unwrap();
+
+    // Without CAP_SYS_ADMIN the hung muxer's link cannot be opened, let alone removed, but the new
+    // muxer's program replaces its choice.
+    let limited = [
+        "setpriv",
+        "--inh-caps=-all,+bpf,+net_admin,+net_raw",
+        "--ambient-caps=-all,+bpf,+net_admin,+net_raw",
+        "--bounding-set=-all,+bpf,+net_admin,+net_raw",
+        "--",
+    ];
+    let newer = Muxer::start_as(&server.link.server, &second, second_ready, &limited);
+    newer.wait_for_log("kernel redirect attached");
+    assert!(
+        newer
+            .log()
+            .contains("other sk_lookup programs on this network namespace"),
+        "{}",
+        newer.log()
+    );
+    assert!(server.ssh(&host).through_muxer());
+    assert_eq!(newer.stats()["daemon"]["routes"]["ssh"]["total"], 1);
+    drop(newer);
+
+    // With it, the stale link is found by its program's name and detached.
+    let newest = Muxer::start(&server.link.server, &second, second_ready);
+    let log = newest.log();
+    assert!(
+        log.contains("removed a stale sk_lookup link of an earlier muxer"),
+        "{log}"
+    );
+    assert!(!log.contains("other sk_lookup programs"), "{log}");
+    assert!(server.ssh(&host).through_muxer());
+    assert_eq!(newest.stats()["daemon"]["routes"]["ssh"]["total"], 1);
+    hung.process.signal(Signal::CONT);
+}

@@ -14,6 +14,7 @@
 
 mod counters;
 mod interfaces;
+mod netns_links;
 mod pins;
 
 use std::path::PathBuf;
@@ -446,6 +447,7 @@ impl Redirect {
             path: NETNS,
             source,
         })?;
+        netns_links::remove_stale(netns.as_fd(), PROGRAM_SK_LOOKUP);
         let program: &mut SkLookup = program(&mut self.ebpf, PROGRAM_SK_LOOKUP)?;
         let link = program
             .attach(netns.as_fd())
