@@ -3,17 +3,22 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::accept_errors::back_off;
 use crate::limits::{ClassSnapshot, ConnectionLimits};
+use crate::log_limit::LogLimit;
 use crate::redirect::{IngressHook, KernelCounters, Redirect};
 use crate::stats::{RouteSnapshot, Stats};
 use crate::steering::{Steering, WorkerSnapshot};
+
+/// Longest wait for a control client's command line.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A control socket that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -219,9 +224,14 @@ impl ControlSocket {
 
     /// Answers commands until the task is dropped.
     pub async fn serve(self, state: Arc<ControlState>) {
+        static WARNING: LogLimit = LogLimit::per(Duration::from_secs(1));
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
-                continue;
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    back_off(&error, "control socket", &WARNING).await;
+                    continue;
+                }
             };
             let state = Arc::clone(&state);
             tokio::spawn(async move {
@@ -242,7 +252,13 @@ impl Drop for ControlSocket {
 async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).take(256).read_line(&mut line).await?;
+    // A local client that never finishes its line does not hold a task forever.
+    tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        BufReader::new(read).take(256).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let reply = match line.trim() {
         "stats" => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
         "reload" => {

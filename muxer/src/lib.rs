@@ -5,6 +5,7 @@
 //! [`sniff`] (probes over the first bytes) → [`connection`] (route decision and dispatch) →
 //! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
 
+pub mod accept_errors;
 pub mod affinity;
 pub mod client_source;
 pub mod config;

@@ -16,15 +16,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, warn};
 
+use crate::accept_errors::{is_fd_exhaustion, FD_EXHAUSTION_BACKOFF};
 use crate::connection;
 use crate::limits::{Refusal, TotalPermit};
 use crate::log_limit::LogLimit;
 use crate::runtime::Runtime;
 use crate::steering::{Handoff, Steering, WorkerSteering};
 
-/// How long the accept loop sleeps after the process or system ran out of descriptors with no idle
-/// connection left to close.
-const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 /// Idle HTTP keep-alive connections closed each time accepting hits the descriptor limit: a
 /// spliced connection needs two descriptors, and the next few clients are likely queued already.
 const EVICT_PER_EXHAUSTION: usize = 8;
@@ -112,10 +110,6 @@ fn bind_one(address: SocketAddr, shared: bool) -> Result<StdTcpListener, ListenE
 /// Warnings every worker may repeat under a flood: at most one of each kind per second.
 static LIMIT_WARNING: LogLimit = LogLimit::per(WARN_INTERVAL);
 static FD_WARNING: LogLimit = LogLimit::per(WARN_INTERVAL);
-
-fn is_fd_exhaustion(error: &io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error() || code == rustix::io::Errno::NOBUFS.raw_os_error() || code == rustix::io::Errno::NOMEM.raw_os_error())
-}
 
 /// Waits until one of `listeners` has a connection queued and returns its readiness, starting
 /// the scan after the listener that won last time so that no listener starves.

@@ -19,7 +19,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use crate::accept_errors::back_off;
 use crate::control::ControlState;
+use crate::log_limit::LogLimit;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -373,11 +375,19 @@ impl Metrics {
     }
 }
 
+/// Longest wait for a metrics request's head, idle keep-alive included.
+pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    static WARNING: LogLimit = LogLimit::per(Duration::from_secs(1));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                back_off(&error, "metrics endpoint", &WARNING).await;
+                continue;
+            }
         };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
@@ -400,7 +410,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                         Ok::<_, std::convert::Infallible>(response.expect("static response"))
                     }
                 });
+            // A client that connects and sends nothing (or trickles its head) is closed after
+            // METRICS_HEADER_TIMEOUT, like any other client of muxer.
             if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

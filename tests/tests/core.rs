@@ -412,6 +412,147 @@ fn connection_limits_refuse_per_address_and_pause_globally() {
     server.muxer.process.assert_running();
 }
 
+/// muxer in `link`'s server namespace, splicing every connection to an echo backend on
+/// 127.0.0.1:7000 (the caller starts it), under a hard limit of 64 descriptors (muxer raises its
+/// soft limit to it, then runs out); `extra` goes into `[listen]` and may add sections. The control
+/// socket is `dir/muxer.sock`.
+fn start_with_64_descriptors(
+    link: &Link,
+    dir: &std::path::Path,
+    extra: &str,
+) -> muxer_tests::process::Running {
+    let config = dir.join("muxer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n{extra}[sniff]\non_timeout = \"close\"\n\
+             [fallback]\nupstream = \"127.0.0.1:7000\"\n[control]\nsocket = \"{}\"\n",
+            dir.join("muxer.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut command = link.server.command("prlimit");
+    command
+        .args(["--nofile=32:64", "--"])
+        .arg(muxer_tests::muxer::binary())
+        .args(["run", "--config"])
+        .arg(&config);
+    muxer_tests::process::Running::spawn("muxer", command, dir.join("muxer.log"))
+}
+
+/// Up to `count` connections from `link`'s client to muxer, each having sent a line.
+fn hold_connections(link: &Link, count: usize) -> Vec<TcpStream> {
+    (0..count)
+        .filter_map(|_| {
+            let mut stream = link
+                .client
+                .enter(|| TcpStream::connect_timeout(&mux_v4(), Duration::from_secs(2)))
+                .ok()?;
+            let _ = stream.write_all(b"hold\n");
+            Some(stream)
+        })
+        .collect()
+}
+
+/// CPU time (user + system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn control_and_metrics_back_off_when_out_of_descriptors_and_metrics_drops_silent_clients() {
+    if !netns_available(
+        "control_and_metrics_back_off_when_out_of_descriptors_and_metrics_drops_silent_clients",
+    ) {
+        return;
+    }
+    let link = Link::new();
+    let _echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("muxer.sock");
+    let mut muxer = start_with_64_descriptors(
+        &link,
+        dir.path(),
+        "workers = 1\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+    );
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9464));
+    wait_for("the metrics endpoint", Duration::from_secs(10), || {
+        muxer.assert_running();
+        link.server
+            .enter(|| TcpStream::connect(metrics).ok())
+            .map(drop)
+    });
+
+    // A metrics client that starts a request head and goes silent is closed by the header timeout.
+    let mut silent = link.server.enter(|| TcpStream::connect(metrics)).unwrap();
+    silent.write_all(b"GET /metr").unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(12),
+        "closed after {waited:?} with {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // 60 held connections need 120 descriptors: the process runs out.
+    let held = hold_connections(&link, 60);
+    wait_for("descriptors to run out", Duration::from_secs(10), || {
+        muxer
+            .log()
+            .contains("out of file descriptors")
+            .then_some(())
+    });
+    // Silent control and metrics clients queue up while no descriptor is free: once one of each
+    // took the last free descriptor, the next ones cannot be accepted.
+    let _control: Vec<_> = (0..3)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let _scrapers: Vec<_> = (0..3)
+        .map(|_| link.server.enter(|| TcpStream::connect(metrics)).unwrap())
+        .collect();
+    wait_for("both loops to back off", Duration::from_secs(10), || {
+        let log = muxer.log();
+        (log.contains("control socket: out of file descriptors")
+            && log.contains("metrics endpoint: out of file descriptors"))
+        .then_some(())
+    });
+    // Accept loops that retried at once would keep a core busy; backing off costs next to nothing.
+    let before = cpu_ticks(muxer.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(muxer.pid()) - before;
+    assert!(
+        used < 50,
+        "{used} ticks of CPU in 2 s while out of descriptors"
+    );
+    muxer.assert_running();
+
+    drop(held);
+    let stats = wait_for(
+        "muxer stats to answer again",
+        Duration::from_secs(10),
+        || {
+            let output = std::process::Command::new(muxer_tests::muxer::binary())
+                .args(["stats", "--json", "--socket"])
+                .arg(&socket)
+                .output()
+                .ok()?;
+            output.status.success().then_some(output.stdout)
+        },
+    );
+    assert!(String::from_utf8_lossy(&stats).contains("uptime_seconds"));
+}
+
 #[test]
 fn running_out_of_descriptors_pauses_accepting_without_crashing() {
     if !netns_available("running_out_of_descriptors_pauses_accepting_without_crashing") {
@@ -420,25 +561,7 @@ fn running_out_of_descriptors_pauses_accepting_without_crashing() {
     let link = Link::new();
     let _echo = backends::echo(&link.server, "127.0.0.1:7000".parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("muxer.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n[sniff]\non_timeout = \"close\"\n\
-             [fallback]\nupstream = \"127.0.0.1:7000\"\n[control]\nsocket = \"{}\"\n",
-            dir.path().join("muxer.sock").display()
-        ),
-    )
-    .unwrap();
-    // A hard limit of 64 descriptors: muxer raises its soft limit to it, then runs out.
-    let mut command = link.server.command("prlimit");
-    command
-        .args(["--nofile=32:64", "--"])
-        .arg(muxer_tests::muxer::binary())
-        .args(["run", "--config"])
-        .arg(&config);
-    let mut muxer =
-        muxer_tests::process::Running::spawn("muxer", command, dir.path().join("muxer.log"));
+    let mut muxer = start_with_64_descriptors(&link, dir.path(), "");
     wait_for("muxer", Duration::from_secs(10), || {
         muxer.assert_running();
         link.client
@@ -457,16 +580,7 @@ fn running_out_of_descriptors_pauses_accepting_without_crashing() {
     );
 
     // 60 connections held open need 120 descriptors: many cannot be served for now.
-    let mut held = Vec::new();
-    for _ in 0..60 {
-        if let Ok(mut stream) = link
-            .client
-            .enter(|| TcpStream::connect_timeout(&mux_v4(), Duration::from_secs(2)))
-        {
-            let _ = stream.write_all(b"hold\n");
-            held.push(stream);
-        }
-    }
+    let held = hold_connections(&link, 60);
     std::thread::sleep(Duration::from_millis(2500));
     muxer.assert_running();
     let log = muxer.log();
