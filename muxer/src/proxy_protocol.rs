@@ -139,7 +139,7 @@ pub async fn read_inbound<S: AsyncRead + Unpin>(
 
 /// The header at the start of `buf` once it is complete: the client address it carries and its
 /// length. `None` while more bytes are needed.
-fn complete_header(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, InboundError> {
+pub fn complete_header(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, InboundError> {
     if buf.starts_with(b"PROXY ") {
         let window = &buf[..buf.len().min(V1_MAX)];
         let Some(end) = window

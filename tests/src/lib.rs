@@ -5,6 +5,7 @@
 //! failing test cleans up too. Addresses come from 198.18.0.0/15 and fd00::/8 only.
 
 pub mod backends;
+pub mod fuzz_checks;
 pub mod muxer;
 pub mod netns;
 pub mod packets;

@@ -1,6 +1,7 @@
-//! Developer tasks: `cargo xtask setup | build | run | test`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | fuzz`.
 mod bench;
 mod build;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -33,6 +34,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run every cargo-fuzz target (or the named ones) from the committed seeds for a bounded time.
+    Fuzz {
+        /// `--time SECS` per target (default 30), then target names (default: all).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run every test, including the network-namespace and eBPF ones (as root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -48,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::run(&args),
         Command::Bench { args } => bench::run(&args),
+        Command::Fuzz { args } => fuzz::run(&args),
     }
 }

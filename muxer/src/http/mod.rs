@@ -13,6 +13,7 @@ pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod stream;
+pub mod target;
 pub mod tunnel;
 pub mod upstream;
 

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+
+use super::target::RouteTarget;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
@@ -16,9 +18,8 @@ use tracing::{debug, info};
 use super::body::{BodyEnd, IdleTimeout, MinRate, Observed};
 use super::headers;
 use super::keepalive::{self, Activity};
-use super::path::canonicalize;
 use super::pool::{ConnectError, InUse, Pool};
-use super::router::{normalize_host, Route};
+use super::router::Route;
 use super::upstream::UpstreamBody;
 use super::{HttpContext, RequestClient};
 use crate::limits::{Class, ConnectionSlot, Refusal, Timeout};
@@ -193,27 +194,11 @@ pub async fn handle(
         peer: client, slot, ..
     } = client;
     let started = Instant::now();
-    // The authority of an absolute-form target or HTTP/2's `:authority` is the one routed on, so
-    // it is also the one sent upstream as Host (not whatever Host the client added next to it).
-    let target_authority = request.uri().authority().is_some();
-    // As a header value: forwarding it (Host, X-Forwarded-Host) is then a reference count, not a copy.
-    let raw_host = match request.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => request.headers().get(HOST).cloned(),
-    }
-    .filter(|value| value.to_str().is_ok());
-    let host = raw_host
-        .as_ref()
-        .and_then(|value| value.to_str().ok())
-        .map(normalize_host);
-    let (path, invalid_path) = match canonicalize(request.uri().path()) {
-        Ok(path) => (path, None),
-        Err(error) => (request.uri().path().to_owned(), Some(error)),
-    };
+    let target = RouteTarget::of(request.uri(), request.headers());
     let mut access = Access {
         method: request.method().clone(),
-        host,
-        path,
+        host: target.host,
+        path: target.path,
         route: None,
         upstream: None,
         started,
@@ -221,17 +206,11 @@ pub async fn handle(
         metrics: Arc::clone(&context.metrics),
         upstream_latency: None,
     };
-    if let Some(error) = invalid_path {
+    let (raw_host, target_authority) = (target.raw_host, target.target_authority);
+    if let Some(refusal) = target.refused {
         return Ok(access.local(text(
             StatusCode::BAD_REQUEST,
-            format!("400 bad request: {error}"),
-        )));
-    }
-    if request.headers().get_all(HOST).iter().nth(1).is_some() {
-        // Which one an upstream would believe is anyone's guess (RFC 9112 §3.2).
-        return Ok(access.local(text(
-            StatusCode::BAD_REQUEST,
-            "400 bad request: more than one Host header".into(),
+            format!("400 bad request: {refusal}"),
         )));
     }
     let Some(route) = context
