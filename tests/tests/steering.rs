@@ -10,7 +10,7 @@ use muxer::steering::{CLAIM_SLACK, HANDOFF_SLACK};
 use muxer_tests::backends::{self, Backend};
 use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{Link, SERVER_V4};
-use muxer_tests::netns_available;
+use muxer_tests::{netns_available, wait_for};
 use rustix::thread::{sched_setaffinity, CpuSet};
 
 const MUX_PORT: u16 = 2222;
@@ -88,18 +88,21 @@ impl Server {
     }
 
     /// Per worker, in worker order: the CPUs its thread may run on, as the kernel reports them.
-    fn worker_affinities(&self) -> Vec<String> {
+    /// Waits for all `count` worker threads: the listen port answers before they are all named.
+    fn worker_affinities(&self, count: usize) -> Vec<String> {
         let pid = self.muxer.process.pid();
-        let mut workers = Vec::new();
-        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let task = task.unwrap().path();
-            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-            if let Some(index) = name.trim().strip_prefix("muxer-worker-") {
-                workers.push((index.parse::<usize>().unwrap(), cpus_allowed(&task)));
+        wait_for("every worker thread", Duration::from_secs(10), || {
+            let mut workers = Vec::new();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+                let task = task.ok()?.path();
+                let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                if let Some(index) = name.trim().strip_prefix("muxer-worker-") {
+                    workers.push((index.parse::<usize>().ok()?, cpus_allowed(&task)));
+                }
             }
-        }
-        workers.sort();
-        workers.into_iter().map(|(_, cpus)| cpus).collect()
+            workers.sort();
+            (workers.len() == count).then(|| workers.into_iter().map(|(_, cpus)| cpus).collect())
+        })
     }
 
     /// Per worker: the CPU `muxer stats` says it is pinned to.
@@ -247,14 +250,12 @@ fn each_worker_thread_is_pinned_to_a_cpu_of_its_own() {
     }
     let allowed = muxer::affinity::allowed_cpus().unwrap();
     let server = server(TWO_PINNED, &[]);
-    assert_eq!(
-        server.worker_affinities(),
-        [allowed[0].to_string(), allowed[1].to_string()]
-    );
-    assert_eq!(
-        server.pinned_cpus(),
-        [Some(allowed[0] as u64), Some(allowed[1] as u64)]
-    );
+    // A worker thread exists (and is named) a moment before it pins itself: wait for the pin.
+    let expected = [allowed[0].to_string(), allowed[1].to_string()];
+    let reported = [Some(allowed[0] as u64), Some(allowed[1] as u64)];
+    wait_for("both workers pinned", Duration::from_secs(10), || {
+        (server.worker_affinities(2) == expected && server.pinned_cpus() == reported).then_some(())
+    });
 }
 
 #[test]
@@ -263,7 +264,7 @@ fn workers_float_with_pinning_off() {
         return;
     }
     let server = server("workers = 2\npin_workers = false", &[]);
-    assert_eq!(server.worker_affinities(), [all_cpus(), all_cpus()]);
+    assert_eq!(server.worker_affinities(2), [all_cpus(), all_cpus()]);
     assert_eq!(server.pinned_cpus(), [None, None]);
 }
 
@@ -273,7 +274,7 @@ fn a_daemon_confined_to_one_cpu_pins_nothing() {
         return;
     }
     let server = server(TWO_PINNED, &["taskset", "-c", "1"]);
-    assert_eq!(server.worker_affinities(), ["1", "1"]);
+    assert_eq!(server.worker_affinities(2), ["1", "1"]);
     assert_eq!(server.pinned_cpus(), [None, None]);
 }
 
@@ -283,6 +284,6 @@ fn fewer_workers_than_cpus_are_not_pinned() {
         return;
     }
     let server = server("workers = 1\npin_workers = true", &[]);
-    assert_eq!(server.worker_affinities(), [all_cpus()]);
+    assert_eq!(server.worker_affinities(1), [all_cpus()]);
     assert_eq!(server.pinned_cpus(), [None]);
 }
