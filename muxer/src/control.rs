@@ -109,6 +109,9 @@ pub struct StatsReport {
     pub redirect: RedirectReport,
     /// Kernel counters while the redirect is attached.
     pub kernel: Option<KernelCounters>,
+    /// Log lines dropped because the log writer fell behind (never blocking a connection).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 /// What the control socket serves from.
@@ -181,6 +184,7 @@ impl ControlState {
                 .unwrap_or_else(|poison| poison.into_inner())
                 .clone(),
             kernel,
+            log_lines_dropped: crate::logging::lines_dropped(),
         }
     }
 }

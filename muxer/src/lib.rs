@@ -19,6 +19,7 @@ pub mod internal_ports;
 pub mod limits;
 pub mod listener;
 pub mod log_limit;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod policy_routing;

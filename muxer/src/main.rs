@@ -3,8 +3,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use muxer::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use muxer::config::Config;
 
 // mimalloc: measured lower memory per idle connection than glibc's allocator (docs/benchmarks.md).
 #[global_allocator]
@@ -203,7 +202,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            init_logging(config.log_format);
+            // Held to the end of `main`: dropping it writes the lines still queued.
+            let _log_writer = muxer::logging::init(config.log_format);
             // Connections are served by the worker threads' own runtimes (see `workers`); this
             // one runs signals, reloads, the control socket and metrics.
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -249,19 +249,5 @@ async fn stats(
         }
         previous = Some(report);
         tokio::time::sleep(interval).await;
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Human => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            builder.with_ansi(ansi).init();
-        }
     }
 }

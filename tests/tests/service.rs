@@ -567,3 +567,67 @@ fn reloading_redirect_ports_never_leaves_port_22_unredirected() {
     let stats = muxer.stats();
     assert_eq!(stats["redirect"]["ports"], serde_json::json!([2022]));
 }
+
+#[test]
+fn a_log_reader_that_stops_reading_never_stalls_requests() {
+    if !netns_available("a_log_reader_that_stops_reading_never_stalls_requests") {
+        return;
+    }
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("muxer.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "{}\n[control]\nsocket = \"{}\"\n",
+            config("off", DEFAULT_ROUTE, ""),
+            dir.path().join("muxer.sock").display()
+        ),
+    )
+    .unwrap();
+    // stderr is a pipe nobody reads (like a stuck journald): its 64 KiB fill up after a few
+    // hundred access lines, and a logger writing from the connection's task would stop there.
+    let mut child = server
+        .link
+        .server
+        .command(&binary().display().to_string())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take();
+    wait_for("muxer to listen", Duration::from_secs(10), || {
+        server
+            .link
+            .client
+            .enter(|| TcpStream::connect((SERVER_V4, 2222)).ok())
+            .map(drop)
+    });
+    // 3000 requests on one keep-alive connection: about 600 KiB of access lines.
+    let url = format!("http://{SERVER_V4}:2222/v1/models?n=[1-3000]");
+    // curl's --max-time bounds each transfer; `timeout` bounds all of them.
+    let codes = server.link.client.run_ok(
+        "timeout",
+        &[
+            "60",
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &url,
+        ],
+    );
+    assert_eq!(
+        codes.lines().filter(|code| *code == "200").count(),
+        3000,
+        "requests stalled or failed: {}",
+        codes.lines().rev().take(3).collect::<Vec<_>>().join(",")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -62,10 +62,11 @@ enum Contender {
     MuxerXdp,
     MuxerSkLookup,
     MuxerIptables,
+    MuxerInfoLog,
 }
 
 impl Contender {
-    const ALL: [Contender; 11] = [
+    const ALL: [Contender; 12] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
@@ -77,6 +78,7 @@ impl Contender {
         Contender::MuxerXdp,
         Contender::MuxerSkLookup,
         Contender::MuxerIptables,
+        Contender::MuxerInfoLog,
     ];
 
     /// Name for `--only`.
@@ -93,6 +95,7 @@ impl Contender {
             Contender::MuxerXdp => "muxer-xdp",
             Contender::MuxerSkLookup => "muxer-sk-lookup",
             Contender::MuxerIptables => "muxer-iptables",
+            Contender::MuxerInfoLog => "muxer-info-log",
         }
     }
 
@@ -109,6 +112,7 @@ impl Contender {
             Contender::MuxerXdp => "muxer (XDP redirect)",
             Contender::MuxerSkLookup => "muxer (sk_lookup steering)",
             Contender::MuxerIptables => "muxer off + iptables",
+            Contender::MuxerInfoLog => "muxer (TC, default log level: access lines)",
         }
     }
 
@@ -490,7 +494,14 @@ fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
     )
 }
 
-fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16, method: &str) -> Running {
+/// muxer in `mode`; `log` is its `RUST_LOG` unless `MUXER_BENCH_LOG` says otherwise.
+fn muxer(
+    link: &Link,
+    dir: &Path,
+    (mode, method): (&str, &str),
+    fallback_port: u16,
+    log: &str,
+) -> Running {
     let config = dir.join("muxer.toml");
     let socket = dir.join("muxer.sock");
     std::fs::write(
@@ -508,10 +519,11 @@ fn muxer(link: &Link, dir: &Path, mode: &str, fallback_port: u16, method: &str) 
     command
         .args(["run", "--config"])
         .arg(&config)
-        // Access logs off, as in the other contenders; MUXER_BENCH_LOG overrides, for debugging.
+        // Access logs off, as in the other contenders, except for the contender that measures
+        // them; MUXER_BENCH_LOG overrides, for debugging.
         .env(
             "RUST_LOG",
-            std::env::var("MUXER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("MUXER_BENCH_LOG").unwrap_or_else(|_| log.into()),
         );
     let mut process = Running::spawn("muxer", command, dir.join("muxer.log"));
     wait_for("muxer", Duration::from_secs(10), || {
@@ -568,13 +580,24 @@ fn start(
             wait_port(&link.server, MUX_PORT);
             vec![process]
         }
-        Contender::MuxerTc => vec![muxer(link, dir, "tc", fallback_port, "copy")],
-        Contender::MuxerTcSplice => vec![muxer(link, dir, "tc", fallback_port, "splice")],
-        Contender::MuxerXdp => vec![muxer(link, dir, "xdp", fallback_port, "copy")],
-        Contender::MuxerSkLookup => vec![muxer(link, dir, "sk_lookup", fallback_port, "copy")],
+        Contender::MuxerTc => vec![muxer(link, dir, ("tc", "copy"), fallback_port, "warn")],
+        Contender::MuxerTcSplice => {
+            vec![muxer(link, dir, ("tc", "splice"), fallback_port, "warn")]
+        }
+        Contender::MuxerXdp => vec![muxer(link, dir, ("xdp", "copy"), fallback_port, "warn")],
+        Contender::MuxerSkLookup => {
+            vec![muxer(
+                link,
+                dir,
+                ("sk_lookup", "copy"),
+                fallback_port,
+                "warn",
+            )]
+        }
+        Contender::MuxerInfoLog => vec![muxer(link, dir, ("tc", "copy"), fallback_port, "info")],
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
-            vec![muxer(link, dir, "off", fallback_port, "copy")]
+            vec![muxer(link, dir, ("off", "copy"), fallback_port, "warn")]
         }
     }
 }
@@ -1121,6 +1144,17 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         "XDP ÷ TC",
         &[Figure::BulkGbits, Figure::NewConnRps, Figure::KeepAliveRps],
         Contender::MuxerXdp,
+        Contender::MuxerTc,
+    );
+    comparison(
+        "default log level (one access line per request) vs warn, same muxer",
+        "info ÷ warn",
+        &[
+            Figure::KeepAliveRps,
+            Figure::NewConnRps,
+            Figure::KeepAliveP99,
+        ],
+        Contender::MuxerInfoLog,
         Contender::MuxerTc,
     );
     comparison(
