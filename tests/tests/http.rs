@@ -1120,3 +1120,82 @@ fn parameters_cannot_hide_dot_segments_and_overlong_utf8_is_refused() {
         assert!(body.contains("overlong UTF-8"), "{body}");
     }
 }
+
+/// Sends `request` (one or more requests, exactly as given) on a fresh connection and returns
+/// every byte muxer answers until it closes the connection (or 5 s pass).
+fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    let mut stream = server.raw_connection();
+    stream.write_all(request).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn every_smuggling_and_routing_bypass_request_gets_its_documented_answer() {
+    if !netns_available("every_smuggling_and_routing_bypass_request_gets_its_documented_answer") {
+        return;
+    }
+    let server = server();
+    let cases: &[(&str, &[u8])] = &[
+        ("absolute-form vs Host", b"GET http://gpu/raw/a HTTP/1.1\r\nHost: x.example.com\r\nConnection: close\r\n\r\n"),
+        ("duplicate Host", b"GET /raw/b HTTP/1.1\r\nHost: gpu\r\nHost: x.example.com\r\nConnection: close\r\n\r\n"),
+        ("h2c upgrade", b"GET /raw/c HTTP/1.1\r\nHost: gpu\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"),
+        ("..;", b"GET /embedding-model/..;/raw/d HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n"),
+        ("overlong UTF-8", b"GET /raw/%C0%AE%C0%AE/e HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n"),
+        ("CL+TE", b"POST /raw/f HTTP/1.1\r\nHost: gpu\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /raw/smuggled HTTP/1.1\r\nHost: gpu\r\nConnection: close\r\n\r\n"),
+        ("duplicate CL", b"POST /raw/g HTTP/1.1\r\nHost: gpu\r\nContent-Length: 5\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello!"),
+        ("obs-fold", b"GET /raw/h HTTP/1.1\r\nHost: gpu\r\nX-Folded: a\r\n b\r\nConnection: close\r\n\r\n"),
+    ];
+    // What each must get (docs/http.md, "Requests that try to confuse routing"): a 400 from muxer
+    // itself, or one response whose upstream head (echoed by the /raw/ backend) is unambiguous.
+    let answers: Vec<String> = cases
+        .iter()
+        .map(|(_, request)| raw_exchange(&server, request))
+        .collect();
+    let answer = |name: &str| -> String {
+        let index = cases.iter().position(|(n, _)| *n == name).unwrap();
+        answers[index].to_ascii_lowercase()
+    };
+    let refused = |name: &str, reason: &str| {
+        let answer = answer(name);
+        assert!(answer.starts_with("http/1.1 400"), "{name}: {answer}");
+        assert!(answer.contains(reason), "{name}: {answer}");
+        assert_eq!(answer.matches("http/1.1 ").count(), 1, "{name}: {answer}");
+    };
+    // Exactly one response, from the upstream, whose echoed request line and headers are `head`.
+    let forwarded = |name: &str| -> String {
+        let answer = answer(name);
+        assert!(answer.starts_with("http/1.1 200"), "{name}: {answer}");
+        assert_eq!(answer.matches("http/1.1 ").count(), 1, "{name}: {answer}");
+        answer.split_once("\r\n\r\n").unwrap().1.to_owned()
+    };
+
+    let head = forwarded("absolute-form vs Host");
+    assert!(head.starts_with("get /raw/a http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nhost: gpu\r\n"),
+        "routed and sent as gpu: {head}"
+    );
+    assert!(!head.contains("x.example.com"), "{head}");
+    refused("duplicate Host", "more than one host header");
+    let head = forwarded("h2c upgrade");
+    assert!(
+        !head.contains("upgrade") && !head.contains("http2-settings"),
+        "{head}"
+    );
+    let head = forwarded("..;");
+    assert!(head.starts_with("get /raw/d http/1.1\r\n"), "{head}");
+    refused("overlong UTF-8", "overlong utf-8");
+    // Transfer-Encoding wins, Content-Length is dropped, and the connection closes after the
+    // response: the bytes after the chunked body are never served as a request.
+    let head = forwarded("CL+TE");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(!answer("CL+TE").contains("smuggled"));
+    refused("duplicate CL", "");
+    refused("obs-fold", "");
+}
