@@ -185,7 +185,10 @@ fn pass(reason: Counter) -> Verdict {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "always inlined: the arguments are the rewrite's parts, not a call's cost"
+)]
 fn rewrite<P: Packet>(
     packet: &mut P,
     segment: &Tcp,
@@ -302,7 +305,7 @@ impl Packet for XdpPacket {
 
 /// Ingress classifier: public port → internal port.
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+fn tc_ingress(ctx: TcContext) -> i32 {
     match ingress(&mut TcPacket(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
@@ -311,7 +314,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 
 /// Egress classifier: internal port → public port.
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
+fn tc_egress(ctx: TcContext) -> i32 {
     match egress(&mut TcPacket(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
@@ -320,7 +323,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 /// XDP ingress: the same redirect as `tc_ingress`, earlier in the receive path.
 #[xdp]
-pub fn xdp_ingress(ctx: XdpContext) -> u32 {
+fn xdp_ingress(ctx: XdpContext) -> u32 {
     match ingress(&mut XdpPacket(ctx)) {
         Verdict::Pass => XDP_PASS,
         Verdict::Drop => XDP_DROP,
@@ -340,7 +343,7 @@ const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
 /// goes on as usual: loopback addresses keep local clients, and muxer's own connections to sshd,
 /// on sshd; without a listening socket in `LISTENERS` the connection reaches the original service.
 #[sk_lookup]
-pub fn sk_lookup_steer(ctx: SkLookupContext) -> u32 {
+fn sk_lookup_steer(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands the program a valid context for the duration of the call.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP {

@@ -14,16 +14,16 @@ const IPV6_HEADER_LEN: usize = 40;
 /// Extension headers skipped before giving up on an IPv6 packet.
 const MAX_IPV6_EXTENSIONS: usize = 8;
 /// Offset of the checksum in the TCP header.
-pub const TCP_CHECKSUM: usize = 16;
+pub(crate) const TCP_CHECKSUM: usize = 16;
 /// Offset of the source port in the TCP header.
-pub const TCP_SOURCE_PORT: usize = 0;
+pub(crate) const TCP_SOURCE_PORT: usize = 0;
 /// Offset of the destination port in the TCP header.
-pub const TCP_DEST_PORT: usize = 2;
+pub(crate) const TCP_DEST_PORT: usize = 2;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// Access to one packet, implemented by the TC and XDP contexts.
-pub trait Packet: aya_ebpf::EbpfContext {
+pub(crate) trait Packet: aya_ebpf::EbpfContext {
     /// Reads a `T` at `offset` from the start of the Ethernet header.
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
     /// Total packet length in bytes.
@@ -34,7 +34,7 @@ pub trait Packet: aya_ebpf::EbpfContext {
 }
 
 /// A TCP segment's addressing, as found in its headers.
-pub struct Tcp {
+pub(crate) struct Tcp {
     /// Offset of the TCP header.
     pub l4: usize,
     /// 4 or 6.
@@ -53,13 +53,13 @@ pub struct Tcp {
 
 impl Tcp {
     /// A connection-opening SYN (not a SYN-ACK).
-    pub fn is_syn(&self) -> bool {
+    pub(crate) fn is_syn(&self) -> bool {
         self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 
 /// What the headers say.
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// A TCP segment, not fragmented.
     Tcp(Tcp),
     /// Not IPv4/IPv6 TCP.
@@ -72,7 +72,7 @@ pub enum Parsed {
 
 /// Parses Ethernet → IPv4 (options included) / IPv6 (extension headers included) → TCP.
 #[inline(always)]
-pub fn parse<P: Packet>(packet: &P) -> Parsed {
+pub(crate) fn parse<P: Packet>(packet: &P) -> Parsed {
     let Some(ethertype) = packet.load::<u16>(12) else {
         return Parsed::Malformed;
     };
@@ -214,7 +214,7 @@ const TCP_LISTEN: u32 = 10;
 
 /// What the kernel's socket table holds for a segment's tuple on some local port.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Socket {
+pub(crate) enum Socket {
     /// A connection of exactly that tuple: a handshake in progress, established, or closing
     /// (TIME_WAIT included).
     Connection,
@@ -232,7 +232,7 @@ pub enum Socket {
 /// previous connection, which `bpf_sk_lookup_tcp` reports as no socket at all, and the new
 /// connection would wrongly go to the original service.
 #[inline(always)]
-pub fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool {
+pub(crate) fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool {
     let socket = with_tuple(segment, 0, port, |tuple, size| {
         // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the
         // call.
@@ -250,7 +250,7 @@ pub fn listener_exists<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> bool 
 /// local port. This lookup (`bpf_skc_lookup_tcp`) also sees request and TIME_WAIT sockets, so a
 /// connection is found from its first SYN-ACK to its last ACK.
 #[inline(always)]
-pub fn socket_of<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> Socket {
+pub(crate) fn socket_of<P: Packet>(packet: &P, segment: &Tcp, port: u16) -> Socket {
     let socket = with_tuple(segment, segment.sport, port, |tuple, size| {
         // SAFETY: the context pointer is the program's own; the tuple lives on the stack for the
         // call.
@@ -312,7 +312,7 @@ fn with_tuple<R>(
 /// RFC 1624 incremental checksum update for one 16-bit word changing from `old` to `new`. One's
 /// complement sums do not depend on byte order, so raw network-order values work as they are.
 #[inline(always)]
-pub fn checksum_replace(checksum: u16, old: u16, new: u16) -> u16 {
+pub(crate) fn checksum_replace(checksum: u16, old: u16, new: u16) -> u16 {
     let mut sum = u32::from(!checksum) + u32::from(!old) + u32::from(new);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

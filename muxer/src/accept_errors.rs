@@ -11,10 +11,10 @@ use tracing::{debug, warn};
 use crate::log_limit::LogLimit;
 
 /// How long a loop waits after running out of descriptors with nothing to free.
-pub const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const FD_EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Whether `error` means the process or the system ran out of descriptors or memory.
-pub fn is_fd_exhaustion(error: &io::Error) -> bool {
+pub(crate) fn is_fd_exhaustion(error: &io::Error) -> bool {
     use rustix::io::Errno;
     matches!(error.raw_os_error(), Some(code) if [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
         .iter()
@@ -23,7 +23,7 @@ pub fn is_fd_exhaustion(error: &io::Error) -> bool {
 
 /// Handles a failed accept on the `what` loop: waits [`FD_EXHAUSTION_BACKOFF`] (and warns through
 /// `warning`) when out of descriptors, returns at once otherwise.
-pub async fn back_off(error: &io::Error, what: &'static str, warning: &LogLimit) {
+pub(crate) async fn back_off(error: &io::Error, what: &'static str, warning: &LogLimit) {
     if !is_fd_exhaustion(error) {
         debug!(%error, what, "accept failed");
         return;

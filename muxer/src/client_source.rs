@@ -36,7 +36,7 @@ pub enum Effective {
 /// The source a connection was actually made from, for the log line. Compact: it lives as long
 /// as the spliced connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UsedSource {
+pub(crate) enum UsedSource {
     /// The client's own address and port.
     Transparent,
     /// A per-client loopback address.
@@ -47,7 +47,7 @@ pub enum UsedSource {
 
 impl UsedSource {
     /// What the upstream saw, for a connection from `client`.
-    pub fn describe(self, client: SocketAddr) -> String {
+    pub(crate) fn describe(self, client: SocketAddr) -> String {
         match self {
             UsedSource::Transparent => format!("{client} (transparent)"),
             UsedSource::PerClientLoopback(address) => format!("{address} (per-client-loopback)"),
@@ -58,7 +58,7 @@ impl UsedSource {
 
 /// The loopback upstream that `upstream` (`host:port`) names, if it is one. Names are resolved
 /// (e.g. `localhost:22`); the first loopback address wins.
-pub fn loopback_upstream(upstream: &str) -> Option<SocketAddr> {
+pub(crate) fn loopback_upstream(upstream: &str) -> Option<SocketAddr> {
     use std::net::ToSocketAddrs;
     upstream
         .to_socket_addrs()
@@ -69,7 +69,7 @@ pub fn loopback_upstream(upstream: &str) -> Option<SocketAddr> {
 /// The reply rules a transparent connection to `upstream` needs: one per family, since an IPv6
 /// client reaches the upstream's port on `::1` and an IPv4 client on `127.0.0.1` (or the
 /// configured loopback address of that family).
-pub fn reply_rules(upstream: SocketAddr) -> [ReplyRule; 2] {
+pub(crate) fn reply_rules(upstream: SocketAddr) -> [ReplyRule; 2] {
     let (v4, v6) = match upstream.ip() {
         IpAddr::V4(v4) => (v4, Ipv6Addr::LOCALHOST),
         IpAddr::V6(v6) => (Ipv4Addr::LOCALHOST, v6),
@@ -135,7 +135,7 @@ impl Sources {
 
 /// The mode a config asks for, given the upstream's loopback address (none: another host) and
 /// whether the reply rule could be installed.
-pub fn effective(
+pub(crate) fn effective(
     requested: SourceMode,
     local_upstream: Option<SocketAddr>,
     rule_installed: bool,
@@ -151,7 +151,7 @@ pub fn effective(
 
 /// Owns the reply rules in force and decides, per configuration, each backend's mode.
 #[derive(Debug, Default)]
-pub struct Planner {
+pub(crate) struct Planner {
     routing: Option<ReplyRouting>,
     sources: Option<Sources>,
 }
@@ -160,7 +160,7 @@ impl Planner {
     /// Installs the reply rules `config` needs (or keeps those in force) and returns the modes
     /// connections use. Without CAP_NET_ADMIN, says once why sshd sees per-client loopback
     /// addresses instead of real ones.
-    pub fn apply(&mut self, config: &Config) -> Sources {
+    pub(crate) fn apply(&mut self, config: &Config) -> Sources {
         let backends = [
             ("ssh", config.ssh.as_ref()),
             ("fallback", config.fallback.as_ref()),
@@ -227,7 +227,7 @@ impl Planner {
 /// connected from muxer's own address. A transparent or per-client connect that cannot be made
 /// (the client's address is in use here, the upstream does not listen on that family's loopback
 /// address) falls back to the next simpler mode.
-pub async fn connect(
+pub(crate) async fn connect(
     upstream: &str,
     client: SocketAddr,
     mode: Effective,

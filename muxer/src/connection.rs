@@ -113,7 +113,7 @@ impl fmt::Display for Closed {
 }
 
 /// Sets the options every forwarded socket gets: no Nagle delay, TCP keepalive.
-pub fn tune_socket<S: std::os::fd::AsFd>(stream: &S, keepalive: Duration) {
+pub(crate) fn tune_socket<S: std::os::fd::AsFd>(stream: &S, keepalive: Duration) {
     let socket = SockRef::from(stream);
     // Failures here only cost latency or dead-peer detection; the connection still works.
     let _ = socket.set_tcp_nodelay(true);
@@ -170,7 +170,7 @@ impl ConnectionLog {
 }
 
 /// Serves one accepted connection to the end and logs one line about it.
-pub async fn serve(
+pub(crate) async fn serve(
     mut client: TcpStream,
     tcp_peer: SocketAddr,
     runtime: Arc<Runtime>,
@@ -263,10 +263,21 @@ pub async fn serve(
         );
         return;
     }
-    dispatch(
-        client, sniffed, label, target, slot, &runtime, &shared, &log,
-    )
-    .await;
+    let serving = Serving {
+        runtime: &runtime,
+        shared: &shared,
+        log: &log,
+    };
+    dispatch(client, sniffed, (label, target), slot, serving).await;
+}
+
+/// What serving one connection needs besides the connection itself.
+#[derive(Clone, Copy)]
+struct Serving<'a> {
+    runtime: &'a Arc<Runtime>,
+    /// The config generation the connection started with.
+    shared: &'a Shared,
+    log: &'a ConnectionLog,
 }
 
 /// Names the sniffed connection for the logs and picks its route.
@@ -325,17 +336,18 @@ fn counters_for(target: Target) -> PickRoute {
 
 /// Hands a sniffed connection to the handler of its route. `slot` is the connection's place
 /// under the connection limits, held until it closes.
-#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     client: TcpStream,
     sniffed: Sniffed,
-    label: &'static str,
-    target: Target,
+    (label, target): (&'static str, Target),
     slot: ConnectionSlot,
-    runtime: &Arc<Runtime>,
-    shared: &Shared,
-    log: &ConnectionLog,
+    serving: Serving<'_>,
 ) {
+    let Serving {
+        runtime,
+        shared,
+        log,
+    } = serving;
     let open = shared.stats.open(counters_for(target));
     let prefix_len = sniffed.prefix.len() as u64;
     let config = &shared.config;
@@ -538,7 +550,7 @@ async fn connect_upstream(
 
 /// Connects to `upstream` within `timeout` (else `TimedOut`) and gives the socket the options
 /// every forwarded socket gets ([`tune_socket`]).
-pub async fn connect_tuned(
+pub(crate) async fn connect_tuned(
     upstream: &str,
     timeout: Duration,
     keepalive: Duration,

@@ -1,7 +1,7 @@
 //! The eBPF object built from `muxer-ebpf` by `build.rs`, embedded so the binary is self-contained.
 
 /// The ELF object holding muxer's TC/XDP programs and maps, aligned for aya's loader.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/muxer"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/muxer"));
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use crate::listener::{self, ListenError};
 const BIND_ATTEMPTS: usize = 16;
 
 /// The internal ports bound so far, and the way to each worker's accept loop.
-pub struct InternalPorts {
+pub(crate) struct InternalPorts {
     /// Public port → internal port.
     ports: BTreeMap<u16, u16>,
     /// The listen addresses (their IPs are the internal listeners' IPs).
@@ -34,7 +34,7 @@ pub struct InternalPorts {
 impl InternalPorts {
     /// Internal ports on `addresses`' IPs for `workers` workers; returns the receiving end of
     /// each worker's channel, in worker order.
-    pub fn new(
+    pub(crate) fn new(
         addresses: &[SocketAddr],
         workers: usize,
         keepalive: Duration,
@@ -51,7 +51,7 @@ impl InternalPorts {
 
     /// Binds an internal port for every port of `public` that has none yet, hands the new
     /// sockets to the workers, and returns public port → internal port for all of them.
-    pub fn ensure(&mut self, public: &[u16]) -> Result<&BTreeMap<u16, u16>, ListenError> {
+    pub(crate) fn ensure(&mut self, public: &[u16]) -> Result<&BTreeMap<u16, u16>, ListenError> {
         for &port in public {
             if self.ports.contains_key(&port) {
                 continue;

@@ -5,31 +5,31 @@
 //! [`sniff`] (probes over the first bytes) → [`connection`] (route decision and dispatch) →
 //! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
 
-pub mod accept_errors;
+pub(crate) mod accept_errors;
 pub mod affinity;
-pub mod client_source;
+pub(crate) mod client_source;
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 pub mod control;
 pub mod daemon;
-pub mod ebpf;
+pub(crate) mod ebpf;
 pub mod http;
 pub mod install;
-pub mod internal_ports;
-pub mod limits;
-pub mod listener;
-pub mod log_limit;
+pub(crate) mod internal_ports;
+pub(crate) mod limits;
+pub(crate) mod listener;
+pub(crate) mod log_limit;
 pub mod logging;
-pub mod memory;
+pub(crate) mod memory;
 pub mod metrics;
-pub mod policy_routing;
+pub(crate) mod policy_routing;
 pub mod proxy_protocol;
 pub mod redirect;
-pub mod runtime;
+pub(crate) mod runtime;
 pub mod sniff;
-pub mod splice;
-pub mod stats;
+pub(crate) mod splice;
+pub(crate) mod stats;
 pub mod stats_view;
 pub mod steering;
-pub mod tls_router;
-pub mod workers;
+pub(crate) mod tls_router;
+pub(crate) mod workers;

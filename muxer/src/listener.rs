@@ -51,7 +51,7 @@ pub struct ListenError {
 /// would otherwise let two daemons silently share it) fails as it would without sharing.
 ///
 /// The sockets get TCP_NODELAY and `keepalive`, which accepted connections inherit.
-pub fn bind_group(
+pub(crate) fn bind_group(
     address: SocketAddr,
     count: usize,
     keepalive: Duration,
@@ -152,7 +152,7 @@ fn accept(listener: &StdTcpListener) -> io::Result<(std::net::TcpStream, SocketA
 /// loaded worker when it is far ahead (see [`crate::steering`]); `handoffs` brings the connections
 /// other workers hand to this one. Sockets arriving through `adopt` (internal ports bound later)
 /// are accepted from too.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listeners: Vec<StdTcpListener>,
     mut adopt: UnboundedReceiver<StdTcpListener>,
     runtime: Arc<Runtime>,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// One kind of warning's limiter; meant to live in a `static`.
 #[derive(Debug)]
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     interval: Duration,
     /// Milliseconds since the process's reference instant (offset by `interval`) of the last line.
     last: AtomicU64,
@@ -17,7 +17,7 @@ pub struct LogLimit {
 
 impl LogLimit {
     /// At most one line per `interval`.
-    pub const fn per(interval: Duration) -> LogLimit {
+    pub(crate) const fn per(interval: Duration) -> LogLimit {
         LogLimit {
             interval,
             last: AtomicU64::new(0),
@@ -27,7 +27,7 @@ impl LogLimit {
 
     /// `Some(suppressed)` when a line may be written now (`suppressed`: lines dropped since the
     /// last one), `None` when this one is to be dropped (and counted).
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         static START: OnceLock<Instant> = OnceLock::new();
         let interval = self.interval.as_millis() as u64;
         // Offset by the interval so that the first line always passes.

@@ -6,7 +6,7 @@
 
 /// Returns the memory this thread's heap has freed to the kernel. Harmless under another global
 /// allocator (tests): mimalloc's own heap is then empty.
-pub fn release_freed() {
+pub(crate) fn release_freed() {
     // SAFETY: mi_collect takes no pointers; it only walks the calling thread's heap.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }

@@ -26,13 +26,13 @@ use netlink_packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// The routing table holding the `local` default routes.
-pub const ROUTE_TABLE: u32 = 1022;
+pub(crate) const ROUTE_TABLE: u32 = 1022;
 /// The rules' priority: before the main table (32766), after the local table (0).
-pub const RULE_PRIORITY: u32 = 1022;
+pub(crate) const RULE_PRIORITY: u32 = 1022;
 
 /// One upstream whose replies must come back: its loopback address and TCP port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ReplyRule {
+pub(crate) struct ReplyRule {
     /// The upstream's (loopback) address.
     pub from: IpAddr,
     /// The upstream's port.
@@ -42,7 +42,7 @@ pub struct ReplyRule {
 /// Installed rules and routes, removed when dropped (a clean exit); a crash leaves them, which is
 /// harmless (module docs) and repaired by the next start.
 #[derive(Debug)]
-pub struct ReplyRouting {
+pub(crate) struct ReplyRouting {
     rules: Vec<ReplyRule>,
     families: Vec<AddressFamily>,
 }
@@ -51,7 +51,7 @@ impl ReplyRouting {
     /// Installs a rule for each of `rules` and the `local` default route of each family they use.
     /// Entries that already exist (left by a crash) are kept. Fails with `PermissionDenied`
     /// without CAP_NET_ADMIN, having installed nothing.
-    pub fn install(rules: &[ReplyRule]) -> io::Result<ReplyRouting> {
+    pub(crate) fn install(rules: &[ReplyRule]) -> io::Result<ReplyRouting> {
         let mut installed = ReplyRouting {
             rules: Vec::new(),
             families: Vec::new(),
@@ -70,7 +70,7 @@ impl ReplyRouting {
     }
 
     /// The rules in force.
-    pub fn rules(&self) -> &[ReplyRule] {
+    pub(crate) fn rules(&self) -> &[ReplyRule] {
         &self.rules
     }
 }

@@ -31,7 +31,7 @@ pub enum Method {
 
 /// Why a spliced connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// Both sides finished sending (FIN both ways).
     Finished,
     /// Reading from or writing to the client failed.
@@ -44,7 +44,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Short label for the per-connection log line.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             CloseReason::Finished => "finished".into(),
             CloseReason::ClientError(kind) => format!("client error: {kind}"),
@@ -56,7 +56,7 @@ impl CloseReason {
 
 /// What a finished splice moved.
 #[derive(Clone, Copy, Debug)]
-pub struct SpliceReport {
+pub(crate) struct SpliceReport {
     /// Bytes from the client to the backend.
     pub client_to_upstream: u64,
     /// Bytes from the backend to the client.
@@ -78,7 +78,7 @@ enum Side {
 /// A plain function returning a concrete future, not an `async fn`: every spliced connection's
 /// task carries this future for its whole life, and an `async fn` would add room for its
 /// arguments beside the state they move into.
-pub fn splice(
+pub(crate) fn splice(
     client: TcpStream,
     upstream: TcpStream,
     idle_timeout: Duration,
@@ -98,7 +98,7 @@ pub fn splice(
 pin_project_lite::pin_project! {
     /// The future [`splice`] returns.
     #[project = SpliceProjection]
-    pub enum Splice {
+    pub(crate) enum Splice {
         /// read/write through pooled buffers.
         Copy {
             #[pin]
@@ -280,9 +280,9 @@ mod pipes {
     const KEEP: usize = 16;
 
     /// Both ends of an (empty) pipe.
-    pub struct Pipe {
-        pub read: OwnedFd,
-        pub write: OwnedFd,
+    pub(crate) struct Pipe {
+        pub(crate) read: OwnedFd,
+        pub(crate) write: OwnedFd,
     }
 
     thread_local! {
@@ -290,7 +290,7 @@ mod pipes {
     }
 
     /// An empty pipe.
-    pub fn take() -> std::io::Result<Pipe> {
+    pub(crate) fn take() -> std::io::Result<Pipe> {
         if let Some(pipe) = FREE.with(|free| free.borrow_mut().pop()) {
             return Ok(pipe);
         }
@@ -301,7 +301,7 @@ mod pipes {
     }
 
     /// Returns a pipe from [`take`]; it must be empty.
-    pub fn give(pipe: Pipe) {
+    pub(crate) fn give(pipe: Pipe) {
         FREE.with(|free| {
             let mut free = free.borrow_mut();
             if free.len() < KEEP {
@@ -391,7 +391,7 @@ pin_project_lite::pin_project! {
     /// [`splice`] with read/write through pooled buffers, as a hand-written future: every open
     /// connection is one of these, so it is kept small (no per-direction futures, no buffer while
     /// idle).
-    pub struct Copying {
+    pub(crate) struct Copying {
         client: TcpStream,
         upstream: TcpStream,
         up: Direction,
@@ -479,13 +479,13 @@ mod pool {
     }
 
     /// A buffer of `super::BUFFER_LEN` bytes.
-    pub fn take() -> Vec<u8> {
+    pub(crate) fn take() -> Vec<u8> {
         FREE.with(|free| free.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; super::BUFFER_LEN])
     }
 
     /// Returns a buffer from [`take`].
-    pub fn give(buf: Vec<u8>) {
+    pub(crate) fn give(buf: Vec<u8>) {
         FREE.with(|free| {
             let mut free = free.borrow_mut();
             if free.len() < KEEP {

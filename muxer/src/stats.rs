@@ -63,7 +63,7 @@ impl RouteCounters {
 }
 
 /// Picks one route's counters out of [`Stats`].
-pub type PickRoute = fn(&Stats) -> &RouteCounters;
+pub(crate) type PickRoute = fn(&Stats) -> &RouteCounters;
 
 impl Stats {
     /// Counts a connection on the route `pick` names as open until the guard drops. The guard

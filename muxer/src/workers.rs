@@ -28,7 +28,7 @@ thread_local! {
 
 /// The index of the worker thread running the caller (0 outside workers): per-worker state,
 /// such as idle upstream connections, is picked by it.
-pub fn current() -> usize {
+pub(crate) fn current() -> usize {
     WORKER_INDEX.with(Cell::get)
 }
 
@@ -54,7 +54,7 @@ pub enum WorkerError {
 }
 
 /// The running workers.
-pub struct Workers {
+pub(crate) struct Workers {
     threads: Vec<JoinHandle<()>>,
     steering: Arc<Steering>,
     stop_accepting: CancellationToken,
@@ -67,7 +67,7 @@ impl Workers {
     /// listen address), serving with `runtime`; with `pin`, each worker's thread is pinned to a
     /// CPU of its own ([`crate::affinity`]). Worker `i` also accepts on the sockets that arrive
     /// through `adopt[i]` later (internal ports).
-    pub fn start(
+    pub(crate) fn start(
         listeners: Vec<Vec<StdTcpListener>>,
         adopt: Vec<UnboundedReceiver<StdTcpListener>>,
         runtime: &Arc<Runtime>,
@@ -149,19 +149,19 @@ impl Workers {
     }
 
     /// The workers' loads and CPU claims.
-    pub fn steering(&self) -> Arc<Steering> {
+    pub(crate) fn steering(&self) -> Arc<Steering> {
         Arc::clone(&self.steering)
     }
 
     /// Closes every listening socket and returns once all are closed; connections already
     /// accepted go on.
-    pub async fn stop_accepting(&self) {
+    pub(crate) async fn stop_accepting(&self) {
         self.stop_accepting.cancel();
         self.accepting.wait().await;
     }
 
     /// Ends every worker, dropping the connections they still serve, and waits for the threads.
-    pub fn exit(self) {
+    pub(crate) fn exit(self) {
         self.stop_accepting.cancel();
         self.exit.cancel();
         for thread in self.threads {

@@ -19,7 +19,7 @@ const BENCH_PACKAGES: &[&str] = &[
 ];
 
 /// Runs the benchmark; `args` go to the benchmark binary (`--quick`, `--out FILE`).
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     setup::run()?;
     setup::debian_packages(BENCH_PACKAGES)?;
     let root = workspace_root();

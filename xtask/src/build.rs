@@ -7,12 +7,12 @@ use anyhow::Result;
 use crate::setup::status;
 
 /// The workspace root (xtask lives one level below it).
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Builds `muxer` with `profile` ("release" or "dev") and returns the binary's path.
-pub fn muxer(profile: &str) -> Result<PathBuf> {
+pub(crate) fn muxer(profile: &str) -> Result<PathBuf> {
     let root = workspace_root();
     status(Command::new("cargo").current_dir(&root).args([
         "build",
@@ -28,7 +28,7 @@ pub fn muxer(profile: &str) -> Result<PathBuf> {
 }
 
 /// Builds the release binary.
-pub fn release() -> Result<PathBuf> {
+pub(crate) fn release() -> Result<PathBuf> {
     crate::setup::run()?;
     muxer("release")
 }

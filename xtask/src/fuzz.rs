@@ -15,7 +15,7 @@ const DEFAULT_SECONDS: u64 = 30;
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Parses `--time SECS` and target names, installs cargo-fuzz if missing, and runs the targets.
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     cargo_fuzz()?;
     let fuzz_dir = build::workspace_root().join("fuzz");
     // The targets as fuzz/Cargo.toml declares them.

@@ -5,7 +5,7 @@ use crate::build;
 use crate::setup::privileged;
 
 /// Runs `muxer run --config muxer.toml ARGS`; an explicit `--config`/`-c` in ARGS wins.
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     let binary = build::release()?;
     let mut command = privileged(&binary.display().to_string());
     command.current_dir(build::workspace_root()).arg("run");

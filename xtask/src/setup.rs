@@ -10,7 +10,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
 /// Debian packages the tests run for real.
-pub const TEST_PACKAGES: &[&str] = &[
+pub(crate) const TEST_PACKAGES: &[&str] = &[
     "openssh-server",
     "openssh-client",
     "curl",
@@ -28,7 +28,7 @@ pub const TEST_PACKAGES: &[&str] = &[
 ];
 
 /// Installs everything building and testing need.
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages(TEST_PACKAGES)?;
@@ -36,7 +36,7 @@ pub fn run() -> Result<()> {
 }
 
 /// Runs `command`, failing with its name when it does not succeed.
-pub fn status(command: &mut Command) -> Result<()> {
+pub(crate) fn status(command: &mut Command) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("cannot run {command:?}"))?;
@@ -135,12 +135,12 @@ fn link(target: &std::path::Path, at: &std::path::Path) -> Result<()> {
 }
 
 /// Whether the effective user is root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
 /// Prefixes `sudo` unless already root.
-pub fn privileged(program: &str) -> Command {
+pub(crate) fn privileged(program: &str) -> Command {
     if is_root() {
         Command::new(program)
     } else {
@@ -151,7 +151,7 @@ pub fn privileged(program: &str) -> Command {
 }
 
 /// Installs the Debian packages among `packages` that are not installed yet.
-pub fn debian_packages(packages: &[&str]) -> Result<()> {
+pub(crate) fn debian_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

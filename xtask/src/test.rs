@@ -8,7 +8,7 @@ use crate::setup::{self, status};
 
 /// Sets up, builds the debug binary the integration tests start, and runs the whole suite. As
 /// root (and always in CI) the namespace tests must run rather than skip.
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     setup::run()?;
     let binary = build::muxer("dev")?;
     let mut command = Command::new("cargo");

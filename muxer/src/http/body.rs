@@ -15,7 +15,7 @@ use super::upstream::BoxError;
 /// No frame arrived for the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("no body data for {0:?}")]
-pub struct BodyIdleTimeout(pub Duration);
+pub(crate) struct BodyIdleTimeout(pub Duration);
 
 pin_project_lite::pin_project! {
     /// Fails with [`BodyIdleTimeout`] when `inner` yields no frame for `idle`.
@@ -34,7 +34,7 @@ pin_project_lite::pin_project! {
 
 impl<B> IdleTimeout<B> {
     /// Wraps `inner`.
-    pub fn new(inner: B, idle: Duration) -> Self {
+    pub(crate) fn new(inner: B, idle: Duration) -> Self {
         IdleTimeout {
             inner,
             idle,
@@ -86,7 +86,7 @@ where
 /// A request body arrived slower than the minimum rate.
 #[derive(Debug, thiserror::Error)]
 #[error("request body slower than {rate} bytes/s after a {grace:?} grace")]
-pub struct BodyTooSlow {
+pub(crate) struct BodyTooSlow {
     /// The minimum rate, bytes per second.
     pub rate: u64,
     /// The waiting time allowed on top of it.
@@ -113,7 +113,7 @@ pin_project_lite::pin_project! {
 
 impl<B, F: FnOnce()> MinRate<B, F> {
     /// Wraps `inner`; `rate` 0 turns the check off. `on_timeout` runs when it fires.
-    pub fn new(inner: B, rate: u64, grace: Duration, on_timeout: F) -> Self {
+    pub(crate) fn new(inner: B, rate: u64, grace: Duration, on_timeout: F) -> Self {
         MinRate {
             inner,
             rate,
@@ -189,7 +189,7 @@ use std::future::Future as _;
 
 /// How a body ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BodyEnd {
+pub(crate) enum BodyEnd {
     /// Every frame was delivered.
     Complete,
     /// The body failed (upstream error, timeout, limit).
@@ -200,7 +200,7 @@ pub enum BodyEnd {
 
 impl BodyEnd {
     /// Label for logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BodyEnd::Complete => "complete",
             BodyEnd::Failed => "failed",
@@ -230,7 +230,7 @@ pin_project_lite::pin_project! {
 impl<B, F: FnOnce(BodyEnd)> Observed<B, F> {
     /// Wraps `inner`; `on_end` runs at the end of the stream, on error, or on drop. A body that is
     /// already at its end reports at once.
-    pub fn new(inner: B, counter: Arc<AtomicU64>, on_end: F) -> Self
+    pub(crate) fn new(inner: B, counter: Arc<AtomicU64>, on_end: F) -> Self
     where
         B: Body,
     {

@@ -40,13 +40,13 @@ fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Drops what an `h2c` upgrade request carries (`HTTP2-Settings`): muxer serves it as HTTP/1.1.
-pub fn drop_h2c_upgrade(headers: &mut HeaderMap) {
+pub(crate) fn drop_h2c_upgrade(headers: &mut HeaderMap) {
     headers.remove(HTTP2_SETTINGS);
 }
 
 /// Whether an upstream's 101 answers the upgrade the client asked for: the same protocol, and for
 /// WebSocket the handshake's `Sec-WebSocket-Accept`. Anything else must not become a raw tunnel.
-pub fn upgrade_accepted(requested: &HeaderValue, response: &HeaderMap) -> bool {
+pub(crate) fn upgrade_accepted(requested: &HeaderValue, response: &HeaderMap) -> bool {
     let same = response
         .get(UPGRADE)
         .and_then(|value| value.to_str().ok())
@@ -59,7 +59,7 @@ pub fn upgrade_accepted(requested: &HeaderValue, response: &HeaderMap) -> bool {
 }
 
 /// Whether the request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
-pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = connection_options(headers).any(|option| option.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(UPGRADE).cloned()).flatten()
 }
@@ -67,7 +67,7 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Whether a request is its client's last on the connection, which is then closed once it is
 /// answered (RFC 9112 §9.3): HTTP/1.1 with `Connection: close`, HTTP/1.0 without
 /// `Connection: keep-alive`.
-pub fn last_on_connection(version: Version, headers: &HeaderMap) -> bool {
+pub(crate) fn last_on_connection(version: Version, headers: &HeaderMap) -> bool {
     let (mut close, mut keep_alive) = (false, false);
     for option in connection_options(headers) {
         close |= option.eq_ignore_ascii_case("close");
@@ -81,7 +81,7 @@ pub fn last_on_connection(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// Removes hop-by-hop headers and every header `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, removals only when needed.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
@@ -102,7 +102,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Restores the headers an upgrade needs on its hop, after [`strip_hop_by_hop`].
-pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+pub(crate) fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(UPGRADE, protocol);
 }
@@ -115,7 +115,7 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// From anyone else those headers could be forged, so `X-Forwarded-For` is replaced by the client
 /// alone, and a `Forwarded` or `X-Real-IP` the client sent is replaced by muxer's own value.
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` are set either way.
-pub fn set_forwarded(
+pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     original_host: Option<HeaderValue>,

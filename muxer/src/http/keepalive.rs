@@ -51,11 +51,11 @@ use crate::limits::{ConnectionLimits, Eviction, Timeout};
 const PARK_GRACE: Duration = Duration::from_millis(100);
 
 /// The client socket as a hyper HTTP/1 connection sees it.
-pub type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
+pub(crate) type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
 
 /// What one client connection is doing, shared by its requests and its socket wrapper.
 #[derive(Debug, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     /// Requests whose response (or request body) is not finished.
     in_flight: AtomicUsize,
     /// Requests started on this client connection, ever.
@@ -73,23 +73,23 @@ pub struct Activity {
 
 impl Activity {
     /// Counts one piece of work (a response, a request body) until the returned token drops.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
 
     /// Counts a request as started; see [`Activity::begin`] for its response.
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.started.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests started on this connection, ever.
-    pub fn started(&self) -> usize {
+    pub(crate) fn started(&self) -> usize {
         self.started.load(Ordering::Relaxed)
     }
 
     /// Whether no request is in flight (no response or request body unfinished).
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0
     }
 
@@ -98,12 +98,12 @@ impl Activity {
     /// down right after it). Two segments fewer per connection for the client and muxer to
     /// process: 7 % more new connections per second measured here. Only for responses of known,
     /// small length: TCP_CORK would hold a streamed response's partial segments for up to 200 ms.
-    pub fn cork_last_response(&self) {
+    pub(crate) fn cork_last_response(&self) {
         self.cork_last_response.store(true, Ordering::Relaxed);
     }
 
     /// Marks the connection as one that must not be parked.
-    pub fn forbid_parking(&self) {
+    pub(crate) fn forbid_parking(&self) {
         self.unparkable.store(true, Ordering::Relaxed);
     }
 
@@ -116,7 +116,7 @@ impl Activity {
 
 /// One unfinished piece of a connection's work; see [`Activity::begin`].
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -128,14 +128,14 @@ impl Drop for InFlight {
 /// the connection from ever being parked unless the body was read to its end (hyper then closes
 /// the connection rather than leave unread body bytes in front of the next request).
 #[derive(Debug)]
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     in_flight: InFlight,
     complete: bool,
 }
 
 impl RequestBody {
     /// Watches a request body on `activity`'s connection.
-    pub fn new(activity: &Arc<Activity>) -> Self {
+    pub(crate) fn new(activity: &Arc<Activity>) -> Self {
         RequestBody {
             in_flight: activity.begin(),
             complete: false,
@@ -143,7 +143,7 @@ impl RequestBody {
     }
 
     /// The body was read to its end.
-    pub fn complete(mut self) {
+    pub(crate) fn complete(mut self) {
         self.complete = true;
     }
 }
@@ -158,14 +158,14 @@ impl Drop for RequestBody {
 
 /// A response body that keeps its connection counted busy until hyper drops it (written or
 /// abandoned).
-pub struct Tracked {
+pub(crate) struct Tracked {
     inner: ResponseBody,
     _in_flight: InFlight,
 }
 
 impl Tracked {
     /// `inner`, counted by `in_flight`.
-    pub fn new(inner: ResponseBody, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: ResponseBody, in_flight: InFlight) -> Self {
         Tracked {
             inner,
             _in_flight: in_flight,
@@ -279,7 +279,7 @@ impl<S: AsyncWrite + AsFd> AsyncWrite for Parkable<S> {
 }
 
 /// The client socket of an HTTP/1 connection.
-pub struct Client {
+pub(crate) struct Client {
     /// The socket.
     pub stream: TcpStream,
     /// Its first bytes, already read by the sniffer.
@@ -291,7 +291,7 @@ pub struct Client {
 }
 
 /// What happens to a parked connection.
-pub struct Idle<'a> {
+pub(crate) struct Idle<'a> {
     /// Closed after this long without a next request.
     pub timeout: Duration,
     /// Where it is registered while parked (closable at the descriptor limit) and its timeout
@@ -303,7 +303,7 @@ pub struct Idle<'a> {
 /// between requests, until it closes or `shutdown` fires. A parked connection that stays silent
 /// for the idle timeout is closed, as hyper closes one whose next request does not arrive within
 /// its header read timeout; so is the longest-parked one when the process runs out of descriptors.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     client: Client,
     builder: &http1::Builder,
     mut service: S,
@@ -407,7 +407,10 @@ enum Wake {
 /// hyper's read buffer, which the unread bytes would otherwise still point into, and the
 /// connection's box — is freed here, before the parked wait, not when the caller's loop turns.
 // Takes the box itself, so that its allocation is freed here too.
-#[allow(clippy::boxed_local)]
+#[allow(
+    clippy::boxed_local,
+    reason = "taking the box frees its allocation here, before the parked wait"
+)]
 fn take_apart<S>(
     connection: Box<http1::UpgradeableConnection<ClientIo, S>>,
 ) -> Option<(Vec<u8>, TcpStream, Arc<Traffic>, S)>

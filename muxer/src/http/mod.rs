@@ -5,17 +5,17 @@
 //! (round robin, passive health), [`pool`] (upstream connections,
 //! driven by the client connection's task), [`body`] (streaming adapters).
 
-pub mod body;
-pub mod headers;
-pub mod keepalive;
+pub(crate) mod body;
+pub(crate) mod headers;
+pub(crate) mod keepalive;
 pub mod path;
 pub mod pool;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod router;
-pub mod stream;
+pub(crate) mod stream;
 pub mod target;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod tunnel;
+pub(crate) mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -26,10 +26,10 @@ use crate::limits::{Class, ConnectionSlot, Refusal, Timeout};
 use crate::metrics::HttpMetrics;
 
 /// The body type of responses to clients.
-pub type ResponseBody = UpstreamBody;
+pub(crate) type ResponseBody = UpstreamBody;
 
 /// A short plain-text response.
-pub fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
+pub(crate) fn text(status: StatusCode, message: String) -> Response<ResponseBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(message + "\n"))
             .map_err(|never| match never {})
@@ -177,7 +177,7 @@ async fn exchange(
 }
 
 /// Serves one request from `client`.
-pub async fn handle(
+pub(crate) async fn handle(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
     client: RequestClient,

@@ -33,7 +33,7 @@ impl Traffic {
 /// The client stopped reading: no byte could be written for the write timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("the client took no data for {0:?}")]
-pub struct WriteStalled(pub Duration);
+pub(crate) struct WriteStalled(pub Duration);
 
 pin_project_lite::pin_project! {
     /// Reads `prefix` before `inner`; writes go straight to `inner`, and fail with
@@ -53,7 +53,7 @@ pin_project_lite::pin_project! {
 
 impl<S> Replayed<S> {
     /// `inner` with `prefix` (already read from it) in front.
-    pub fn new(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
         traffic
             .read
             .fetch_add(prefix.len() as u64, Ordering::Relaxed);
@@ -62,7 +62,7 @@ impl<S> Replayed<S> {
 
     /// `inner` with `prefix` in front, where `prefix` was already counted (bytes a previous
     /// reader took from this stream and did not use).
-    pub fn resume(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
+    pub(crate) fn resume(prefix: Vec<u8>, inner: S, traffic: Arc<Traffic>) -> Self {
         Replayed {
             prefix,
             consumed: 0,
@@ -75,18 +75,18 @@ impl<S> Replayed<S> {
     }
 
     /// Fails writes that make no progress for `timeout`.
-    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = Some(timeout);
         self
     }
 
     /// Where this stream's bytes are counted.
-    pub fn traffic(&self) -> &Arc<Traffic> {
+    pub(crate) fn traffic(&self) -> &Arc<Traffic> {
         &self.traffic
     }
 
     /// The prefix bytes not read yet, and the stream.
-    pub fn into_parts(mut self) -> (Vec<u8>, S) {
+    pub(crate) fn into_parts(mut self) -> (Vec<u8>, S) {
         let rest = self.prefix.split_off(self.consumed);
         (rest, self.inner)
     }

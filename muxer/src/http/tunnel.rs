@@ -140,7 +140,7 @@ fn log(client: SocketAddr, name: &str, upstream: &str, status: StatusCode, start
 
 /// Answers a `CONNECT` request from `client`. An open tunnel keeps the client connection's slot
 /// (as a tunnel) and closes when silent both ways for `http.tunnel_idle_timeout`.
-pub async fn connect(
+pub(crate) async fn connect(
     mut request: Request<Incoming>,
     context: Arc<HttpContext>,
     requester: RequestClient,
@@ -263,7 +263,7 @@ pub async fn connect(
 
 /// How a [`join`] ended.
 #[derive(Debug)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// Bytes from the client to the upstream.
     pub client_to_upstream: u64,
     /// Bytes from the upstream to the client.
@@ -276,7 +276,7 @@ pub struct Joined {
 
 impl Joined {
     /// For the log line.
-    pub fn end(&self) -> String {
+    pub(crate) fn end(&self) -> String {
         match (self.idle_timeout, self.error) {
             (true, _) => "idle timeout".into(),
             (false, Some(kind)) => format!("error: {kind}"),
@@ -288,7 +288,7 @@ impl Joined {
 /// Copies both ways between `client` and `upstream` until both finish, one fails, or no byte
 /// moves either way for `idle` (a download with a silent uplink is not idle; a peer that stops
 /// reading stops the bytes, so it is).
-pub async fn join<A, B>(client: &mut A, upstream: &mut B, idle: Duration) -> Joined
+pub(crate) async fn join<A, B>(client: &mut A, upstream: &mut B, idle: Duration) -> Joined
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

@@ -11,9 +11,9 @@ use super::pool::{Pool, PoolSettings};
 use crate::config::Upstream;
 
 /// Errors carried by bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of requests sent upstream.
-pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 fn millis_since_start() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();

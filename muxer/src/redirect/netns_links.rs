@@ -101,7 +101,7 @@ fn detach_link(id: u32) -> std::io::Result<()> {
 
 /// Finds the sk_lookup programs on `netns` before muxer attaches its program `name`, detaches the
 /// links of earlier muxers' (when permitted) and reports the rest.
-pub fn remove_stale(netns: BorrowedFd<'_>, name: &str) {
+pub(crate) fn remove_stale(netns: BorrowedFd<'_>, name: &str) {
     let programs = match attached_programs(netns) {
         Ok(programs) if programs.is_empty() => return,
         Ok(programs) => programs,

@@ -19,7 +19,7 @@ fn io_error<'a>(
 
 /// Makes sure `pin_dir`'s parent is a bpffs mount (mounting one if needed), creates `pin_dir`,
 /// and removes pins an earlier muxer left behind (a SIGKILLed daemon cannot clean up).
-pub fn prepare(pin_dir: &Path) -> Result<(), RedirectError> {
+pub(crate) fn prepare(pin_dir: &Path) -> Result<(), RedirectError> {
     let mount_point = pin_dir.parent().unwrap_or(Path::new("/"));
     let is_bpffs = rustix::fs::statfs(mount_point)
         .is_ok_and(|fs| u64::try_from(fs.f_type).ok() == Some(BPF_FS_MAGIC));

@@ -3,7 +3,7 @@
 use super::{ClientHelloInfo, Detected, HttpVersion};
 
 /// Openings that probes must never recognise.
-pub const JUNK: &[&[u8]] = &[
+pub(crate) const JUNK: &[&[u8]] = &[
     b"\x00\x00\x00\x00",
     b"hello world\r\n",
     b"\xff\xfd\x18",
@@ -15,7 +15,12 @@ pub const JUNK: &[&[u8]] = &[
 
 /// Builds a TLS 1.3-style ClientHello with optional SNI, ALPN, and a key_share-like extension of
 /// `padding` bytes, then cuts the handshake message into `records` TLS records.
-pub fn client_hello(sni: Option<&str>, alpn: &[&[u8]], padding: usize, records: usize) -> Vec<u8> {
+pub(crate) fn client_hello(
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+    padding: usize,
+    records: usize,
+) -> Vec<u8> {
     fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
         out.extend_from_slice(&kind.to_be_bytes());
         out.extend_from_slice(&(body.len() as u16).to_be_bytes());
@@ -76,7 +81,7 @@ pub fn client_hello(sni: Option<&str>, alpn: &[&[u8]], padding: usize, records: 
 }
 
 /// A sample opening of every protocol with what the probes must report for it.
-pub fn all_samples() -> Vec<(Vec<u8>, Detected)> {
+pub(crate) fn all_samples() -> Vec<(Vec<u8>, Detected)> {
     let http1 = Detected::Http(HttpVersion::Http1);
     vec![
         (
