@@ -24,7 +24,7 @@ use crate::policy_routing::{ReplyRouting, ReplyRule};
 /// How connections to one backend are made, as decided at start (or reload), with the loopback
 /// upstream resolved then, not per connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Effective {
+pub(crate) enum Effective {
     /// Bound to the client's address; the reply rule for this upstream is installed.
     Transparent(SocketAddr),
     /// Bound to a per-client loopback address; connects to this upstream.
@@ -88,7 +88,7 @@ pub(crate) fn reply_rules(upstream: SocketAddr) -> [ReplyRule; 2] {
 
 /// What the connect path needs: each backend's effective mode and the per-client hash key.
 #[derive(Clone, Debug)]
-pub struct Sources {
+pub(crate) struct Sources {
     /// For `[ssh]`.
     pub ssh: Effective,
     /// For `[fallback]`.
@@ -104,7 +104,7 @@ impl Default for Sources {
 
 impl Sources {
     /// Modes for `[ssh]` and `[fallback]`, with a fresh random hash key.
-    pub fn new(ssh: Effective, fallback: Effective) -> Sources {
+    pub(crate) fn new(ssh: Effective, fallback: Effective) -> Sources {
         Sources {
             ssh,
             fallback,
@@ -113,7 +113,7 @@ impl Sources {
     }
 
     /// The same key with new modes (a reload keeps each client's loopback address).
-    pub fn with_modes(&self, ssh: Effective, fallback: Effective) -> Sources {
+    pub(crate) fn with_modes(&self, ssh: Effective, fallback: Effective) -> Sources {
         Sources {
             ssh,
             fallback,
@@ -124,7 +124,7 @@ impl Sources {
     /// The loopback address standing for `client` in `per-client-loopback` mode: 127.a.b.c with
     /// a in 1..=254 and c in 1..=254, from a keyed hash of the address (not the port), so one
     /// client keeps one address and others cannot choose theirs.
-    pub fn loopback_for(&self, client: IpAddr) -> Ipv4Addr {
+    pub(crate) fn loopback_for(&self, client: IpAddr) -> Ipv4Addr {
         let hash = self.key.hash_one(client.to_canonical());
         let a = 1 + (hash % 254) as u8;
         let b = (hash >> 8) as u8;

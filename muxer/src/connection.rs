@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -16,61 +15,14 @@ use tracing::{info, warn};
 use crate::client_source::{self, Sources, UsedSource};
 use crate::config::{Config, ProxyVersion, Target};
 use crate::http::stream::Traffic;
-use crate::http::HttpContext;
 use crate::limits::{Class, ConnectionSlot, Refusal, TotalPermit};
 use crate::log_limit::LogLimit;
-use crate::metrics::HttpMetrics;
 use crate::proxy_protocol;
-use crate::runtime::Runtime;
+use crate::runtime::{Generation, Runtime};
 use crate::sniff::{self, Detected, HttpVersion, SniffOutcome, Sniffed};
+use crate::sockets::tune_socket;
 use crate::splice::{self, CloseReason};
-use crate::stats::{OpenGuard, PickRoute, Stats};
-use crate::tls_router::TlsRouter;
-
-/// What every connection handler needs, shared by all connections.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration in force when the connection was accepted.
-    pub config: Arc<Config>,
-    /// The daemon's counters.
-    pub stats: Arc<Stats>,
-    /// The HTTP router (with the tunnels), when `[http]` or `[[tunnel]]` is configured.
-    pub http: Option<Arc<HttpContext>>,
-    /// The TLS router, when `[tls]` is configured.
-    pub tls: Option<TlsRouter>,
-    /// The source address local upstreams see, per spliced backend.
-    pub sources: Sources,
-}
-
-impl Shared {
-    /// Builds what connections share from `config`.
-    pub fn new(
-        config: Config,
-        stats: Arc<Stats>,
-        http_metrics: Arc<HttpMetrics>,
-        sources: Sources,
-    ) -> Shared {
-        let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
-            let settings = config.http.clone().unwrap_or_default();
-            let keepalive = config.splice.tcp_keepalive;
-            Arc::new(HttpContext::new(
-                settings,
-                &config.tunnels,
-                keepalive,
-                config.listen.worker_count(),
-                http_metrics,
-            ))
-        });
-        let tls = config.tls.as_ref().map(TlsRouter::new);
-        Shared {
-            config: Arc::new(config),
-            stats,
-            http,
-            tls,
-            sources,
-        }
-    }
-}
+use crate::stats::{OpenGuard, PickRoute};
 
 /// Why a connection ended; the last field of the log line.
 #[derive(Debug)]
@@ -110,19 +62,6 @@ impl fmt::Display for Closed {
             }
         }
     }
-}
-
-/// Sets the options every forwarded socket gets: no Nagle delay, TCP keepalive.
-pub(crate) fn tune_socket<S: std::os::fd::AsFd>(stream: &S, keepalive: Duration) {
-    let socket = SockRef::from(stream);
-    // Failures here only cost latency or dead-peer detection; the connection still works.
-    let _ = socket.set_tcp_nodelay(true);
-    let interval = (keepalive / 4).max(Duration::from_secs(1));
-    let _ = socket.set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(keepalive)
-            .with_interval(interval),
-    );
 }
 
 /// One log line per connection.
@@ -276,7 +215,7 @@ pub(crate) async fn serve(
 struct Serving<'a> {
     runtime: &'a Arc<Runtime>,
     /// The config generation the connection started with.
-    shared: &'a Shared,
+    shared: &'a Generation,
     log: &'a ConnectionLog,
 }
 
@@ -364,11 +303,14 @@ async fn dispatch(
             crate::http::ClientConnection {
                 peer: log.client,
                 traffic: Arc::clone(&traffic),
-                // Shared with the tunnel the connection may become, which then keeps it.
+                // Generation with the tunnel the connection may become, which then keeps it.
                 slot: Arc::new(slot),
             },
             Arc::clone(http),
-            Arc::clone(runtime),
+            crate::http::Handles {
+                current: Arc::clone(&runtime.current_http),
+                shutdown: runtime.shutdown.clone(),
+            },
             match &sniffed.outcome {
                 SniffOutcome::Detected(Detected::Http(version)) => *version,
                 // Reached by timeout or fallback: only HTTP/1 can start without a preface.
@@ -548,20 +490,6 @@ async fn connect_upstream(
     }
 }
 
-/// Connects to `upstream` within `timeout` (else `TimedOut`) and gives the socket the options
-/// every forwarded socket gets ([`tune_socket`]).
-pub(crate) async fn connect_tuned(
-    upstream: &str,
-    timeout: Duration,
-    keepalive: Duration,
-) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(upstream))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    tune_socket(&stream, keepalive);
-    Ok(stream)
-}
-
 /// Connects to the backend, sends the PROXY header if any and replays the sniffed bytes.
 async fn connect_and_replay(
     header: Option<Vec<u8>>,
@@ -588,7 +516,8 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::limits::ConnectionLimits;
-    use crate::metrics::Metrics;
+    use crate::metrics::HttpMetrics;
+    use crate::stats::Stats;
 
     fn size_of_future<F: std::future::Future>(_: &F) -> usize {
         std::mem::size_of::<F>()
@@ -605,33 +534,18 @@ mod tests {
         .unwrap();
         let stats = Arc::new(Stats::default());
         let limits = ConnectionLimits::new(&config.limits);
-        let control = Arc::new(crate::control::ControlState {
-            stats: Arc::clone(&stats),
-            limits: Arc::clone(&limits),
-            redirect: std::sync::Mutex::new(None),
-            redirect_report: std::sync::Mutex::new(crate::control::RedirectReport {
-                state: "off".into(),
-                reason: None,
-                interfaces: vec![],
-                ports: vec![],
-                target_port: None,
-                internal_ports: Default::default(),
-                ingress: None,
-            }),
-            started: std::time::Instant::now(),
-            reload: std::sync::Mutex::new(None),
-            steering: std::sync::OnceLock::new(),
-        });
-        let metrics = Metrics::new(control);
+        let http_metrics = Arc::new(HttpMetrics::default());
+        let generation = Generation::new(
+            config,
+            Arc::clone(&stats),
+            Arc::clone(&http_metrics),
+            Sources::default(),
+        );
         let runtime = Arc::new(Runtime {
-            current: arc_swap::ArcSwap::from_pointee(Shared::new(
-                config,
-                Arc::clone(&stats),
-                Arc::clone(&metrics.http),
-                Sources::default(),
-            )),
+            current_http: Arc::new(arc_swap::ArcSwapOption::new(generation.http.clone())),
+            current: arc_swap::ArcSwap::from_pointee(generation),
             stats,
-            http_metrics: Arc::clone(&metrics.http),
+            http_metrics: Arc::clone(&http_metrics),
             limits: Arc::clone(&limits),
             shutdown: tokio_util::sync::CancellationToken::new(),
             http_connections: tokio_util::task::TaskTracker::new(),

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::accept_errors::back_off;
@@ -19,6 +21,17 @@ use crate::steering::{Steering, WorkerSnapshot};
 
 /// Longest wait for a control client's command line.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the control socket asks of the daemon. The daemon owns the process state and acts on these
+/// in its own loop, beside the signals; nothing here calls into it.
+#[derive(Debug)]
+pub enum Command {
+    /// Re-read the config file; the reply says what happened.
+    Reload {
+        /// Where the outcome goes (the message `muxer reload` prints, or why it was rejected).
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
 
 /// A control socket that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +140,8 @@ pub struct ControlState {
     pub redirect_report: Mutex<RedirectReport>,
     /// When the daemon started.
     pub started: Instant,
-    /// The daemon, for `reload` (weak: the daemon owns this state).
-    pub reload: Mutex<Option<std::sync::Weak<crate::daemon::Daemon>>>,
+    /// Commands for the daemon, which owns the process state (`reload`).
+    pub commands: UnboundedSender<Command>,
     /// The workers' steering state, once they run.
     pub steering: OnceLock<Arc<Steering>>,
 }
@@ -266,15 +279,12 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     let reply = match line.trim() {
         "stats" => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
         "reload" => {
-            let daemon = state
-                .reload
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .as_ref()
-                .and_then(|weak| weak.upgrade());
-            let result = match daemon {
-                Some(daemon) => daemon.reload(),
-                None => Err("the daemon is shutting down".into()),
+            let (reply, answer) = oneshot::channel();
+            let result = match state.commands.send(Command::Reload { reply }) {
+                Ok(()) => answer
+                    .await
+                    .unwrap_or_else(|_| Err("the daemon is shutting down".into())),
+                Err(_) => Err("the daemon is shutting down".into()),
             };
             match result {
                 Ok(message) => serde_json::json!({ "ok": message }).to_string(),

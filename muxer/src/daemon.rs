@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,14 +15,14 @@ use tracing::{error, info, warn};
 
 use crate::client_source::Planner;
 use crate::config::{Config, RedirectMode};
-use crate::connection::Shared;
-use crate::control::{ControlError, ControlSocket, ControlState, RedirectReport};
+use crate::control::{Command, ControlError, ControlSocket, ControlState, RedirectReport};
+use crate::exporter::{self, Metrics};
 use crate::internal_ports::InternalPorts;
 use crate::limits::ConnectionLimits;
 use crate::listener::{self, ListenError};
-use crate::metrics::Metrics;
+use crate::metrics::HttpMetrics;
 use crate::redirect::{Redirect, Targets};
-use crate::runtime::Runtime;
+use crate::runtime::{Generation, Runtime};
 use crate::stats::Stats;
 use crate::workers::{WorkerError, Workers};
 
@@ -144,38 +144,39 @@ fn attach_redirect(
     }
 }
 
-/// The daemon: runtime state plus what the control socket and reloads need.
-pub struct Daemon {
+/// The daemon: the one owner of the process state. Signals and the control socket's commands
+/// reach it in [`run`]'s loop; the data path gets narrow handles ([`Runtime`]) and never calls
+/// back up.
+struct Daemon {
     runtime: Arc<Runtime>,
     control: Arc<ControlState>,
     /// The reply rules for transparent connections to local upstreams; removed at a clean exit.
-    sources: Mutex<Planner>,
+    sources: Planner,
     /// One listening socket per listen address (copies of the first worker's), for the sk_lookup
     /// program's map; closed when the daemon stops accepting.
-    listeners: Mutex<Vec<OwnedFd>>,
+    listeners: Vec<OwnedFd>,
     /// The TC/XDP redirect's internal ports.
-    internal_ports: Mutex<InternalPorts>,
+    internal_ports: InternalPorts,
 }
 
 impl Daemon {
-    fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
-        self.listeners
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+    /// Attaches the redirect `config` asks for, with the daemon's sockets.
+    fn attach_redirect(&mut self, config: &Config) -> (Option<Redirect>, RedirectReport) {
+        attach_redirect(config, &self.listeners, &mut self.internal_ports)
     }
 
-    /// Attaches the redirect `config` asks for, with the daemon's sockets.
-    fn attach_redirect(&self, config: &Config) -> (Option<Redirect>, RedirectReport) {
-        let mut internal = self
-            .internal_ports
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        attach_redirect(config, &self.listeners(), &mut internal)
+    /// Acts on a command from the control socket.
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload());
+            }
+        }
     }
 
     /// Re-reads the config file and applies it to new connections and requests. An invalid file
     /// changes nothing. Returns what happened, for `muxer reload`.
-    pub fn reload(&self) -> Result<String, String> {
+    fn reload(&mut self) -> Result<String, String> {
         let config = match Config::load(&self.runtime.config_path) {
             Ok(config) => config,
             Err(error) => {
@@ -202,18 +203,14 @@ impl Daemon {
         }
         self.runtime.limits.resize(&config.limits);
         self.reload_redirect(&config, &old.config, &mut notes);
-        let sources = self
-            .sources
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .apply(&config);
-        let shared = Shared::new(
+        let sources = self.sources.apply(&config);
+        let generation = Generation::new(
             config,
             Arc::clone(&self.runtime.stats),
             Arc::clone(&self.runtime.http_metrics),
             sources,
         );
-        self.runtime.current.store(Arc::new(shared));
+        self.runtime.install(generation);
         for note in &notes {
             warn!("{note}");
         }
@@ -225,14 +222,14 @@ impl Daemon {
         })
     }
 
-    fn reload_redirect(&self, config: &Config, old: &Config, notes: &mut Vec<String>) {
-        let mut slot = self
-            .control
+    fn reload_redirect(&mut self, config: &Config, old: &Config, notes: &mut Vec<String>) {
+        // The control state is shared with the control socket's reader, hence the locks.
+        let control = Arc::clone(&self.control);
+        let mut slot = control
             .redirect
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        let mut report = self
-            .control
+        let mut report = control
             .redirect_report
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
@@ -242,13 +239,7 @@ impl Daemon {
         }
         match (slot.as_mut(), config.redirect.mode) {
             (Some(redirect), mode) if mode == redirect.requested_mode() => {
-                let internal_ports = internal_ports_for(
-                    config,
-                    &mut self
-                        .internal_ports
-                        .lock()
-                        .unwrap_or_else(|poison| poison.into_inner()),
-                );
+                let internal_ports = internal_ports_for(config, &mut self.internal_ports);
                 let updated =
                     internal_ports
                         .map_err(|error| error.to_string())
@@ -337,49 +328,49 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let (redirect, redirect_report) = attach_redirect(&config, &listeners, &mut internal_ports);
     let stats = Arc::new(Stats::default());
     let limits = ConnectionLimits::new(&config.limits);
+    let (commands, mut command_queue) = tokio::sync::mpsc::unbounded_channel();
     let control = Arc::new(ControlState {
         stats: Arc::clone(&stats),
         limits: Arc::clone(&limits),
         redirect: Mutex::new(redirect),
         redirect_report: Mutex::new(redirect_report),
         started,
-        reload: Mutex::new(None),
+        commands,
         steering: std::sync::OnceLock::new(),
     });
-    let metrics = Arc::new(Metrics::new(Arc::clone(&control)));
+    let http_metrics = Arc::new(HttpMetrics::default());
+    let metrics = Arc::new(Metrics::new(Arc::clone(&control), &http_metrics));
     let metrics_listener = match config.metrics.listen {
-        Some(address) => crate::metrics::bind(address).await,
+        Some(address) => exporter::bind(address).await,
         None => None,
     };
     let shutdown_grace = config.shutdown_grace;
     let listener_keepalive = config.splice.tcp_keepalive;
     let pin_workers = config.listen.pin_workers;
+    let generation = Generation::new(
+        config,
+        Arc::clone(&stats),
+        Arc::clone(&http_metrics),
+        sources,
+    );
     let runtime = Arc::new(Runtime {
         limits,
-        current: ArcSwap::from_pointee(Shared::new(
-            config,
-            Arc::clone(&stats),
-            Arc::clone(&metrics.http),
-            sources,
-        )),
+        current_http: Arc::new(ArcSwapOption::new(generation.http.clone())),
+        current: ArcSwap::from_pointee(generation),
         stats,
-        http_metrics: Arc::clone(&metrics.http),
+        http_metrics: Arc::clone(&http_metrics),
         shutdown: CancellationToken::new(),
         http_connections: TaskTracker::new(),
         config_path: PathBuf::from(config_path),
         listener_keepalive,
     });
-    let daemon = Arc::new(Daemon {
+    let mut daemon = Daemon {
         runtime: Arc::clone(&runtime),
         control: Arc::clone(&control),
-        sources: Mutex::new(planner),
-        listeners: Mutex::new(listeners),
-        internal_ports: Mutex::new(internal_ports),
-    });
-    *control
-        .reload
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::downgrade(&daemon));
+        sources: planner,
+        listeners,
+        internal_ports,
+    };
 
     let workers = Workers::start(per_worker, adopt, &runtime, pin_workers)?;
     let _ = control.steering.set(workers.steering());
@@ -388,7 +379,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         if let Ok(address) = listener.local_addr() {
             info!(%address, "metrics at /metrics");
         }
-        tokio::spawn(crate::metrics::serve(listener, metrics))
+        tokio::spawn(exporter::serve(listener, metrics))
     });
     notify(&[sd_notify::NotifyState::Ready]);
 
@@ -400,6 +391,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
                 info!("SIGHUP: reloading {}", runtime.config_path.display());
                 let _ = daemon.reload();
             }
+            Some(command) = command_queue.recv() => daemon.command(command),
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
@@ -413,11 +405,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     {
         redirect.stop_steering();
     }
-    daemon
-        .listeners
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .clear();
+    daemon.listeners.clear();
     // 1. Stop accepting. With no listener on the internal ports the kernel program stops
     //    redirecting new connections at once: from here on port 22 reaches sshd directly again.
     //    Connections already redirected keep their sockets, hence their rewrite, so in-flight
@@ -448,12 +436,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     }
     workers.exit();
     // 4. Remove the reply rules (a crash leaves them: harmless, docs/lockout.md).
-    drop(std::mem::take(
-        &mut *daemon
-            .sources
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()),
-    ));
+    drop(daemon);
     info!("stopped");
     Ok(())
 }

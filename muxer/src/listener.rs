@@ -65,7 +65,7 @@ pub(crate) fn bind_group(
         group.push(bind_one(bound, true)?);
     }
     for socket in &group {
-        connection::tune_socket(socket, keepalive);
+        crate::sockets::tune_socket(socket, keepalive);
     }
     Ok(group)
 }

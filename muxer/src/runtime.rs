@@ -1,5 +1,6 @@
-//! What lives for the whole daemon, across reloads: the current configuration (swapped atomically
-//! by a reload), counters, limits, and the shutdown signal.
+//! What the data path gets from the daemon, across reloads: the current configuration generation
+//! (swapped atomically by a reload), counters, limits, and the shutdown signal. Handles flow down
+//! from here; nothing in the data path reaches the daemon.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -7,17 +8,23 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::Shared;
+use crate::client_source::Sources;
+use crate::config::Config;
+use crate::http::{CurrentRouter, HttpContext};
 use crate::limits::ConnectionLimits;
 use crate::metrics::HttpMetrics;
 use crate::stats::Stats;
+use crate::tls_router::TlsRouter;
 
 /// Daemon-wide state.
 #[derive(Debug)]
-pub struct Runtime {
+pub(crate) struct Runtime {
     /// The configuration and what is compiled from it; each new connection and each HTTP request
     /// takes the one current when it starts.
-    pub current: ArcSwap<Shared>,
+    pub current: ArcSwap<Generation>,
+    /// The current generation's HTTP router alone: the narrow handle HTTP connections get, so
+    /// that each request uses the router of the last reload.
+    pub current_http: CurrentRouter,
     /// Counters, kept across reloads.
     pub stats: Arc<Stats>,
     /// Per-request HTTP metrics, kept across reloads.
@@ -33,4 +40,58 @@ pub struct Runtime {
     /// TCP keepalive set on the listening sockets, which accepted connections inherit (with
     /// TCP_NODELAY).
     pub listener_keepalive: std::time::Duration,
+}
+
+impl Runtime {
+    /// Makes `generation` the one new connections and requests use.
+    pub(crate) fn install(&self, generation: Generation) {
+        self.current_http.store(generation.http.clone());
+        self.current.store(Arc::new(generation));
+    }
+}
+
+/// One configuration generation and what is compiled from it: what every connection handler
+/// needs, shared by all connections that start while it is current.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    /// The configuration in force when the connection was accepted.
+    pub(crate) config: Arc<Config>,
+    /// The daemon's counters.
+    pub(crate) stats: Arc<Stats>,
+    /// The HTTP router (with the tunnels), when `[http]` or `[[tunnel]]` is configured.
+    pub(crate) http: Option<Arc<HttpContext>>,
+    /// The TLS router, when `[tls]` is configured.
+    pub(crate) tls: Option<TlsRouter>,
+    /// The source address local upstreams see, per spliced backend.
+    pub(crate) sources: Sources,
+}
+
+impl Generation {
+    /// Builds what connections share from `config`.
+    pub(crate) fn new(
+        config: Config,
+        stats: Arc<Stats>,
+        http_metrics: Arc<HttpMetrics>,
+        sources: Sources,
+    ) -> Generation {
+        let http = (config.http.is_some() || !config.tunnels.is_empty()).then(|| {
+            let settings = config.http.clone().unwrap_or_default();
+            let keepalive = config.splice.tcp_keepalive;
+            Arc::new(HttpContext::new(
+                settings,
+                &config.tunnels,
+                keepalive,
+                config.listen.worker_count(),
+                http_metrics,
+            ))
+        });
+        let tls = config.tls.as_ref().map(TlsRouter::new);
+        Generation {
+            config: Arc::new(config),
+            stats,
+            http,
+            tls,
+            sources,
+        }
+    }
 }

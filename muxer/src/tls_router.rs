@@ -26,7 +26,7 @@ impl Route {
 
 /// The compiled `[tls]` section.
 #[derive(Debug)]
-pub struct TlsRouter {
+pub(crate) struct TlsRouter {
     routes: Vec<Route>,
     default: Option<(Upstream, Option<ProxyVersion>)>,
 }
@@ -34,7 +34,7 @@ pub struct TlsRouter {
 impl TlsRouter {
     /// Compiles `[tls]`: exact names before wildcards (longer suffix first), routes that require
     /// an ALPN protocol before those that do not, then config order.
-    pub fn new(tls: &Tls) -> TlsRouter {
+    pub(crate) fn new(tls: &Tls) -> TlsRouter {
         let mut routes: Vec<Route> = tls
             .routes
             .iter()
@@ -62,7 +62,7 @@ impl TlsRouter {
 
     /// The upstream for a ClientHello (`None` info: no ClientHello, e.g. a probe timeout routed
     /// here), or `None` to close.
-    pub fn pick(
+    pub(crate) fn pick(
         &self,
         info: Option<&ClientHelloInfo>,
     ) -> Option<(&Upstream, Option<ProxyVersion>)> {

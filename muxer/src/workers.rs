@@ -7,7 +7,6 @@
 //! Why not one work-stealing runtime: with one, each proxied request crossed threads (the
 //! client's task on one worker, the upstream's I/O event on another), and on a 2-core machine
 //! shared with the backends those crossings cost more than the HTTP work itself.
-use std::cell::Cell;
 use std::net::TcpListener as StdTcpListener;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,19 +17,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use crate::affinity;
+use crate::http::pool;
 use crate::listener;
 use crate::runtime::Runtime;
 use crate::steering::Steering;
-
-thread_local! {
-    static WORKER_INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the worker thread running the caller (0 outside workers): per-worker state,
-/// such as idle upstream connections, is picked by it.
-pub(crate) fn current() -> usize {
-    WORKER_INDEX.with(Cell::get)
-}
 
 /// A worker that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +103,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("muxer-worker-{index}"))
                 .spawn(move || {
-                    WORKER_INDEX.with(|cell| cell.set(index));
+                    pool::set_thread_shard(index);
                     // Before the runtime starts: the claim of the first accept is then right.
                     if let Some(cpu) = cpu {
                         match affinity::pin_current_thread(cpu) {

@@ -34,7 +34,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Http, Tunnel};
 use crate::limits::{ConnectionSlot, Timeout};
 use crate::metrics::HttpMetrics;
-use crate::runtime::Runtime;
 use crate::sniff::HttpVersion;
 
 /// One client connection as the router sees it.
@@ -315,18 +314,31 @@ fn short(body: &impl hyper::body::Body) -> bool {
         .is_some_and(|len| len <= CORK_LIMIT)
 }
 
+/// The router a request uses: whichever the last reload installed (none while no `[http]` or
+/// tunnel is configured).
+pub(crate) type CurrentRouter = Arc<arc_swap::ArcSwapOption<HttpContext>>;
+
+/// What an HTTP connection gets from the daemon: the current router and the shutdown signal.
+pub(crate) struct Handles {
+    /// The router of the last reload.
+    pub(crate) current: CurrentRouter,
+    /// Fired on SIGTERM: in-flight requests finish, then the connection closes.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
+}
+
 /// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
 /// until shutdown, when in-flight requests finish and the connection closes. `version` is what
 /// the sniffer saw, so no second detection runs. Each request uses the router current when it
 /// arrives, so a reload applies to open keep-alive connections too.
-pub async fn serve(
+pub(crate) async fn serve(
     client: TcpStream,
     prefix: Vec<u8>,
     connection: ClientConnection,
     context: Arc<HttpContext>,
-    runtime: Arc<Runtime>,
+    handles: Handles,
     version: HttpVersion,
 ) -> Result<(), hyper::Error> {
+    let Handles { current, shutdown } = handles;
     let local = client
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -345,7 +357,6 @@ pub async fn serve(
         settings.ping_interval,
         settings.ping_timeout,
     );
-    let shutdown = runtime.shutdown.clone();
     let in_use = pool::InUse::default();
     let request_client = RequestClient {
         peer,
@@ -356,12 +367,7 @@ pub async fn serve(
     let activity = Arc::new(keepalive::Activity::default());
     let handler_activity = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request| {
-        let current = runtime
-            .current
-            .load()
-            .http
-            .clone()
-            .unwrap_or_else(|| Arc::clone(&context));
+        let current = current.load_full().unwrap_or_else(|| Arc::clone(&context));
         handler_activity.request_started();
         let last = last_plain_request(&request);
         let in_flight = handler_activity.begin();

@@ -19,7 +19,21 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::upstream::UpstreamBody;
-use crate::connection::connect_tuned;
+use crate::sockets::connect_tuned;
+
+thread_local! {
+    static THREAD_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread use idle-connection shard `index` (each worker thread its own: a
+/// socket belongs to the runtime that opened it). Threads that never call this use shard 0.
+pub(crate) fn set_thread_shard(index: usize) {
+    THREAD_SHARD.with(|cell| cell.set(index));
+}
+
+fn thread_shard() -> usize {
+    THREAD_SHARD.with(std::cell::Cell::get)
+}
 
 /// A connection's I/O (hyper's upgradeable HTTP/1 client connection, which cannot be named).
 type Driver = dyn Future<Output = hyper::Result<()>> + Send;
@@ -202,7 +216,7 @@ impl Pool {
 
     /// The calling worker's most recently used idle connection that is still open, if any.
     pub fn checkout(&self) -> Option<UpstreamConnection> {
-        let shard = self.shard(crate::workers::current());
+        let shard = self.shard(thread_shard());
         loop {
             let mut connection = shard.lock().pop()?;
             if connection.idle_since.elapsed() >= self.settings.idle_timeout {
@@ -248,7 +262,7 @@ impl Pool {
 
     fn checkin(self: &Arc<Self>, mut connection: UpstreamConnection) {
         connection.idle_since = Instant::now();
-        let index = crate::workers::current() % self.shards.len();
+        let index = thread_shard() % self.shards.len();
         let shard = self.shard(index);
         shard.lock().push(connection);
         if !shard.reaper_running.swap(true, Ordering::AcqRel) {

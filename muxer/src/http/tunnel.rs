@@ -201,7 +201,7 @@ pub(crate) async fn connect(
         return response;
     };
     let opened = async {
-        let mut upstream = crate::connection::connect_tuned(
+        let mut upstream = crate::sockets::connect_tuned(
             &tunnel.upstream,
             context.settings.connect_timeout,
             context.tcp_keepalive,
