@@ -83,8 +83,9 @@ impl InternalPorts {
                 source: io::Error::from(io::ErrorKind::InvalidInput),
             });
         };
-        let mut last_error = None;
-        for _ in 0..BIND_ATTEMPTS {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let first_group = listener::bind_group(with_port(*first, 0), count, self.keepalive)?;
             let port = first_group
                 .first()
@@ -103,13 +104,12 @@ impl InternalPorts {
                     groups.extend(rest);
                     return Ok((port, groups));
                 }
-                Err(error) if error.source.kind() == io::ErrorKind::AddrInUse => {
-                    last_error = Some(error);
-                }
+                Err(error)
+                    if error.source.kind() == io::ErrorKind::AddrInUse
+                        && attempt < BIND_ATTEMPTS => {}
                 Err(error) => return Err(error),
             }
         }
-        Err(last_error.expect("at least one attempt"))
     }
 }
 
