@@ -119,6 +119,7 @@ fn route(name: &str, host: Option<&str>, path: &str, strip: bool) -> HttpRoute {
         host_header: None,
         response_timeout: None,
         upgrades: vec!["websocket".into()],
+        auth: None,
     }
 }
 

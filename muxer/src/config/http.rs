@@ -206,6 +206,119 @@ pub struct HttpRoute {
     /// `h2c` is never tunnelled: such a request is served as plain HTTP/1.1.
     #[serde(default = "HttpRoute::default_upgrades")]
     pub upgrades: Vec<String>,
+    /// Who may use the route (`[http.route.auth]`); everyone when absent.
+    pub auth: Option<RouteAuth>,
+}
+
+/// `[http.route.auth]`: the API keys a route requires, sent as `Authorization: Bearer KEY` (how
+/// OpenAI-compatible clients send them).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    /// Keys written in the file itself.
+    #[serde(default)]
+    pub bearer: Vec<String>,
+    /// An environment variable holding one more key (keeps it out of the file).
+    pub bearer_env: Option<String>,
+    /// A file holding more keys, one per line; blank lines and `#` comments are skipped.
+    pub bearer_file: Option<std::path::PathBuf>,
+    /// Forward `Authorization` to the upstream; by default it is removed, so the key never
+    /// reaches the backend.
+    #[serde(default)]
+    pub keep_credentials: bool,
+    /// Every accepted key, gathered from the three places when the config is loaded.
+    #[serde(skip)]
+    pub keys: Vec<String>,
+}
+
+impl std::fmt::Debug for RouteAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves: a Debug print must not leak them.
+        f.debug_struct("RouteAuth")
+            .field("keys", &self.keys.len())
+            .field("bearer_env", &self.bearer_env)
+            .field("bearer_file", &self.bearer_file)
+            .field("keep_credentials", &self.keep_credentials)
+            .finish()
+    }
+}
+
+/// The most a key file may hold: keys, not data (a device or a huge file is a mistake).
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+impl RouteAuth {
+    /// Gathers the keys from the file, the environment variable and the key file; errors name
+    /// the key (`prefix` is the route's `http.route[N].auth`) and never show a secret.
+    fn gather(&mut self, prefix: &str) -> Result<(), (String, String)> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        let mut keys = Vec::new();
+        for (index, value) in self.bearer.iter().enumerate() {
+            keys.push((format!("{prefix}.bearer[{index}]"), value.clone()));
+        }
+        if let Some(variable) = &self.bearer_env {
+            match std::env::var(variable) {
+                Ok(value) => keys.push((key("bearer_env"), value.trim().to_owned())),
+                Err(_) => {
+                    return Err((
+                        key("bearer_env"),
+                        format!("environment variable {variable} is not set (or not UTF-8)"),
+                    ))
+                }
+            }
+        }
+        if let Some(path) = &self.bearer_file {
+            let text = read_key_file(path).map_err(|problem| (key("bearer_file"), problem))?;
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if !line.is_empty() && !line.starts_with('#') {
+                    keys.push((
+                        format!("{} (line {})", key("bearer_file"), number + 1),
+                        line.to_owned(),
+                    ));
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Err((
+                key("bearer"),
+                "no key: set bearer, bearer_env or bearer_file".into(),
+            ));
+        }
+        for (place, value) in &keys {
+            // RFC 6750 token68 characters; anything else could never be sent in a header.
+            let valid = !value.is_empty()
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b));
+            if !valid {
+                return Err((
+                    place.clone(),
+                    "a key must be letters, digits and -._~+/= only".into(),
+                ));
+            }
+        }
+        self.keys = keys.into_iter().map(|(_, value)| value).collect();
+        Ok(())
+    }
+}
+
+fn read_key_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let metadata = file
+        .metadata()
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    if !metadata.is_file() || metadata.len() > MAX_KEY_FILE {
+        return Err(format!(
+            "{}: not a regular file of at most {MAX_KEY_FILE} bytes",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE)
+        .read_to_string(&mut text)
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    Ok(text)
 }
 
 impl HttpRoute {
@@ -230,6 +343,16 @@ impl HttpRoute {
 }
 
 impl Http {
+    /// Reads every route's keys (`auth.bearer_env`, `auth.bearer_file`); errors name the key.
+    pub(super) fn gather_secrets(&mut self) -> Result<(), (String, String)> {
+        for (index, route) in self.routes.iter_mut().enumerate() {
+            if let Some(auth) = &mut route.auth {
+                auth.gather(&format!("http.route[{index}].auth"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot; errors name the key.
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
         for (key, value) in [

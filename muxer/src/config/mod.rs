@@ -12,7 +12,7 @@ use serde::Deserialize;
 mod http;
 mod tls;
 
-pub use http::{Http, HttpRoute};
+pub use http::{Http, HttpRoute, RouteAuth};
 pub use tls::{InboundProxy, ProxyVersion, Tls, TlsRoute, Tunnel};
 
 /// A config file that could not be used. Displays as one line naming the file and the key.
@@ -575,19 +575,20 @@ impl Config {
                 line: line_of(text, error.span()),
                 problem: error.message().to_owned(),
             })?;
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
-            let key = error.path().to_string();
-            let inner = error.into_inner();
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                problem: inner.message().to_owned(),
-            }
-        })?;
+        let mut config: Config =
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                let key = error.path().to_string();
+                let inner = error.into_inner();
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: if key == "." {
+                        "(top level)".into()
+                    } else {
+                        key
+                    },
+                    problem: inner.message().to_owned(),
+                }
+            })?;
         let invalid = |key: String, problem: String| ConfigError::Invalid {
             path: path.to_owned(),
             key,
@@ -596,6 +597,10 @@ impl Config {
         config
             .validate()
             .map_err(|(key, problem)| invalid(key.into(), problem))?;
+        if let Some(http) = &mut config.http {
+            http.gather_secrets()
+                .map_err(|(key, problem)| invalid(key, problem))?;
+        }
         if let Some(http) = &config.http {
             http.validate()
                 .map_err(|(key, problem)| invalid(key, problem))?;
@@ -794,6 +799,30 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_come_from_the_file_the_environment_and_a_key_file_and_never_show_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "# rotated monthly\nsk-from-file\n\n  sk-second  \n").unwrap();
+        // SAFETY: no other test reads or writes this variable, and this test starts no threads.
+        unsafe { std::env::set_var("MUXER_TEST_KEY_5D1C", "sk-from-env\n") };
+        let text = format!(
+            "[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer = [\"sk-inline\"]\n\
+             bearer_env = \"MUXER_TEST_KEY_5D1C\"\nbearer_file = \"{}\"\n[ssh]\nupstream = \"a:1\"",
+            keys.display()
+        );
+        let config = parse(&text).unwrap();
+        let auth = config.http.unwrap().routes[0].auth.clone().unwrap();
+        assert_eq!(
+            auth.keys,
+            ["sk-inline", "sk-from-env", "sk-from-file", "sk-second"]
+        );
+        assert!(!format!("{auth:?}").contains("sk-"), "Debug shows no key");
+        let bad = "[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer = [\"secret value\"]\n[ssh]\nupstream = \"a:1\"";
+        let error = parse(bad).unwrap_err().to_string();
+        assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
     fn errors_are_one_line_naming_file_and_key() {
         let cases = [
             (
@@ -839,6 +868,11 @@ mod tests {
             ),
             ("[[http.route]]\nupstreams = [\"a:1\"]\nretries = 3\n[ssh]\nupstream = \"a:1\"", "http.route[0].retries"),
             ("[[http.route]]\nupstreams = [\"a:1\"]\nupgrades = [\"h2c\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].upgrades[0]"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer_env = \"MUXER_SURELY_UNSET_7F3A\"\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer_env"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer_file = \"/\"\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer_file"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer_file = \"/nonexistent/keys\"\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer_file"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer = [\"ok\", \"has space\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer[1]"),
             ("[limits]\nssh_reserve = 20000\n[ssh]\nupstream = \"a:1\"", "limits.ssh_reserve"),
             ("[limits]\nsource_prefix_v6 = 0\n[ssh]\nupstream = \"a:1\"", "limits.source_prefix_v6"),
             ("[ssh]\nupstream = \"a:1\"\nsource = \"spoofed\"", "ssh.source"),

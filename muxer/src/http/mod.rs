@@ -5,6 +5,7 @@
 //! (round robin, passive health), [`pool`] (upstream connections,
 //! driven by the client connection's task), [`body`] (streaming adapters).
 
+pub(crate) mod auth;
 pub(crate) mod body;
 pub(crate) mod headers;
 pub(crate) mod keepalive;
@@ -14,6 +15,7 @@ pub(crate) mod proxy;
 pub mod router;
 pub(crate) mod stream;
 pub mod target;
+pub(crate) mod throttle;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
 
@@ -183,6 +185,8 @@ pub struct HttpContext {
     pub router: router::Router,
     /// Named tunnels for `CONNECT`.
     pub tunnels: tunnel::Tunnels,
+    /// Requests refused for a missing or wrong API key, per source network.
+    pub(crate) auth_failures: throttle::Failures,
     /// TCP keepalive for tunnel upstream sockets (`splice.tcp_keepalive`).
     pub tcp_keepalive: std::time::Duration,
     /// Per-request metrics.
@@ -217,6 +221,7 @@ impl HttpContext {
             metrics,
             router,
             tunnels: tunnel::Tunnels::new(tunnels),
+            auth_failures: throttle::Failures::default(),
             settings,
         }
     }

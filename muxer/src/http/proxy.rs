@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
 
 use super::target::RouteTarget;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -224,6 +224,27 @@ pub(crate) async fn handle(
         )));
     };
     access.route = Some(Arc::clone(&route));
+    if let Some(keys) = &route.auth {
+        let network = slot.limits().source_network(client.ip());
+        if context.auth_failures.throttled(network) {
+            let mut response = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "429 too many requests without a valid API key from this network; retry later"
+                    .into(),
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("60"));
+            return Ok(access.local(response));
+        }
+        if !keys.admit(request.headers()) {
+            context.auth_failures.record(network);
+            return Ok(access.local(super::auth::unauthorized()));
+        }
+        if !keys.keep_credentials {
+            request.headers_mut().remove(AUTHORIZATION);
+        }
+    }
 
     let limit = context.settings.max_body_bytes;
     let declared = request

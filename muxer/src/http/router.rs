@@ -90,6 +90,8 @@ pub struct Route {
     pub response_timeout: Option<Duration>,
     /// Upgrade protocols allowed (lower case).
     pub upgrades: Vec<String>,
+    /// The API keys the route requires, if any.
+    pub(crate) auth: Option<super::auth::Keys>,
     /// This route's request metrics.
     pub metrics: RouteMetrics,
 }
@@ -166,6 +168,7 @@ impl Router {
                         .iter()
                         .map(|token| token.to_ascii_lowercase())
                         .collect(),
+                    auth: route.auth.as_ref().map(super::auth::Keys::new),
                 })
             })
             .collect();
@@ -206,6 +209,7 @@ mod tests {
             host_header: None,
             response_timeout: None,
             upgrades: vec!["websocket".into()],
+            auth: None,
         }
     }
 
