@@ -65,6 +65,9 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Read a password from standard input (one line) and print its argon2id hash, for a route's
+    /// `auth.basic` (`"user:HASH"`).
+    HashPassword,
     /// Install the binary, a default config (if none exists), a system user and a systemd unit.
     Install {
         /// Install under this directory instead of / (for packaging and tests).
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::HashPassword => hash_password(),
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
                 Ok(config) => config,
@@ -249,5 +253,29 @@ async fn stats(
         }
         previous = Some(report);
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// `muxer hash-password`: the hash of the first line of standard input.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(error) = std::io::stdin().read_line(&mut line) {
+        eprintln!("muxer: cannot read the password: {error}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("muxer: an empty password cannot be hashed; type one and press enter");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    match muxer::http::auth::hash_password(password.as_bytes()) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("muxer: cannot hash the password: {error}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -28,6 +28,18 @@ fn a_route_with_api_keys_answers_only_requests_that_carry_one() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("keys");
     std::fs::write(&key_file, format!("# one key per line\n{FILE_KEY}\n")).unwrap();
+    // A Basic user whose hash comes from `muxer hash-password`, as the README says.
+    let mut hashing = std::process::Command::new(muxer_tests::muxer::binary())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(hashing.stdin.as_mut().unwrap(), b"correct horse battery\n").unwrap();
+    let hashed = hashing.wait_with_output().unwrap();
+    assert!(hashed.status.success());
+    let hash = String::from_utf8(hashed.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
     let config = format!(
         "[listen]\naddresses = [\"0.0.0.0:2222\"]\n[sniff]\non_timeout = \"close\"\n\
          [[http.route]]\nname = \"api\"\npath = \"/api/\"\nstrip_prefix = true\n\
@@ -36,6 +48,9 @@ fn a_route_with_api_keys_answers_only_requests_that_carry_one() {
          [[http.route]]\nname = \"kept\"\npath = \"/kept/\"\nstrip_prefix = true\n\
          upstreams = [\"127.0.0.1:30000\"]\n\
          [http.route.auth]\nbearer = [\"{KEPT_KEY}\"]\nkeep_credentials = true\n\
+         [[http.route]]\nname = \"basic\"\npath = \"/basic/\"\nstrip_prefix = true\n\
+         upstreams = [\"127.0.0.1:30000\"]\n\
+         [http.route.auth]\nbasic = [\"alice:{hash}\"]\n\
          [[http.route]]\nupstreams = [\"127.0.0.1:30000\"]\n",
         key_file.display()
     );
@@ -94,9 +109,37 @@ fn a_route_with_api_keys_answers_only_requests_that_carry_one() {
     // A route without keys is unaffected.
     assert_eq!(curl("/v1/models", None).0, 200);
 
-    // Three failures so far; seven more make ten, and then even the right key gets 429 for a
+    // Basic credentials, checked against the argon2 hash; a 401 there names Basic.
+    let basic = |credentials: &str| {
+        let url = format!("http://{SERVER_V4}:2222/basic/v1/models");
+        link.client.run_ok(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "-D",
+                "-",
+                "-o",
+                "-",
+                "-u",
+                credentials,
+                &url,
+            ],
+        )
+    };
+    let answer = basic("alice:correct horse battery");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = basic("alice:wrong horse").to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(
+        answer.contains("www-authenticate: basic realm=\"muxer\""),
+        "{answer}"
+    );
+
+    // Four failures so far; six more make ten, and then even the right key gets 429 for a
     // while from this network (no brute force), while routes without keys keep working.
-    for _ in 0..7 {
+    for _ in 0..6 {
         assert_eq!(curl("/api/v1/models", Some("sk-guess")).0, 401);
     }
     let (status, out) = curl("/api/v1/models", Some(ENV_KEY));
@@ -108,7 +151,15 @@ fn a_route_with_api_keys_answers_only_requests_that_carry_one() {
     assert_eq!(curl("/v1/models", None).0, 200);
 
     let log = muxer.log();
-    for key in [ENV_KEY, FILE_KEY, KEPT_KEY, "sk-guess", "sk-wrong"] {
+    for key in [
+        ENV_KEY,
+        FILE_KEY,
+        KEPT_KEY,
+        "sk-guess",
+        "sk-wrong",
+        "correct horse",
+        "wrong horse",
+    ] {
         assert!(!log.contains(key), "{key} in the log");
     }
     assert!(log.contains("status=401"), "401s are logged: {log}");

@@ -222,6 +222,11 @@ pub struct RouteAuth {
     pub bearer_env: Option<String>,
     /// A file holding more keys, one per line; blank lines and `#` comments are skipped.
     pub bearer_file: Option<std::path::PathBuf>,
+    /// Basic-auth users as `user:PHC-hash` (`muxer hash-password` makes the hash; argon2id).
+    #[serde(default)]
+    pub basic: Vec<String>,
+    /// A file holding more `user:PHC-hash` lines.
+    pub basic_file: Option<std::path::PathBuf>,
     /// Forward `Authorization` to the upstream; by default it is removed, so the key never
     /// reaches the backend.
     #[serde(default)]
@@ -229,6 +234,9 @@ pub struct RouteAuth {
     /// Every accepted key, gathered from the three places when the config is loaded.
     #[serde(skip)]
     pub keys: Vec<String>,
+    /// Every Basic user and their password hash, gathered from `basic` and `basic_file`.
+    #[serde(skip)]
+    pub users: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for RouteAuth {
@@ -236,6 +244,7 @@ impl std::fmt::Debug for RouteAuth {
         // Never the keys themselves: a Debug print must not leak them.
         f.debug_struct("RouteAuth")
             .field("keys", &self.keys.len())
+            .field("users", &self.users.len())
             .field("bearer_env", &self.bearer_env)
             .field("bearer_file", &self.bearer_file)
             .field("keep_credentials", &self.keep_credentials)
@@ -278,12 +287,46 @@ impl RouteAuth {
                 }
             }
         }
-        if keys.is_empty() {
+        let mut users = Vec::new();
+        for (index, line) in self.basic.iter().enumerate() {
+            users.push((format!("{prefix}.basic[{index}]"), line.clone()));
+        }
+        if let Some(path) = &self.basic_file {
+            let text = read_key_file(path).map_err(|problem| (key("basic_file"), problem))?;
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if !line.is_empty() && !line.starts_with('#') {
+                    users.push((
+                        format!("{} (line {})", key("basic_file"), number + 1),
+                        line.to_owned(),
+                    ));
+                }
+            }
+        }
+        if keys.is_empty() && users.is_empty() {
             return Err((
                 key("bearer"),
-                "no key: set bearer, bearer_env or bearer_file".into(),
+                "no key and no user: set bearer, bearer_env, bearer_file, basic or basic_file"
+                    .into(),
             ));
         }
+        self.users = users
+            .into_iter()
+            .map(|(place, line)| {
+                let (user, hash) = line
+                    .split_once(':')
+                    .filter(|(user, _)| !user.is_empty())
+                    .ok_or_else(|| (place.clone(), "must be user:hash".to_owned()))?;
+                argon2::PasswordHash::new(hash).map_err(|_| {
+                    (
+                        place,
+                        "the hash is not a PHC string (make one with `muxer hash-password`)"
+                            .to_owned(),
+                    )
+                })?;
+                Ok((user.to_owned(), hash.to_owned()))
+            })
+            .collect::<Result<_, (String, String)>>()?;
         for (place, value) in &keys {
             // RFC 6750 token68 characters; anything else could never be sent in a header.
             let valid = !value.is_empty()

@@ -872,6 +872,8 @@ mod tests {
             ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer_file = \"/\"\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer_file"),
             ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer_file = \"/nonexistent/keys\"\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer_file"),
             ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbasic = [\"alice:not-a-hash\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.basic[0]"),
+            ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbasic = [\"no-colon\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.basic[0]"),
             ("[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer = [\"ok\", \"has space\"]\n[ssh]\nupstream = \"a:1\"", "http.route[0].auth.bearer[1]"),
             ("[limits]\nssh_reserve = 20000\n[ssh]\nupstream = \"a:1\"", "limits.ssh_reserve"),
             ("[limits]\nsource_prefix_v6 = 0\n[ssh]\nupstream = \"a:1\"", "limits.source_prefix_v6"),

@@ -5,7 +5,7 @@
 //! (round robin, passive health), [`pool`] (upstream connections,
 //! driven by the client connection's task), [`body`] (streaming adapters).
 
-pub(crate) mod auth;
+pub mod auth;
 pub(crate) mod body;
 pub(crate) mod headers;
 pub(crate) mod keepalive;

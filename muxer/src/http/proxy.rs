@@ -237,9 +237,9 @@ pub(crate) async fn handle(
                 .insert(RETRY_AFTER, HeaderValue::from_static("60"));
             return Ok(access.local(response));
         }
-        if !keys.admit(request.headers()) {
+        if !keys.admit(request.headers()).await {
             context.auth_failures.record(network);
-            return Ok(access.local(super::auth::unauthorized()));
+            return Ok(access.local(keys.unauthorized()));
         }
         if !keys.keep_credentials {
             request.headers_mut().remove(AUTHORIZATION);
