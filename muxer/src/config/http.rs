@@ -276,32 +276,14 @@ impl RouteAuth {
             }
         }
         if let Some(path) = &self.bearer_file {
-            let text = read_key_file(path).map_err(|problem| (key("bearer_file"), problem))?;
-            for (number, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if !line.is_empty() && !line.starts_with('#') {
-                    keys.push((
-                        format!("{} (line {})", key("bearer_file"), number + 1),
-                        line.to_owned(),
-                    ));
-                }
-            }
+            keys.extend(key_file_lines(path, &key("bearer_file"))?);
         }
         let mut users = Vec::new();
         for (index, line) in self.basic.iter().enumerate() {
             users.push((format!("{prefix}.basic[{index}]"), line.clone()));
         }
         if let Some(path) = &self.basic_file {
-            let text = read_key_file(path).map_err(|problem| (key("basic_file"), problem))?;
-            for (number, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if !line.is_empty() && !line.starts_with('#') {
-                    users.push((
-                        format!("{} (line {})", key("basic_file"), number + 1),
-                        line.to_owned(),
-                    ));
-                }
-            }
+            users.extend(key_file_lines(path, &key("basic_file"))?);
         }
         if keys.is_empty() && users.is_empty() {
             return Err((
@@ -343,6 +325,22 @@ impl RouteAuth {
         self.keys = keys.into_iter().map(|(_, value)| value).collect();
         Ok(())
     }
+}
+
+/// The lines of the key file at `path` that are neither blank nor `#` comments, each with the
+/// place it came from (`key (line N)`) for errors.
+fn key_file_lines(
+    path: &std::path::Path,
+    key: &str,
+) -> Result<Vec<(String, String)>, (String, String)> {
+    let text = read_key_file(path).map_err(|problem| (key.to_owned(), problem))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(number, line)| (number, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(number, line)| (format!("{key} (line {})", number + 1), line.to_owned()))
+        .collect())
 }
 
 fn read_key_file(path: &std::path::Path) -> Result<String, String> {
