@@ -135,6 +135,8 @@ enum Figure {
     NewConnRps,
     NewConnP50,
     NewConnP99,
+    KeepAliveCpuUs,
+    NewConnCpuUs,
     BulkGbits,
     SseTtfbMs,
     CpuSecondsPerGb,
@@ -151,6 +153,8 @@ impl Figure {
             Figure::NewConnRps => "HTTP new connection per request, requests/s",
             Figure::NewConnP50 => "HTTP new connection per request, p50 latency (ms)",
             Figure::NewConnP99 => "HTTP new connection per request, p99 latency (ms)",
+            Figure::KeepAliveCpuUs => "HTTP keep-alive, proxy CPU µs per request",
+            Figure::NewConnCpuUs => "HTTP new connection per request, proxy CPU µs per request",
             Figure::BulkGbits => "bulk TCP via the SSH/fallback route (Gbit/s)",
             Figure::SseTtfbMs => "SSE time to first byte, median (ms)",
             Figure::CpuSecondsPerGb => "proxy CPU seconds per GB forwarded",
@@ -804,17 +808,31 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
             }
         }
     };
+    // The proxy's own CPU time (its threads and reaped children, from /proc) per request.
+    let proxy_cpu = || processes.first().map(|proxy| cpu_seconds(proxy.pid()));
+    let per_request = |before: Option<f64>, rps: f64| {
+        let spent = proxy_cpu()? - before?;
+        (rps > 0.0).then(|| spent * 1e6 / (rps * f64::from(options.seconds)))
+    };
+    let before = proxy_cpu();
     if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, false) {
         show_log_on_errors(errors);
         add(Figure::KeepAliveRps, rps);
         add(Figure::KeepAliveP50, p50);
         add(Figure::KeepAliveP99, p99);
+        if let Some(us) = per_request(before, rps) {
+            add(Figure::KeepAliveCpuUs, us);
+        }
     }
+    let before = proxy_cpu();
     if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, true) {
         show_log_on_errors(errors);
         add(Figure::NewConnRps, rps);
         add(Figure::NewConnP50, p50);
         add(Figure::NewConnP99, p99);
+        if let Some(us) = per_request(before, rps) {
+            add(Figure::NewConnCpuUs, us);
+        }
     }
     if let Some(port) = bulk_port {
         let cpu_before: f64 = processes.first().map_or(0.0, |p| cpu_seconds(p.pid()));
@@ -982,6 +1000,8 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         Figure::NewConnRps,
         Figure::NewConnP50,
         Figure::NewConnP99,
+        Figure::KeepAliveCpuUs,
+        Figure::NewConnCpuUs,
         Figure::BulkGbits,
         Figure::SseTtfbMs,
         Figure::CpuSecondsPerGb,
@@ -1153,6 +1173,8 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
             Figure::KeepAliveRps,
             Figure::NewConnRps,
             Figure::KeepAliveP99,
+            Figure::KeepAliveCpuUs,
+            Figure::NewConnCpuUs,
         ],
         Contender::MuxerInfoLog,
         Contender::MuxerTc,
