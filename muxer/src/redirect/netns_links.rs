@@ -38,6 +38,21 @@ struct QueryAttr {
     revision: u64,
 }
 
+/// `bpf(cmd, attr, size_of(attr))`, its result or the OS error.
+///
+/// # Safety
+/// `attr` must be a valid attribute for `cmd`, and every pointer in it must be valid for the
+/// kernel to read or write for the call's duration.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller guarantees `attr` is what `cmd` expects; its size is passed with it.
+    let result =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(result)
+}
+
 /// The ids of the sk_lookup programs attached to the network namespace `netns`.
 fn attached_programs(netns: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
     let mut ids = vec![0u32; MAX_PROGRAMS];
@@ -48,19 +63,9 @@ fn attached_programs(netns: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
         prog_cnt: MAX_PROGRAMS as u32,
         ..QueryAttr::default()
     };
-    // SAFETY: `attr` is a valid BPF_PROG_QUERY attribute; `prog_ids` points at `prog_cnt` u32s
-    // that outlive the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: a BPF_PROG_QUERY attribute; `prog_ids` points at `prog_cnt` u32s that outlive the
+    // call.
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr) }?;
     ids.truncate((attr.prog_cnt as usize).min(MAX_PROGRAMS));
     Ok(ids)
 }
@@ -69,33 +74,13 @@ fn attached_programs(netns: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
 fn detach_link(id: u32) -> std::io::Result<()> {
     // The `*_id` member of `union bpf_attr`: id, next id, open flags.
     let mut by_id = [id, 0, 0];
-    // SAFETY: a valid BPF_LINK_GET_FD_BY_ID attribute that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            by_id.as_mut_ptr(),
-            std::mem::size_of_val(&by_id),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: a BPF_LINK_GET_FD_BY_ID attribute, without pointers.
+    let fd = unsafe { bpf(BPF_LINK_GET_FD_BY_ID, &mut by_id) }?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut detach = [link.as_raw_fd() as u32];
-    // SAFETY: a valid BPF_LINK_DETACH attribute that outlives the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            detach.as_mut_ptr(),
-            std::mem::size_of_val(&detach),
-        )
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: a BPF_LINK_DETACH attribute, without pointers.
+    unsafe { bpf(BPF_LINK_DETACH, &mut detach) }?;
     Ok(())
 }
 
