@@ -87,9 +87,7 @@ fn internal_ports_for(
     config: &Config,
     internal: &mut InternalPorts,
 ) -> Result<std::collections::BTreeMap<u16, u16>, ListenError> {
-    if config.redirect.mode == RedirectMode::Off
-        || !Redirect::needs_internal_ports(&config.redirect)
-    {
+    if !Redirect::needs_internal_ports(&config.redirect) {
         return Ok(Default::default());
     }
     internal.ensure(&config.redirect.ports).cloned()

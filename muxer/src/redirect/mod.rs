@@ -195,13 +195,11 @@ impl std::fmt::Debug for Redirect {
     }
 }
 
-/// The mode to attach in: `sk_lookup` needs Linux 5.9; older kernels get `tc`, said once.
+/// The mode to attach in: `sk_lookup` needs Linux 5.9; older kernels get `tc` ([`Redirect::attach`]
+/// says so, once per attachment).
 fn effective_mode(wanted: RedirectMode, kernel: Option<KernelVersion>) -> RedirectMode {
     let too_old = kernel.is_some_and(|version| version < KernelVersion::new(5, 9, 0));
     if wanted == RedirectMode::SkLookup && too_old {
-        warn!(
-            "redirect.mode = \"sk_lookup\" needs Linux 5.9 or later; using \"tc\" on this kernel"
-        );
         return RedirectMode::Tc;
     }
     wanted
@@ -274,6 +272,11 @@ impl Redirect {
         let target_port = targets.listen_port;
         let listeners = targets.listeners;
         let mode = effective_mode(config.mode, KernelVersion::current().ok());
+        if mode != config.mode {
+            warn!(
+                "redirect.mode = \"sk_lookup\" needs Linux 5.9 or later; using \"tc\" on this kernel"
+            );
+        }
         let interfaces = match mode {
             RedirectMode::SkLookup => {
                 if !config.interfaces.is_empty() {
