@@ -165,8 +165,9 @@ pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::E
         .map(|hash| hash.to_string())
 }
 
-/// The credential after `scheme` (lower case, with its space; matched case-insensitively).
-fn credential<'a>(value: &'a HeaderValue, scheme: &[u8]) -> Option<&'a [u8]> {
+/// The credential after `scheme` (lower case, with its space; matched case-insensitively) in an
+/// `Authorization` or `Proxy-Authorization` value.
+pub(crate) fn credential<'a>(value: &'a HeaderValue, scheme: &[u8]) -> Option<&'a [u8]> {
     let value = value.as_bytes();
     let given = value.get(..scheme.len())?;
     if !given.eq_ignore_ascii_case(scheme) {

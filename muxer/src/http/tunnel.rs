@@ -76,10 +76,7 @@ impl Tunnels {
 
 /// Whether `header` carries Basic credentials equal to `expected` (`user:password`).
 fn credentials_match(header: Option<&HeaderValue>, expected: &[u8]) -> bool {
-    let Some(encoded) = header.and_then(|h| h.to_str().ok()).and_then(|h| {
-        let (scheme, rest) = h.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
-    }) else {
+    let Some(encoded) = header.and_then(|header| super::auth::credential(header, b"basic ")) else {
         return false;
     };
     let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
