@@ -113,21 +113,20 @@ impl RouteMetrics {
 impl HttpMetrics {
     /// Adds these metrics' families to `registry`.
     pub(crate) fn register(&self, registry: &mut Registry) {
-        let http = self;
         registry.register(
             "muxer_http_requests",
             "HTTP requests by route and status",
-            http.requests.clone(),
+            self.requests.clone(),
         );
         registry.register(
             "muxer_http_upstream_response_seconds",
             "Time from sending a request upstream to its response head",
-            http.upstream_latency.clone(),
+            self.upstream_latency.clone(),
         );
         registry.register(
             "muxer_http_time_to_first_byte_seconds",
             "Time from a request's arrival to the first response byte",
-            http.ttfb.clone(),
+            self.ttfb.clone(),
         );
     }
 
