@@ -109,6 +109,12 @@ pub fn path(bytes: &[u8]) {
     );
 }
 
+/// The routes of [`router`]: name, host, path prefix, whether the prefix is stripped.
+const ROUTES: &[(&str, Option<&str>, &str, bool)] = &[
+    ("api", Some("api.example"), "/v1/", false),
+    ("admin", None, "/admin/", true),
+];
+
 fn route(name: &str, host: Option<&str>, path: &str, strip: bool) -> HttpRoute {
     HttpRoute {
         name: Some(name.into()),
@@ -133,23 +139,16 @@ fn router() -> Router {
         queue: 1,
         queue_timeout: Duration::from_secs(1),
     };
+    let routes: Vec<HttpRoute> = ROUTES
+        .iter()
+        .map(|&(name, host, path, strip)| route(name, host, path, strip))
+        .collect();
     Router::new(
-        &[
-            route("api", Some("api.example"), "/v1/", false),
-            route("admin", None, "/admin/", true),
-        ],
+        &routes,
         Duration::from_secs(1),
         pool,
         &Arc::new(HttpMetrics::default()),
     )
-}
-
-/// The prefix each route of [`router`] was given.
-fn prefix_of(name: &str) -> &'static str {
-    match name {
-        "api" => "/v1/",
-        _ => "/admin/",
-    }
 }
 
 /// An HTTP/1 request head as the router sees it, parsed from any bytes as hyper would (httparse):
@@ -193,14 +192,17 @@ pub fn request_head(bytes: &[u8]) {
             }
             ROUTER.with(|router| {
                 if let Some(route) = router.find(target.host.as_deref(), &target.path) {
-                    let prefix = prefix_of(&route.name);
+                    let (_, host, prefix, _) = ROUTES
+                        .iter()
+                        .find(|(name, ..)| *name == route.name)
+                        .expect("a route of ROUTES");
                     assert!(
                         target.path.starts_with(prefix),
                         "{:?} routed to {prefix}",
                         target.path
                     );
-                    if route.name == "api" {
-                        assert_eq!(target.host.as_deref(), Some("api.example"));
+                    if host.is_some() {
+                        assert_eq!(target.host.as_deref(), *host);
                     }
                 }
             });

@@ -95,3 +95,18 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|value| value.split_whitespace().next())
         .and_then(|value| value.parse().ok())
 }
+
+/// CPU seconds (user + system, including reaped children) process `pid` has used, from
+/// `/proc/PID/stat` (0 once the process is gone).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = (11..15)
+        .filter_map(|i| fields.get(i))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}

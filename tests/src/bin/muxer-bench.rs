@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use muxer_tests::backends::{self, Backend};
 use muxer_tests::netns::{Link, Netns, SERVER_V4};
-use muxer_tests::process::Running;
+use muxer_tests::process::{cpu_seconds, Running};
 use muxer_tests::sshd::Sshd;
 use muxer_tests::wait_for;
 
@@ -648,20 +648,6 @@ fn settle() {
 
 /// The longest [`settle`] waits.
 const SETTLE_LIMIT: Duration = Duration::from_secs(20);
-
-/// CPU seconds (user + system, including reaped children) of `pid`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = (11..15)
-        .filter_map(|i| fields.get(i))
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
-}
 
 fn rss_kib(pid: u32) -> f64 {
     muxer_tests::process::status_kib(pid, "VmRSS").unwrap_or(0) as f64
