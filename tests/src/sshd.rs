@@ -43,9 +43,23 @@ impl Sshd {
             config.push_str(&format!("ListenAddress {address}\n"));
         }
         std::fs::write(path("sshd_config"), config).expect("write sshd_config");
-        let sshd = which_sshd();
-        let mut command = netns.command(&sshd);
-        command.args(["-D", "-e", "-f"]).arg(path("sshd_config"));
+        // Sessions run root's login shell, which reads root's dotfiles. Those belong to the
+        // machine, not to the test: on the CI machine `.bashrc` ran `pyenv init`, whose rehash
+        // lock, left behind by a session a test ended, made every later login wait 60 s. sshd
+        // therefore gets an empty home (a tmpfs over it, in the mount namespace `ip netns exec`
+        // creates, so nothing outside sees it); keys and copied files live in `dir`.
+        let home = root_home();
+        let mut command = netns.command("sh");
+        command
+            .args([
+                "-c",
+                "mount -t tmpfs -o mode=0700 muxer-test-home \"$1\" && shift && exec \"$@\"",
+                "sh",
+            ])
+            .arg(&home)
+            .arg(which_sshd())
+            .args(["-D", "-e", "-f"])
+            .arg(path("sshd_config"));
         let mut process = Running::spawn("sshd", command, path("sshd.log"));
         for address in listen {
             let socket: std::net::SocketAddr = address.parse().expect("sshd listen address");
@@ -74,6 +88,9 @@ impl Sshd {
     /// Options every `ssh`/`scp` invocation needs: the key, batch mode, no host-key prompts.
     pub fn client_options(&self) -> Vec<String> {
         vec![
+            // Not the machine's ~/.ssh/config: the test decides every option.
+            "-F".into(),
+            "/dev/null".into(),
             "-i".into(),
             self.client_key().display().to_string(),
             "-o".into(),
@@ -147,6 +164,18 @@ impl Sshd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
+}
+
+/// Root's home directory, as the password database gives it to sshd.
+fn root_home() -> String {
+    let output = Command::new("getent")
+        .args(["passwd", "root"])
+        .output()
+        .expect("run getent");
+    let entry = String::from_utf8_lossy(&output.stdout);
+    let home = entry.trim_end().split(':').nth(5).unwrap_or_default();
+    assert!(home.starts_with('/'), "root's home in {entry:?}");
+    home.to_owned()
 }
 
 /// sshd must be started by absolute path.
