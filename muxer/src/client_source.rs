@@ -35,7 +35,7 @@ pub(crate) enum Effective {
 
 /// The source a connection was actually made from, for the log line. Compact: it lives as long
 /// as the spliced connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum UsedSource {
     /// The client's own address and port.
     Transparent,
@@ -157,6 +157,14 @@ pub(crate) struct Planner {
 }
 
 impl Planner {
+    /// Gives up the reply rules without removing them: a successor process relies on the same
+    /// rules now (it installed them too, finding them in place).
+    pub(crate) fn leave_rules(mut self) {
+        if let Some(routing) = self.routing.take() {
+            std::mem::forget(routing);
+        }
+    }
+
     /// Installs the reply rules `config` needs (or keeps those in force) and returns the modes
     /// connections use. Without CAP_NET_ADMIN, says once why sshd sees per-client loopback
     /// addresses instead of real ones.

@@ -10,15 +10,17 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{info, warn};
 
 use crate::client_source::{self, Sources, UsedSource};
 use crate::config::{Config, ProxyVersion, Target};
+use crate::handover::{ConnectionMeta, Parcel};
 use crate::http::stream::Traffic;
 use crate::limits::{Class, ConnectionSlot, Refusal, TotalPermit};
 use crate::log_limit::LogLimit;
 use crate::proxy_protocol;
-use crate::runtime::{Generation, Runtime};
+use crate::runtime::{Generation, HandoverHub, Runtime};
 use crate::sniff::{self, Detected, HttpVersion, SniffOutcome, Sniffed};
 use crate::sockets::tune_socket;
 use crate::splice::{self, CloseReason};
@@ -219,6 +221,14 @@ struct Serving<'a> {
     log: &'a ConnectionLog,
 }
 
+/// The log label `protocol` names (a handed-over connection's, as [`route_for`] gave it).
+fn static_label(protocol: &str) -> &'static str {
+    ["ssh", "http", "tls", "timeout", "unknown"]
+        .into_iter()
+        .find(|label| *label == protocol)
+        .unwrap_or("resumed")
+}
+
 /// Names the sniffed connection for the logs and picks its route.
 fn route_for(outcome: &SniffOutcome, config: &Config) -> (&'static str, Target) {
     match outcome {
@@ -387,14 +397,14 @@ async fn dispatch(
                     config.splice.idle_timeout,
                     config.splice.method,
                 ),
+                rare: Rare::new(&shared.handover, (prefix_len, 0)),
                 log: *log,
                 // Named only where the mode could give the upstream another source than muxer's.
                 upstream_source: (mode != client_source::Effective::Muxer).then_some(used),
                 label,
                 backend: upstream.as_str().into(),
-                prefix_len,
                 open,
-                _slot: slot,
+                slot,
             });
         }
         Err(closed) => {
@@ -412,18 +422,41 @@ async fn dispatch(
 
 pin_project_lite::pin_project! {
     /// A spliced connection from the moment its backend is connected: the splice, and what the
-    /// counters and the log line need when it ends.
+    /// counters and the log line need when it ends, or when a successor process takes it over.
     struct Spliced {
         #[pin]
         splice: splice::Splice,
+        rare: std::pin::Pin<Box<Rare>>,
         log: ConnectionLog,
         upstream_source: Option<UsedSource>,
         label: &'static str,
         backend: Box<str>,
-        // Sniffed bytes already sent upstream, counted as client bytes.
-        prefix_len: u64,
         open: OpenGuard,
-        _slot: ConnectionSlot,
+        slot: ConnectionSlot,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What a spliced connection needs only at its end or at a handover, boxed so that the task
+    /// every open connection carries stays small.
+    struct Rare {
+        // Ready once a successor takes the spliced connections over.
+        #[pin]
+        handover: WaitForCancellationFutureOwned,
+        hub: Arc<HandoverHub>,
+        // Bytes counted before this splice: the sniffed bytes already sent upstream (client
+        // bytes), or what a previous process moved.
+        carried: (u64, u64),
+    }
+}
+
+impl Rare {
+    fn new(hub: &Arc<HandoverHub>, carried: (u64, u64)) -> std::pin::Pin<Box<Rare>> {
+        Box::pin(Rare {
+            handover: hub.started(),
+            hub: Arc::clone(hub),
+            carried,
+        })
     }
 }
 
@@ -431,13 +464,40 @@ impl std::future::Future for Spliced {
     type Output = ();
 
     fn poll(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
+        let handing_over = self
+            .as_mut()
+            .project()
+            .rare
+            .as_mut()
+            .project()
+            .handover
+            .poll(cx)
+            .is_ready();
+        if handing_over {
+            match self.as_mut().hand_over() {
+                Ok(()) => return std::task::Poll::Ready(()),
+                // Not handed over: it goes on here (and the hook stays fired, so the next poll
+                // would try again; a fresh one that never fires stops that).
+                Err(error) => {
+                    warn!(client = %self.log.client, %error, "cannot hand a connection over; it stays with this process");
+                    self.as_mut()
+                        .project()
+                        .rare
+                        .as_mut()
+                        .project()
+                        .handover
+                        .set(CancellationToken::new().cancelled_owned());
+                }
+            }
+        }
         let this = self.project();
         let report = std::task::ready!(this.splice.poll(cx));
-        let bytes_in = *this.prefix_len + report.client_to_upstream;
-        let bytes_out = report.upstream_to_client;
+        let carried = this.rare.carried;
+        let bytes_in = carried.0 + report.client_to_upstream;
+        let bytes_out = carried.1 + report.upstream_to_client;
         this.open.add_bytes(bytes_in, bytes_out);
         this.log.close_from(
             this.label,
@@ -448,6 +508,97 @@ impl std::future::Future for Spliced {
         );
         std::task::Poll::Ready(())
     }
+}
+
+impl Spliced {
+    /// Pauses the splice and sends the connection to the successor. An error means nothing was
+    /// paused: the splice goes on.
+    fn hand_over(self: std::pin::Pin<&mut Self>) -> std::io::Result<()> {
+        let this = self.project();
+        let paused = this.splice.pause()?;
+        let target = match this.slot.class() {
+            Class::Tls => Target::Tls,
+            Class::Fallback => Target::Fallback,
+            _ => Target::Ssh,
+        };
+        let meta = ConnectionMeta {
+            client: this.log.client,
+            protocol: (*this.label).to_owned(),
+            target,
+            backend: this.backend.to_string(),
+            upstream_source: *this.upstream_source,
+            bytes: (
+                this.rare.carried.0 + paused.bytes.0,
+                this.rare.carried.1 + paused.bytes.1,
+            ),
+            age_ms: this.log.started.elapsed().as_millis() as u64,
+            pending: (paused.pending_up.len(), paused.pending_down.len()),
+        };
+        let parcel = Parcel {
+            meta,
+            client: paused.client,
+            upstream: paused.upstream,
+            pending_up: paused.pending_up,
+            pending_down: paused.pending_down,
+        };
+        if !this.rare.hub.deliver(parcel) {
+            // Only when the old process is exiting anyway: the connection ends here.
+            warn!(client = %this.log.client, "the successor no longer takes connections; connection closed");
+            return Ok(());
+        }
+        info!(client = %this.log.client, protocol = *this.label, backend = %this.backend, "connection handed over to the new process");
+        Ok(())
+    }
+}
+
+/// Goes on splicing a connection a previous process handed over (`muxer upgrade`), on this
+/// worker: counted in its class and on its route, logged when it ends like any other.
+pub(crate) fn resume(parcel: Parcel, runtime: &Arc<Runtime>) {
+    let shared = runtime.current.load_full();
+    let config = &shared.config;
+    let Parcel {
+        meta,
+        client,
+        upstream,
+        pending_up,
+        pending_down,
+    } = parcel;
+    let streams = TcpStream::from_std(std::net::TcpStream::from(client)).and_then(|client| {
+        TcpStream::from_std(std::net::TcpStream::from(upstream)).map(|upstream| (client, upstream))
+    });
+    let (client, upstream) = match streams {
+        Ok(streams) => streams,
+        Err(error) => {
+            warn!(client = %meta.client, %error, "cannot register a handed-over connection");
+            return;
+        }
+    };
+    let class = match meta.target {
+        Target::Tls => Class::Tls,
+        Target::Fallback => Class::Fallback,
+        _ => Class::Ssh,
+    };
+    let age = Duration::from_millis(meta.age_ms);
+    let log = ConnectionLog {
+        client: meta.client,
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+    };
+    tokio::spawn(Spliced {
+        splice: splice::resume(
+            client,
+            upstream,
+            (pending_up, pending_down),
+            config.splice.idle_timeout,
+            config.splice.method,
+        ),
+        rare: Rare::new(&shared.handover, meta.bytes),
+        log,
+        upstream_source: meta.upstream_source,
+        label: static_label(&meta.protocol),
+        backend: meta.backend.into(),
+        open: shared.stats.open(counters_for(meta.target)),
+        slot: runtime.limits.adopt(meta.client.ip(), class),
+    });
 }
 
 /// The PROXY header for `client_addr` reaching this host through `socket`.
@@ -540,6 +691,7 @@ mod tests {
             Arc::clone(&stats),
             Arc::clone(&http_metrics),
             Sources::default(),
+            Default::default(),
         );
         let runtime = Arc::new(Runtime {
             current_http: Arc::new(arc_swap::ArcSwapOption::new(generation.http.clone())),
@@ -551,6 +703,7 @@ mod tests {
             http_connections: tokio_util::task::TaskTracker::new(),
             config_path: "t".into(),
             listener_keepalive: std::time::Duration::from_secs(60),
+            handover: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())

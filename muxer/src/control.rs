@@ -31,6 +31,14 @@ pub enum Command {
         /// Where the outcome goes (the message `muxer reload` prints, or why it was rejected).
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Start the binary again (or `binary`) and hand it every socket; the reply says whether it
+    /// took over.
+    Upgrade {
+        /// Another binary than the one running, if given.
+        binary: Option<PathBuf>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// A control socket that could not be used.
@@ -202,23 +210,19 @@ impl ControlState {
     }
 }
 
-/// The bound control socket; removes its file when dropped.
+/// The bound control socket; removes its file when dropped, unless a successor process took it
+/// over ([`ControlSocket::keep_file`]).
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    remove_file: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlSocket {
     /// Binds `path` with mode 0600, replacing a stale socket file but refusing to take over one
     /// that a running daemon answers on.
     pub async fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
-        let io = |call| {
-            move |source| ControlError::Io {
-                call,
-                path: path.to_owned(),
-                source,
-            }
-        };
+        let io = |call| io_error(call, path);
         if path.exists() {
             if UnixStream::connect(path).await.is_ok() {
                 return Err(ControlError::AlreadyRunning(path.to_owned()));
@@ -236,7 +240,36 @@ impl ControlSocket {
         Ok(ControlSocket {
             listener,
             path: path.to_owned(),
+            remove_file: Arc::new(true.into()),
         })
+    }
+
+    /// The socket a previous process bound at `path` and handed over.
+    pub(crate) fn adopt(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+    ) -> Result<ControlSocket, ControlError> {
+        let io = |call| io_error(call, path);
+        listener
+            .set_nonblocking(true)
+            .map_err(io("fcntl(O_NONBLOCK)"))?;
+        Ok(ControlSocket {
+            listener: UnixListener::from_std(listener).map_err(io("register"))?,
+            path: path.to_owned(),
+            remove_file: Arc::new(true.into()),
+        })
+    }
+
+    /// The listening socket (a copy goes to a successor process).
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    /// A switch that, turned off, leaves the socket file in place when this is dropped: a
+    /// successor answers on it now.
+    pub(crate) fn keep_file(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.remove_file)
     }
 
     /// Answers commands until the task is dropped.
@@ -262,7 +295,9 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove_file.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -272,30 +307,54 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     // A local client that never finishes its line does not hold a task forever.
     tokio::time::timeout(
         COMMAND_TIMEOUT,
-        BufReader::new(read).take(256).read_line(&mut line),
+        BufReader::new(read).take(4096).read_line(&mut line),
     )
     .await
     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let reply = match line.trim() {
-        "stats" => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
-        "reload" => {
-            let (reply, answer) = oneshot::channel();
-            let result = match state.commands.send(Command::Reload { reply }) {
-                Ok(()) => answer
-                    .await
-                    .unwrap_or_else(|_| Err("the daemon is shutting down".into())),
-                Err(_) => Err("the daemon is shutting down".into()),
-            };
-            match result {
-                Ok(message) => serde_json::json!({ "ok": message }).to_string(),
-                Err(message) => serde_json::json!({ "error": message }).to_string(),
-            }
+    let line = line.trim();
+    let (verb, argument) = line.split_once(' ').unwrap_or((line, ""));
+    let reply = match (verb, argument) {
+        ("stats", "") => serde_json::to_string(&state.report()).map_err(std::io::Error::other)?,
+        ("reload", "") => ask(state, |reply| Command::Reload { reply }).await,
+        ("upgrade", binary) => {
+            let binary = (!binary.is_empty()).then(|| PathBuf::from(binary));
+            ask(state, |reply| Command::Upgrade { binary, reply }).await
         }
-        other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
+        _ => serde_json::json!({ "error": format!("unknown command {line:?}") }).to_string(),
     };
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
     write.shutdown().await
+}
+
+/// Sends the daemon the command `make` builds and returns its answer as a JSON line.
+async fn ask(
+    state: &ControlState,
+    make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
+) -> String {
+    let (reply, answer) = oneshot::channel();
+    let result = match state.commands.send(make(reply)) {
+        Ok(()) => answer
+            .await
+            .unwrap_or_else(|_| Err("the daemon is shutting down".into())),
+        Err(_) => Err("the daemon is shutting down".into()),
+    };
+    match result {
+        Ok(message) => serde_json::json!({ "ok": message }).to_string(),
+        Err(message) => serde_json::json!({ "error": message }).to_string(),
+    }
+}
+
+/// Maps an OS error of `call` on the control socket at `path`.
+fn io_error<'a>(
+    call: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ControlError + 'a {
+    move |source| ControlError::Io {
+        call,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Sends `command` to the daemon at `path` and returns its one-line JSON answer.
@@ -312,13 +371,7 @@ pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value, Co
                 source,
             },
         })?;
-    let io = |call| {
-        move |source| ControlError::Io {
-            call,
-            path: path.to_owned(),
-            source,
-        }
-    };
+    let io = |call| io_error(call, path);
     stream
         .write_all(format!("{command}\n").as_bytes())
         .await

@@ -2,10 +2,12 @@
 //! ready, serve; reload on SIGHUP (or `muxer reload`); on SIGTERM stop accepting (which makes the
 //! kernel pass new connections to the original services), let in-flight HTTP requests finish
 //! within the grace period, detach the redirect, and exit.
+use std::ffi::OsString;
+use std::net::TcpListener as StdTcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,15 +17,18 @@ use tracing::{error, info, warn};
 
 use crate::client_source::Planner;
 use crate::config::{Config, RedirectMode};
+use crate::connection;
 use crate::control::{Command, ControlError, ControlSocket, ControlState, RedirectReport};
 use crate::exporter::{self, Metrics};
+use crate::handover::{self, Channel, HandoverError, Inheritance, Parcel, Role, Successor};
 use crate::internal_ports::InternalPorts;
 use crate::limits::ConnectionLimits;
 use crate::listener::{self, ListenError};
 use crate::metrics::HttpMetrics;
 use crate::redirect::{Redirect, Targets};
-use crate::runtime::{Generation, Runtime};
+use crate::runtime::{Generation, HandoverHub, Runtime};
 use crate::stats::Stats;
+use crate::steering::Steering;
 use crate::workers::{WorkerError, Workers};
 
 /// A failure that stops the daemon.
@@ -41,6 +46,9 @@ pub enum DaemonError {
     /// A worker thread could not start.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// The sockets a previous process passed could not be taken over.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: every connection costs two descriptors.
@@ -99,6 +107,7 @@ fn attach_redirect(
     config: &Config,
     listeners: &[OwnedFd],
     internal: &mut InternalPorts,
+    successor: bool,
 ) -> (Option<Redirect>, RedirectReport) {
     if config.redirect.mode == RedirectMode::Off {
         info!("kernel redirect off by config; clients use the listen port directly");
@@ -115,6 +124,7 @@ fn attach_redirect(
                 listen_port: target,
                 listeners: &listeners,
                 internal_ports: &internal_ports,
+                successor,
             };
             Redirect::attach(&config.redirect, &targets).map_err(|error| {
                 if error.is_permission() {
@@ -155,21 +165,86 @@ struct Daemon {
     listeners: Vec<OwnedFd>,
     /// The TC/XDP redirect's internal ports.
     internal_ports: InternalPorts,
+    /// The binary `muxer upgrade` starts unless told another.
+    executable: Option<PathBuf>,
+    /// Copies of the listening sockets (listen addresses, control, metrics) for a successor.
+    sockets: Vec<(Role, OwnedFd)>,
+    /// Turned off once a successor answers on the control socket, so that its file stays.
+    control_file: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
     /// Attaches the redirect `config` asks for, with the daemon's sockets.
     fn attach_redirect(&mut self, config: &Config) -> (Option<Redirect>, RedirectReport) {
-        attach_redirect(config, &self.listeners, &mut self.internal_ports)
+        attach_redirect(config, &self.listeners, &mut self.internal_ports, false)
     }
 
-    /// Acts on a command from the control socket.
+    /// Acts on a command from the control socket (an upgrade is the loop's: it may end it).
     fn command(&mut self, command: Command) {
         match command {
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload());
             }
+            Command::Upgrade { reply, .. } => {
+                let _ = reply.send(Err("upgrade is handled by the daemon's loop".into()));
+            }
         }
+    }
+
+    /// Starts `binary` (by default the running one) as a successor, hands it every listening
+    /// socket and waits until it serves. On failure nothing changed: this process serves on.
+    async fn upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+    ) -> Result<(Successor, u32), HandoverError> {
+        let binary = binary
+            .or_else(|| self.executable.clone())
+            .ok_or(HandoverError::Protocol(
+                "no binary: the running one's path is unknown",
+            ))?;
+        let pin_dir = self.runtime.current.load().config.redirect.pin_dir.clone();
+        if let Some(redirect) = self.redirect().as_mut() {
+            redirect
+                .offer_links(&pin_dir)
+                .map_err(|error| HandoverError::Redirect(error.to_string()))?;
+        }
+        let mut sockets: Vec<(Role, OwnedFd)> = Vec::new();
+        let internal = self
+            .internal_ports
+            .sockets()
+            .map(|(public_port, fd)| (Role::Internal { public_port }, fd));
+        let all = self
+            .sockets
+            .iter()
+            .map(|(role, fd)| (*role, fd.as_fd()))
+            .chain(internal);
+        for (role, fd) in all {
+            sockets.push((role, fd.try_clone_to_owned()?));
+        }
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        info!(binary = %binary.display(), "starting the new process");
+        let started = tokio::task::spawn_blocking(move || {
+            let borrowed: Vec<(Role, BorrowedFd<'_>)> = sockets
+                .iter()
+                .map(|(role, fd)| (*role, fd.as_fd()))
+                .collect();
+            Successor::start(&binary, &args, &borrowed, SUCCESSOR_READY_TIMEOUT)
+        })
+        .await
+        .map_err(|error| HandoverError::Channel(std::io::Error::other(error)))?;
+        if started.is_err() {
+            if let Some(redirect) = self.redirect().as_mut() {
+                redirect.withdraw_links();
+            }
+        }
+        started
+    }
+
+    fn redirect(&self) -> std::sync::MutexGuard<'_, Option<Redirect>> {
+        self.control
+            .redirect
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Re-reads the config file and applies it to new connections and requests. An invalid file
@@ -207,6 +282,7 @@ impl Daemon {
             Arc::clone(&self.runtime.stats),
             Arc::clone(&self.runtime.http_metrics),
             sources,
+            Arc::clone(&self.runtime.handover),
         );
         self.runtime.install(generation);
         for note in &notes {
@@ -278,21 +354,72 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Runs the multiplexer with `config` (read from `config_path`) until SIGTERM or SIGINT.
-pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
-    let started = Instant::now();
-    raise_fd_limit();
-    let worker_count = config.listen.worker_count();
-    let groups = config
+/// Longest wait for a successor (`muxer upgrade`) to load its config, take the sockets over,
+/// attach its programs and answer.
+const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds each listen address's SO_REUSEPORT group, or takes over the one a previous process
+/// passed.
+fn listen_groups(
+    config: &Config,
+    worker_count: usize,
+    mut inheritance: Option<&mut Inheritance>,
+) -> Result<Vec<Vec<StdTcpListener>>, ListenError> {
+    config
         .listen
         .addresses
         .iter()
-        .map(|&address| listener::bind_group(address, worker_count, config.splice.tcp_keepalive))
-        .collect::<Result<Vec<_>, _>>()?;
-    let control_socket = ControlSocket::bind(&config.control.socket).await?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+        .map(|&address| {
+            let inherited = inheritance
+                .as_deref_mut()
+                .map(|inheritance| inheritance.take_listen(address))
+                .unwrap_or_default();
+            if inherited.is_empty() {
+                listener::bind_group(address, worker_count, config.splice.tcp_keepalive)
+            } else {
+                Ok(inherited)
+            }
+        })
+        .collect()
+}
+
+/// Takes in the connections a previous process hands over, each on the least loaded worker,
+/// until it is done. Runs on a thread of its own: receiving blocks.
+fn receive_handed_over(channel: Channel, runtime: Arc<Runtime>, steering: Arc<Steering>) {
+    let spawned = std::thread::Builder::new()
+        .name("muxer-handover".into())
+        .spawn(move || {
+            let mut count = 0usize;
+            handover::receive_connections(&channel, |parcel| {
+                count += 1;
+                let runtime = Arc::clone(&runtime);
+                steering
+                    .least_loaded_runtime()
+                    .spawn(async move { connection::resume(parcel, &runtime) });
+            });
+            info!(connections = count, "handover complete");
+        });
+    if let Err(error) = spawned {
+        error!(%error, "cannot start the thread receiving handed-over connections");
+    }
+}
+
+/// Runs the multiplexer with `config` (read from `config_path`) until SIGTERM or SIGINT, or until
+/// a successor took over (`muxer upgrade`, SIGUSR2).
+pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    // The binary `muxer upgrade` starts by default: the path this one was started from, read
+    // now, before a package upgrade replaces the file.
+    let executable = std::env::current_exe().ok();
+    raise_fd_limit();
+    let mut inheritance = handover::inherit()?;
+    let worker_count = config.listen.worker_count();
+    let groups = listen_groups(&config, worker_count, inheritance.as_mut())?;
+    let control_socket = match inheritance.as_mut().and_then(Inheritance::take_control) {
+        Some(listener) => ControlSocket::adopt(listener, &config.control.socket)?,
+        None => ControlSocket::bind(&config.control.socket).await?,
+    };
+    let mut signals = Signals::install()?;
     for group in &groups {
         if let Some(Ok(address)) = group.first().map(std::net::TcpListener::local_addr) {
             info!(%address, workers = worker_count, "listening");
@@ -305,12 +432,25 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         .filter_map(|group| group.first())
         .filter_map(|socket| socket.as_fd().try_clone_to_owned().ok())
         .collect();
+    // Copies of every listening socket, for a successor.
+    let mut sockets: Vec<(Role, OwnedFd)> = groups
+        .iter()
+        .flatten()
+        .filter_map(|socket| socket.as_fd().try_clone_to_owned().ok())
+        .map(|fd| (Role::Listen, fd))
+        .collect();
+    sockets.extend(
+        control_socket
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(|fd| (Role::Control, fd)),
+    );
     // Worker `i` takes socket `i` of every address.
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
-        (0..worker_count).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<StdTcpListener>> = (0..worker_count).map(|_| Vec::new()).collect();
     for group in groups {
         for (index, socket) in group.into_iter().enumerate() {
-            per_worker[index].push(socket);
+            per_worker[index % worker_count].push(socket);
         }
     }
     // Only once the listeners accept may port 22 be redirected to them.
@@ -323,7 +463,12 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         worker_count,
         config.splice.tcp_keepalive,
     );
-    let (redirect, redirect_report) = attach_redirect(&config, &listeners, &mut internal_ports);
+    if let Some(inheritance) = inheritance.as_mut() {
+        internal_ports.adopt(inheritance.take_internal());
+    }
+    let successor = inheritance.is_some();
+    let (redirect, redirect_report) =
+        attach_redirect(&config, &listeners, &mut internal_ports, successor);
     let stats = Arc::new(Stats::default());
     let limits = ConnectionLimits::new(&config.limits);
     let (commands, mut command_queue) = tokio::sync::mpsc::unbounded_channel();
@@ -339,17 +484,36 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let http_metrics = Arc::new(HttpMetrics::default());
     let metrics = Arc::new(Metrics::new(Arc::clone(&control), &http_metrics));
     let metrics_listener = match config.metrics.listen {
-        Some(address) => exporter::bind(address).await,
+        Some(address) => {
+            let inherited = inheritance
+                .as_mut()
+                .and_then(|inheritance| inheritance.take_metrics(address));
+            match inherited {
+                Some(listener) => exporter::adopt(listener),
+                None => exporter::bind(address).await,
+            }
+        }
         None => None,
     };
+    if let Some(listener) = &metrics_listener {
+        sockets.extend(
+            listener
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(|fd| (Role::Metrics, fd)),
+        );
+    }
     let shutdown_grace = config.shutdown_grace;
     let listener_keepalive = config.splice.tcp_keepalive;
     let pin_workers = config.listen.pin_workers;
+    let handover = Arc::new(HandoverHub::default());
     let generation = Generation::new(
         config,
         Arc::clone(&stats),
         Arc::clone(&http_metrics),
         sources,
+        Arc::clone(&handover),
     );
     let runtime = Arc::new(Runtime {
         limits,
@@ -361,6 +525,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         http_connections: TaskTracker::new(),
         config_path: PathBuf::from(config_path),
         listener_keepalive,
+        handover,
     });
     let mut daemon = Daemon {
         runtime: Arc::clone(&runtime),
@@ -368,6 +533,9 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         sources: planner,
         listeners,
         internal_ports,
+        executable,
+        sockets,
+        control_file: control_socket.keep_file(),
     };
 
     let workers = Workers::start(per_worker, adopt, &runtime, pin_workers)?;
@@ -379,62 +547,192 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         }
         tokio::spawn(exporter::serve(listener, metrics))
     });
+    if let Some(inheritance) = inheritance {
+        let channel = inheritance.ready()?;
+        info!("took over from the previous process");
+        receive_handed_over(channel, Arc::clone(&runtime), workers.steering());
+    }
     notify(&[sd_notify::NotifyState::Ready]);
 
-    loop {
+    let stop = loop {
         tokio::select! {
-            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
-            _ = hangup.recv() => {
+            _ = signals.terminate.recv() => { info!("SIGTERM: stopping"); break Stop::Exit; }
+            _ = signals.interrupt.recv() => { info!("SIGINT: stopping"); break Stop::Exit; }
+            _ = signals.hangup.recv() => {
                 info!("SIGHUP: reloading {}", runtime.config_path.display());
                 let _ = daemon.reload();
             }
-            Some(command) = command_queue.recv() => daemon.command(command),
+            _ = signals.upgrade.recv() => {
+                info!("SIGUSR2: upgrading");
+                match daemon.upgrade(None).await {
+                    Ok(successor) => break Stop::HandOver(successor),
+                    Err(error) => error!(%error, "upgrade failed; this process serves on"),
+                }
+            }
+            Some(command) = command_queue.recv() => match command {
+                Command::Upgrade { binary, reply } => match daemon.upgrade(binary).await {
+                    Ok(successor) => {
+                        let _ = reply.send(Ok(format!("process {} took over", successor.1)));
+                        break Stop::HandOver(successor);
+                    }
+                    Err(error) => {
+                        error!(%error, "upgrade failed; this process serves on");
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                },
+                command => daemon.command(command),
+            },
         }
+    };
+    let ending = Ending {
+        runtime: &runtime,
+        control: &control,
+        workers,
+        shutdown_grace,
+    };
+    match stop {
+        Stop::Exit => ending.stop(daemon).await,
+        Stop::HandOver(successor) => ending.hand_over(daemon, successor).await,
     }
-    notify(&[sd_notify::NotifyState::Stopping]);
-    // 0. sk_lookup mode: the sockets leave the program's map, and the daemon's copies close with
-    //    the workers' sockets below, so nothing steers new connections to a closing socket.
-    if let Some(redirect) = control
-        .redirect
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .as_mut()
-    {
-        redirect.stop_steering();
-    }
-    daemon.listeners.clear();
-    // 1. Stop accepting. With no listener on the internal ports the kernel program stops
-    //    redirecting new connections at once: from here on port 22 reaches sshd directly again.
-    //    Connections already redirected keep their sockets, hence their rewrite, so in-flight
-    //    requests through port 22 can finish.
-    workers.stop_accepting().await;
-    info!("stopped accepting; new connections to the public ports reach their own services");
-    // 2. Let in-flight HTTP requests finish, up to the grace period.
-    runtime.shutdown.cancel();
-    runtime.http_connections.close();
-    if tokio::time::timeout(shutdown_grace, runtime.http_connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(grace = ?shutdown_grace, "grace period over; closing remaining HTTP connections");
-    }
-    // 3. Detach the programs.
-    drop(
-        control
-            .redirect
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .take(),
-    );
     controlling.abort();
     let _ = controlling.await;
     if let Some(task) = metrics_task {
         task.abort();
     }
-    workers.exit();
-    // 4. Remove the reply rules (a crash leaves them: harmless, docs/lockout.md).
-    drop(daemon);
     info!("stopped");
     Ok(())
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    upgrade: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, DaemonError> {
+        let install = |kind| signal(kind).map_err(DaemonError::Signal);
+        Ok(Signals {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            hangup: install(SignalKind::hangup())?,
+            upgrade: install(SignalKind::user_defined2())?,
+        })
+    }
+}
+
+/// How the daemon's loop ended.
+enum Stop {
+    /// SIGTERM or SIGINT: stop serving.
+    Exit,
+    /// A successor (and its pid) serves now.
+    HandOver((Successor, u32)),
+}
+
+/// What the end of the daemon needs.
+struct Ending<'a> {
+    runtime: &'a Arc<Runtime>,
+    control: &'a Arc<ControlState>,
+    workers: Workers,
+    shutdown_grace: Duration,
+}
+
+impl Ending<'_> {
+    fn redirect(&self) -> std::sync::MutexGuard<'_, Option<Redirect>> {
+        self.control
+            .redirect
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Stop accepting (which gives port 22 back to sshd), let in-flight HTTP requests finish,
+    /// detach the redirect, and remove the reply rules.
+    async fn stop(self, mut daemon: Daemon) {
+        notify(&[sd_notify::NotifyState::Stopping]);
+        // 0. sk_lookup mode: the sockets leave the program's map, and the daemon's copies close
+        //    with the workers' sockets below, so nothing steers new connections to a closing
+        //    socket.
+        if let Some(redirect) = self.redirect().as_mut() {
+            redirect.stop_steering();
+        }
+        daemon.listeners.clear();
+        daemon.sockets.clear();
+        // 1. Stop accepting. With no listener on the internal ports the kernel program stops
+        //    redirecting new connections at once: from here on port 22 reaches sshd directly
+        //    again. Connections already redirected keep their sockets, hence their rewrite, so
+        //    in-flight requests through port 22 can finish.
+        self.workers.stop_accepting().await;
+        info!("stopped accepting; new connections to the public ports reach their own services");
+        // 2. Let in-flight HTTP requests finish, up to the grace period.
+        self.drain_http().await;
+        // 3. Detach the programs.
+        drop(self.redirect().take());
+        self.workers.exit();
+        // 4. Remove the reply rules (a crash leaves them: harmless, docs/lockout.md).
+        drop(daemon);
+    }
+
+    /// The successor serves: stop accepting, send it every spliced connection (also those that
+    /// start splicing meanwhile), let HTTP requests in flight finish here, and leave everything
+    /// the successor uses in place.
+    async fn hand_over(self, daemon: Daemon, (successor, pid): (Successor, u32)) {
+        // systemd follows the successor from now on.
+        notify(&[sd_notify::NotifyState::MainPid(pid)]);
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        if let Some(redirect) = self.redirect().as_mut() {
+            redirect.stop_steering();
+        }
+        self.workers.stop_accepting().await;
+        info!(
+            pid,
+            "the new process accepts now; handing spliced connections over"
+        );
+        let (parcels, mut queue) = tokio::sync::mpsc::unbounded_channel::<Parcel>();
+        self.runtime.handover.start(parcels);
+        let forwarding = tokio::task::spawn_blocking(move || {
+            let mut sent = 0usize;
+            while let Some(parcel) = queue.blocking_recv() {
+                match successor.send_connection(&parcel) {
+                    Ok(()) => sent += 1,
+                    Err(error) => {
+                        warn!(client = %parcel.meta.client, %error, "a connection could not be handed over; closed")
+                    }
+                }
+            }
+            successor.finish();
+            sent
+        });
+        self.drain_http().await;
+        // Connections still sniffing go over once spliced; wait for every task to be gone.
+        let steering = self.workers.steering();
+        while steering.live_tasks() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.runtime.handover.close();
+        match forwarding.await {
+            Ok(sent) => info!(connections = sent, "spliced connections handed over"),
+            Err(error) => warn!(%error, "handing connections over failed"),
+        }
+        if let Some(mut redirect) = self.redirect().take() {
+            redirect.leave_to_successor();
+        }
+        daemon
+            .control_file
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.workers.exit();
+        daemon.sources.leave_rules();
+    }
+
+    async fn drain_http(&self) {
+        self.runtime.shutdown.cancel();
+        self.runtime.http_connections.close();
+        if tokio::time::timeout(self.shutdown_grace, self.runtime.http_connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?self.shutdown_grace, "grace period over; closing remaining HTTP connections");
+        }
+    }
 }

@@ -286,3 +286,17 @@ pub(crate) async fn bind(address: SocketAddr) -> Option<TcpListener> {
         }
     }
 }
+
+/// The metrics socket a previous process bound and handed over.
+pub(crate) fn adopt(listener: std::net::TcpListener) -> Option<TcpListener> {
+    let registered = listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener));
+    match registered {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            warn!(%error, "metrics endpoint unavailable: the handed-over socket failed");
+            None
+        }
+    }
+}

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -29,6 +30,8 @@ pub(crate) struct InternalPorts {
     keepalive: Duration,
     /// One sender per worker: new listening sockets for its accept loop.
     workers: Vec<UnboundedSender<StdTcpListener>>,
+    /// A copy of every internal socket with its public port, for a successor process.
+    copies: Vec<(u16, OwnedFd)>,
 }
 
 impl InternalPorts {
@@ -45,6 +48,7 @@ impl InternalPorts {
             addresses: addresses.to_vec(),
             keepalive,
             workers: senders,
+            copies: Vec::new(),
         };
         (internal, receivers)
     }
@@ -57,12 +61,7 @@ impl InternalPorts {
                 continue;
             }
             let (internal, groups) = self.bind()?;
-            for group in groups {
-                for (sender, socket) in self.workers.iter().zip(group) {
-                    // A worker that stopped accepting drops the socket: nothing to do.
-                    let _ = sender.send(socket);
-                }
-            }
+            self.hand_to_workers(port, groups.into_iter().flatten());
             info!(
                 public_port = port,
                 internal_port = internal,
@@ -71,6 +70,44 @@ impl InternalPorts {
             self.ports.insert(port, internal);
         }
         Ok(&self.ports)
+    }
+
+    /// Takes over the internal sockets a previous process passed (public port → its sockets on
+    /// every listen address), keeping their port numbers: the connections redirected to them
+    /// before the handover are tied to those ports.
+    pub(crate) fn adopt(&mut self, inherited: BTreeMap<u16, Vec<StdTcpListener>>) {
+        for (public, sockets) in inherited {
+            let Some(internal) = sockets
+                .first()
+                .and_then(|socket| socket.local_addr().ok())
+                .map(|address| address.port())
+            else {
+                continue;
+            };
+            self.hand_to_workers(public, sockets);
+            info!(
+                public_port = public,
+                internal_port = internal,
+                "internal port taken over"
+            );
+            self.ports.insert(public, internal);
+        }
+    }
+
+    /// Gives `sockets` (of `public`'s internal port) to the workers in turn, keeping a copy.
+    fn hand_to_workers(&mut self, public: u16, sockets: impl IntoIterator<Item = StdTcpListener>) {
+        for (index, socket) in sockets.into_iter().enumerate() {
+            if let Ok(copy) = socket.as_fd().try_clone_to_owned() {
+                self.copies.push((public, copy));
+            }
+            // A worker that stopped accepting drops the socket: nothing to do.
+            let _ = self.workers[index % self.workers.len()].send(socket);
+        }
+    }
+
+    /// Every internal socket, with its public port (for a successor process).
+    pub(crate) fn sockets(&self) -> impl Iterator<Item = (u16, BorrowedFd<'_>)> {
+        self.copies.iter().map(|(public, fd)| (*public, fd.as_fd()))
     }
 
     /// One group per listen address, all on one port the kernel picked.

@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub(crate) mod ebpf;
 pub(crate) mod exporter;
+pub mod handover;
 pub mod http;
 pub mod install;
 pub(crate) mod internal_ports;

@@ -254,6 +254,8 @@ pub struct ConnectionSlot {
     class: AtomicU8,
     /// Names the slot among its source's SSH startups.
     id: u32,
+    /// Whether it took a permit of the total limit (a handed-over connection may not have).
+    holds_total: bool,
 }
 
 /// A global permit taken before `accept`; given to [`ConnectionLimits::admit`] or dropped.
@@ -270,6 +272,13 @@ impl TotalPermit {
             Err(_) => unreachable!("a new semaphore has a permit"),
         }
     }
+}
+
+/// The counts of `network`, created empty if it has none yet.
+fn source_entry(sources: &mut HashMap<IpAddr, Arc<Source>>, network: IpAddr) -> &Arc<Source> {
+    sources
+        .entry(network)
+        .or_insert_with(|| Source::new(network))
 }
 
 impl ConnectionLimits {
@@ -405,9 +414,7 @@ impl ConnectionLimits {
         let network = self.source_network(ip);
         let source = {
             let mut sources = self.sources();
-            let source = sources
-                .entry(network)
-                .or_insert_with(|| Source::new(network));
+            let source = source_entry(&mut sources, network);
             let all = source.all.load(Ordering::Relaxed);
             let refusal = if all >= self.settings.per_source.load(Ordering::Relaxed) {
                 Some(Refusal::PerSource)
@@ -440,7 +447,38 @@ impl ConnectionLimits {
             source,
             class: AtomicU8::new(Class::Sniffing as u8),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            holds_total: true,
         })
+    }
+
+    /// Counts a connection a previous process handed over, from `ip`, in `class`. Never refused:
+    /// it is an established session; it takes a slot of the total limit when one is free.
+    pub(crate) fn adopt(self: &Arc<Self>, ip: IpAddr, class: Class) -> ConnectionSlot {
+        let network = self.source_network(ip);
+        let source = {
+            let mut sources = self.sources();
+            let source = source_entry(&mut sources, network);
+            source.all.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(source)
+        };
+        let holds_total = match Arc::clone(&self.total).try_acquire_owned() {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        };
+        if !class.reserved() {
+            self.shared_open.fetch_add(1, Ordering::Relaxed);
+        }
+        self.class_open[class as usize].fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            limits: Arc::clone(self),
+            source,
+            class: AtomicU8::new(class as u8),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            holds_total,
+        }
     }
 
     /// Counts a refusal.
@@ -585,7 +623,9 @@ impl Drop for ConnectionSlot {
             limits.shared_open.fetch_sub(1, Ordering::Relaxed);
         }
         limits.class_open[class as usize].fetch_sub(1, Ordering::Relaxed);
-        limits.total.add_permits(1);
+        if self.holds_total {
+            limits.total.add_permits(1);
+        }
     }
 }
 

@@ -65,6 +65,20 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Start the binary again (a new version after a package upgrade) and hand it every socket:
+    /// SSH sessions and other spliced connections go on in the new process (like SIGUSR2). The
+    /// old process serves on if the new one fails to start.
+    Upgrade {
+        /// The config file, to find the control socket.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The control socket (overrides the config's `control.socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Start this binary instead of the one running (its path as it was started).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Read a password from standard input (one line) and print its argon2id hash, for a route's
     /// `auth.basic` (`"user:HASH"`).
     HashPassword,
@@ -141,31 +155,31 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Reload { config, socket } => {
-            let socket = control_socket(&config, socket);
-            let runtime = match current_thread_runtime() {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            match runtime.block_on(muxer::control::request(&socket, "reload")) {
-                Ok(answer) => match (answer.get("ok"), answer.get("error")) {
-                    (Some(ok), _) => {
-                        println!("muxer: {}", ok.as_str().unwrap_or("reloaded"));
-                        ExitCode::SUCCESS
-                    }
-                    (_, error) => {
-                        eprintln!(
-                            "muxer: reload rejected, still running the previous config: {}",
-                            error.and_then(|e| e.as_str()).unwrap_or("unknown error")
-                        );
-                        ExitCode::from(EXIT_BAD_CONFIG)
+        Command::Reload { config, socket } => ask_daemon(
+            &control_socket(&config, socket),
+            "reload",
+            "reload rejected, still running the previous config",
+        ),
+        Command::Upgrade {
+            config,
+            socket,
+            binary,
+        } => {
+            let command = match binary {
+                Some(binary) => match std::path::absolute(&binary) {
+                    Ok(binary) => format!("upgrade {}", binary.display()),
+                    Err(error) => {
+                        eprintln!("muxer: {}: {error}", binary.display());
+                        return ExitCode::FAILURE;
                     }
                 },
-                Err(error) => {
-                    eprintln!("muxer: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+                None => "upgrade".to_owned(),
+            };
+            ask_daemon(
+                &control_socket(&config, socket),
+                &command,
+                "upgrade failed, the running process serves on",
+            )
         }
         Command::Install {
             root,
@@ -227,6 +241,34 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Sends `command` to the daemon and prints its answer; `rejected` prefixes a refusal, which
+/// exits with the bad-config code.
+fn ask_daemon(socket: &Path, command: &str, rejected: &str) -> ExitCode {
+    let runtime = match current_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(muxer::control::request(socket, command)) {
+        Ok(answer) => match (answer.get("ok"), answer.get("error")) {
+            (Some(ok), _) => {
+                println!("muxer: {}", ok.as_str().unwrap_or("done"));
+                ExitCode::SUCCESS
+            }
+            (_, error) => {
+                eprintln!(
+                    "muxer: {rejected}: {}",
+                    error.and_then(|e| e.as_str()).unwrap_or("unknown error")
+                );
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Err(error) => {
+            eprintln!("muxer: {error}");
+            ExitCode::FAILURE
         }
     }
 }

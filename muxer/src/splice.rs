@@ -2,7 +2,9 @@
 //! passed on to the other, an idle timeout over both directions, and both sockets closed as soon
 //! as either side fails.
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::future::Future;
@@ -89,9 +91,142 @@ pub(crate) fn splice(
             copying: Copying::new(client, upstream, idle_timeout),
         },
         // Boxed: the common path's task should not carry this future's state.
-        Method::Splice => Splice::Pipe {
-            piping: Box::pin(pipe_splice(client, upstream, idle_timeout)),
-        },
+        Method::Splice => {
+            let shared = Arc::new(PipeShared::default());
+            let raw = (client.as_raw_fd(), upstream.as_raw_fd());
+            Splice::Pipe {
+                piping: Box::pin(pipe_splice(
+                    client,
+                    upstream,
+                    idle_timeout,
+                    Arc::clone(&shared),
+                )),
+                paused: Box::new((shared, raw)),
+            }
+        }
+    }
+}
+
+/// Resumes a connection another process paused: `pending` (client → backend, backend →
+/// client) is written first. With pending bytes the connection continues through buffers
+/// whatever `method` says, since they are in user space already.
+pub(crate) fn resume(
+    client: TcpStream,
+    upstream: TcpStream,
+    (pending_up, pending_down): (Vec<u8>, Vec<u8>),
+    idle_timeout: Duration,
+    method: Method,
+) -> Splice {
+    if pending_up.is_empty() && pending_down.is_empty() {
+        return splice(client, upstream, idle_timeout, method);
+    }
+    let mut copying = Copying::new(client, upstream, idle_timeout);
+    copying.up.preload(pending_up);
+    copying.down.preload(pending_down);
+    Splice::Copy { copying }
+}
+
+/// A connection taken out of its splice between two writes, for another process.
+#[derive(Debug)]
+pub(crate) struct Paused {
+    /// The client's socket.
+    pub(crate) client: OwnedFd,
+    /// The backend's socket.
+    pub(crate) upstream: OwnedFd,
+    /// Read from the client, not yet written to the backend.
+    pub(crate) pending_up: Vec<u8>,
+    /// Read from the backend, not yet written to the client.
+    pub(crate) pending_down: Vec<u8>,
+    /// Bytes moved so far: client → backend, backend → client.
+    pub(crate) bytes: (u64, u64),
+}
+
+impl Splice {
+    /// Takes the connection out of the splice: copies of both sockets and the bytes read but not
+    /// yet written. The splice must not be polled again (drop it); dropping it closes only its
+    /// own descriptors, so the connection stays open through the copies.
+    pub(crate) fn pause(self: Pin<&mut Self>) -> io::Result<Paused> {
+        match self.project() {
+            SpliceProjection::Copy { copying } => {
+                let this = copying.project();
+                Ok(Paused {
+                    client: this.client.as_fd().try_clone_to_owned()?,
+                    upstream: this.upstream.as_fd().try_clone_to_owned()?,
+                    pending_up: this.up.pending().to_vec(),
+                    pending_down: this.down.pending().to_vec(),
+                    bytes: (this.up.bytes, this.down.bytes),
+                })
+            }
+            SpliceProjection::Pipe { piping, paused } => {
+                let (shared, (client, upstream)) = &**paused;
+                // SAFETY: the splice future owns both sockets until it is dropped, which happens
+                // only after these copies are made (it is still alive here).
+                let (client, upstream) = unsafe {
+                    (
+                        BorrowedFd::borrow_raw(*client).try_clone_to_owned()?,
+                        BorrowedFd::borrow_raw(*upstream).try_clone_to_owned()?,
+                    )
+                };
+                // The future is parked at an await: no splice(2) runs, and a pipe with bytes in
+                // it is in its direction's slot. Dropping the future ends its borrows.
+                *piping = Box::pin(std::future::pending());
+                Ok(Paused {
+                    client,
+                    upstream,
+                    pending_up: shared.up.drain(),
+                    pending_down: shared.down.drain(),
+                    bytes: (
+                        shared.up.bytes.load(Ordering::Relaxed),
+                        shared.down.bytes.load(Ordering::Relaxed),
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// What a splice(2) connection shares with whoever pauses it: per direction, the pipe holding
+/// bytes while the writer waits, and the byte count.
+#[derive(Default)]
+struct PipeShared {
+    up: PipeDirection,
+    down: PipeDirection,
+}
+
+#[derive(Default)]
+struct PipeDirection {
+    /// The pipe with bytes not yet written, while its direction waits for the writer.
+    waiting: std::sync::Mutex<Option<pipes::Pipe>>,
+    bytes: AtomicU64,
+}
+
+impl PipeDirection {
+    /// The bytes in the waiting pipe, if any (the pipe goes back to the pool, empty). Reading a
+    /// pipe this process owns does not fail; if it did, the bytes would be lost and the
+    /// connection's stream broken, which its peers detect.
+    fn drain(&self) -> Vec<u8> {
+        let pipe = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        let mut pending = Vec::new();
+        if let Some(pipe) = pipe {
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match rustix::io::read(&pipe.read, &mut chunk) {
+                    Ok(0) | Err(rustix::io::Errno::AGAIN) => break,
+                    Ok(read) => pending.extend_from_slice(&chunk[..read]),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(errno) => {
+                        tracing::warn!(%errno, "cannot read a paused connection's pipe");
+                        return pending;
+                    }
+                }
+            }
+            pipes::give(pipe);
+        }
+        pending
     }
 }
 
@@ -107,6 +242,8 @@ pin_project_lite::pin_project! {
         /// splice(2) through pipes.
         Pipe {
             piping: Pin<Box<dyn Future<Output = SpliceReport> + Send>>,
+            // What pausing needs: the shared state, and the sockets' numbers (owned by `piping`).
+            paused: Box<(Arc<PipeShared>, (RawFd, RawFd))>,
         },
     }
 }
@@ -117,7 +254,7 @@ impl Future for Splice {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceReport> {
         match self.project() {
             SpliceProjection::Copy { copying } => copying.poll(cx),
-            SpliceProjection::Pipe { piping } => piping.as_mut().poll(cx),
+            SpliceProjection::Pipe { piping, .. } => piping.as_mut().poll(cx),
         }
     }
 }
@@ -127,12 +264,11 @@ async fn pipe_splice(
     mut client: TcpStream,
     mut upstream: TcpStream,
     idle_timeout: Duration,
+    shared: Arc<PipeShared>,
 ) -> SpliceReport {
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved in either direction.
     let last_activity = AtomicU64::new(0);
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
 
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
@@ -140,7 +276,7 @@ async fn pipe_splice(
         &mut client_read,
         &mut upstream_write,
         (Side::Client, Side::Upstream),
-        &up_bytes,
+        &shared.up,
         &last_activity,
         started,
     );
@@ -148,7 +284,7 @@ async fn pipe_splice(
         &mut upstream_read,
         &mut client_write,
         (Side::Upstream, Side::Client),
-        &down_bytes,
+        &shared.down,
         &last_activity,
         started,
     );
@@ -180,8 +316,8 @@ async fn pipe_splice(
         }
     };
     SpliceReport {
-        client_to_upstream: up_bytes.load(Ordering::Relaxed),
-        upstream_to_client: down_bytes.load(Ordering::Relaxed),
+        client_to_upstream: shared.up.bytes.load(Ordering::Relaxed),
+        upstream_to_client: shared.down.bytes.load(Ordering::Relaxed),
         reason,
     }
 }
@@ -201,12 +337,11 @@ async fn splice_until_eof(
     reader: &mut ReadHalf<'_>,
     writer: &mut WriteHalf<'_>,
     (read_side, write_side): (Side, Side),
-    bytes: &AtomicU64,
+    direction: &PipeDirection,
     last_activity: &AtomicU64,
     started: Instant,
 ) -> Result<(), CloseReason> {
     use rustix::pipe::{splice as splice_fds, SpliceFlags};
-    use std::os::fd::AsFd;
     use tokio::io::Interest;
 
     let source: &TcpStream = reader.as_ref();
@@ -214,7 +349,7 @@ async fn splice_until_eof(
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     loop {
         source.readable().await.map_err(|e| failure(read_side, e))?;
-        let pipe = pipes::take().map_err(|e| failure(read_side, e))?;
+        let mut pipe = pipes::take().map_err(|e| failure(read_side, e))?;
         let mut eof = false;
         let mut in_pipe = 0usize;
         loop {
@@ -249,10 +384,14 @@ async fn splice_until_eof(
                 match drained {
                     Ok(moved) => {
                         in_pipe -= moved;
-                        record(bytes, last_activity, started, moved);
+                        record(&direction.bytes, last_activity, started, moved);
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        sink.writable().await.map_err(|e| failure(write_side, e))?;
+                        // Parked with bytes in the pipe: the pipe waits where a pause finds it.
+                        direction.park(pipe);
+                        let writable = sink.writable().await;
+                        pipe = direction.unpark();
+                        writable.map_err(|e| failure(write_side, e))?;
                     }
                     Err(error) => return Err(failure(write_side, error)),
                 }
@@ -265,6 +404,23 @@ async fn splice_until_eof(
         if eof {
             return writer.shutdown().await.map_err(|e| failure(write_side, e));
         }
+    }
+}
+
+impl PipeDirection {
+    fn park(&self, pipe: pipes::Pipe) {
+        *self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(pipe);
+    }
+
+    fn unpark(&self) -> pipes::Pipe {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+            .expect("parked before the await that is resumed now")
     }
 }
 
@@ -324,6 +480,24 @@ struct Direction {
 }
 
 impl Direction {
+    /// Bytes read but not yet written.
+    fn pending(&self) -> &[u8] {
+        match &self.buf {
+            Some(buf) => &buf[self.start..self.end],
+            None => &[],
+        }
+    }
+
+    /// Starts with `bytes` waiting to be written (a resumed connection).
+    fn preload(&mut self, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.start = 0;
+        self.end = bytes.len();
+        self.buf = Some(bytes);
+    }
+
     /// Moves bytes `from` → `to` until it would block (`Pending`), the source ends and the FIN is
     /// passed on (`Ready(Ok)`), or a socket fails. Returns whether any byte moved.
     fn poll_move(
@@ -484,8 +658,11 @@ mod pool {
             .unwrap_or_else(|| vec![0u8; super::BUFFER_LEN])
     }
 
-    /// Returns a buffer from [`take`].
+    /// Returns a buffer from [`take`] (others, such as a resumed connection's, are freed).
     pub(crate) fn give(buf: Vec<u8>) {
+        if buf.len() != super::BUFFER_LEN {
+            return;
+        }
         FREE.with(|free| {
             let mut free = free.borrow_mut();
             if free.len() < KEEP {

@@ -161,6 +161,20 @@ impl Steering {
         least_loaded((0..self.workers.len()).map(|index| self.load(index)))
     }
 
+    /// The runtime of the least loaded worker, where a connection handed over by a previous
+    /// process starts.
+    pub(crate) fn least_loaded_runtime(&self) -> Handle {
+        self.workers[self.least_loaded().0].runtime.clone()
+    }
+
+    /// Tasks alive on all workers: their connections and what those spawned.
+    pub(crate) fn live_tasks(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|worker| worker.runtime.metrics().num_alive_tasks())
+            .sum()
+    }
+
     /// Every worker's connections and claim, in worker order.
     pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
         (0..self.workers.len())

@@ -215,7 +215,7 @@ impl Default for Sniff {
 }
 
 /// A route a connection can be sent to when no probe named its protocol.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// The `[ssh]` backend.

@@ -13,6 +13,7 @@
 //! before attaching.
 
 mod counters;
+mod handover;
 mod interfaces;
 mod netns_links;
 mod pins;
@@ -108,14 +109,29 @@ pub enum RedirectError {
     /// A public port has no internal port to redirect to (TC/XDP mode).
     #[error("public port {0} has no internal listening port")]
     NoInternalPort(u16),
-    /// A map could not be pinned.
-    #[error("pinning eBPF map {name}: {source}")]
+    /// An XDP link could not be handed to or taken from another process.
+    #[error("handing over an XDP link: {0}")]
+    HandoverLink(#[from] aya::programs::links::LinkError),
+    /// A map or link could not be pinned.
+    #[error("pinning eBPF {name}: {}", with_causes(source))]
     Pin {
         /// Map name.
         name: &'static str,
         /// What failed.
         source: aya::pin::PinError,
     },
+}
+
+/// `error` and, after colons, what caused it (aya's pin errors name only the failing call).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 impl RedirectError {
@@ -160,6 +176,8 @@ struct InterfaceLinks {
 enum IngressLink {
     Tc(SchedClassifierLinkId),
     Xdp(XdpLinkId),
+    /// Pinned for a successor process ([`Redirect::offer_links`]).
+    Offered,
 }
 
 /// The attached redirect. Dropping it detaches everything and removes the pins.
@@ -170,6 +188,12 @@ pub struct Redirect {
     links: BTreeMap<String, InterfaceLinks>,
     /// The sk_lookup program's link to the network namespace, in that mode.
     netns_link: Option<SkLookupLinkId>,
+    /// XDP links pinned for a successor, by interface.
+    offered: Vec<(String, aya::programs::links::PinnedLink)>,
+    /// Where the counters are pinned, and where a previous process offers its links.
+    pin_dir: PathBuf,
+    /// Whether a previous process hands its attachments over to this one.
+    successor: bool,
     /// `(public port, counter slot)`.
     slots: Vec<(u16, u32)>,
     /// Public port → internal port, in TC/XDP mode.
@@ -250,6 +274,9 @@ pub struct Targets<'a> {
     /// Public port → the internal port where muxer listens for the connections redirected from it
     /// (TC/XDP mode; see [`Redirect::needs_internal_ports`]).
     pub internal_ports: &'a BTreeMap<u16, u16>,
+    /// Whether this process succeeds one that still steers (`muxer upgrade`): its attachments
+    /// are taken over or joined, never removed as stale.
+    pub successor: bool,
 }
 
 impl Redirect {
@@ -294,6 +321,9 @@ impl Redirect {
             logger: logger.and_then(spawn_logger),
             links: BTreeMap::new(),
             netns_link: None,
+            offered: Vec::new(),
+            pin_dir: config.pin_dir.clone(),
+            successor: targets.successor,
             slots: Vec::new(),
             internal_ports: BTreeMap::new(),
             mode,
@@ -308,8 +338,8 @@ impl Redirect {
         for interface in &interfaces {
             redirect.attach_interface(interface)?;
         }
-        if let Err(error) =
-            pins::prepare(&config.pin_dir).and_then(|()| redirect.pin_counters(&config.pin_dir))
+        if let Err(error) = pins::prepare(&config.pin_dir, redirect.successor)
+            .and_then(|()| redirect.pin_counters(&config.pin_dir))
         {
             warn!(%error, "kernel counters not pinned (muxer stats still shows them)");
         }
@@ -450,7 +480,11 @@ impl Redirect {
             path: NETNS,
             source,
         })?;
-        netns_links::remove_stale(netns.as_fd(), PROGRAM_SK_LOOKUP);
+        if !self.successor {
+            // A predecessor handing over keeps its link until it exits; ours runs after it and
+            // decides (BPF_SK_LOOKUP_F_REPLACE).
+            netns_links::remove_stale(netns.as_fd(), PROGRAM_SK_LOOKUP);
+        }
         let program: &mut SkLookup = program(&mut self.ebpf, PROGRAM_SK_LOOKUP)?;
         let link = program
             .attach(netns.as_fd())
@@ -476,7 +510,10 @@ impl Redirect {
 
     /// Attaches egress, then ingress, to `interface`.
     fn attach_interface(&mut self, interface: &str) -> Result<(), RedirectError> {
-        remove_stale_filters(interface);
+        if !self.successor {
+            // A predecessor handing over keeps its programs until it exits; they steer alike.
+            remove_stale_filters(interface);
+        }
         let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         if !has_tcx {
             // Without TCX, TC programs hang off the clsact qdisc.
@@ -487,8 +524,16 @@ impl Redirect {
         let egress_link = egress
             .attach(interface, TcAttachType::Egress)
             .map_err(attach_error(PROGRAM_TC_EGRESS, interface))?;
-        let ingress = match self.mode {
-            RedirectMode::Xdp => {
+        let adopted = match (self.mode, self.successor) {
+            (RedirectMode::Xdp, true) => self.adopt_xdp(&self.pin_dir.clone(), interface)?,
+            _ => None,
+        };
+        let ingress = match (self.mode, adopted) {
+            (_, Some((link, hook))) => {
+                self.ingress = hook;
+                link
+            }
+            (RedirectMode::Xdp, None) => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, PROGRAM_XDP_INGRESS)?;
                 let link = match xdp.attach(interface, XdpMode::Driver) {
                     Ok(link) => {
@@ -545,6 +590,7 @@ impl Redirect {
                     })
                 })
             }
+            IngressLink::Offered => Ok(()),
         };
         let result = result.and_then(|()| {
             program::<SchedClassifier>(&mut self.ebpf, PROGRAM_TC_EGRESS).and_then(|p| {
@@ -564,8 +610,10 @@ impl Redirect {
         for name in [COUNTERS_MAP, PORT_COUNTERS_MAP] {
             let path = dir.join(name);
             let map = map_mut(&mut self.ebpf, name)?;
-            map.pin(&path)
-                .map_err(|source| RedirectError::Pin { name, source })?;
+            map.pin(&path).map_err(|source| RedirectError::Pin {
+                name: "counter map",
+                source,
+            })?;
             self.pins.push(path);
         }
         Ok(())
@@ -584,6 +632,9 @@ impl Drop for Redirect {
         }
         for pin in &self.pins {
             let _ = std::fs::remove_file(pin);
+        }
+        for (_, offered) in self.offered.drain(..) {
+            let _ = offered.unpin();
         }
         // `ebpf` drops after this body: its links detach, and port 22 reaches sshd again.
         info!("kernel redirect detached");

@@ -18,8 +18,9 @@ fn io_error<'a>(
 }
 
 /// Makes sure `pin_dir`'s parent is a bpffs mount (mounting one if needed), creates `pin_dir`,
-/// and removes pins an earlier muxer left behind (a SIGKILLed daemon cannot clean up).
-pub(crate) fn prepare(pin_dir: &Path) -> Result<(), RedirectError> {
+/// and removes pins an earlier muxer left behind (a SIGKILLed daemon cannot clean up), or, for a
+/// `successor`, those of the process it takes over from.
+pub(crate) fn prepare(pin_dir: &Path, successor: bool) -> Result<(), RedirectError> {
     let mount_point = pin_dir.parent().unwrap_or(Path::new("/"));
     let is_bpffs = rustix::fs::statfs(mount_point)
         .is_ok_and(|fs| u64::try_from(fs.f_type).ok() == Some(BPF_FS_MAGIC));
@@ -38,7 +39,11 @@ pub(crate) fn prepare(pin_dir: &Path) -> Result<(), RedirectError> {
     for entry in std::fs::read_dir(pin_dir).map_err(io_error("read", pin_dir))? {
         let path = entry.map_err(io_error("read", pin_dir))?.path();
         std::fs::remove_file(&path).map_err(io_error("remove stale pin", &path))?;
-        tracing::info!(pin = %path.display(), "removed a stale pin");
+        if successor {
+            tracing::debug!(pin = %path.display(), "replacing the previous process's pin");
+        } else {
+            tracing::info!(pin = %path.display(), "removed a stale pin");
+        }
     }
     Ok(())
 }

@@ -1,0 +1,155 @@
+//! The handover channel's framing: one SOCK_SEQPACKET message per item, carrying a JSON header,
+//! raw bytes after it, and descriptors (SCM_RIGHTS). Blocking; each end is used by one thread.
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+
+use super::Header;
+
+/// Largest message: a header, and the bytes a paused connection had read but not yet written
+/// (at most one 64 KiB pipe or 32 KiB buffer each way).
+const MAX_MESSAGE: usize = 512 * 1024;
+/// Most descriptors in one message (listeners go one per message; connections carry two).
+const MAX_FDS: usize = 4;
+
+/// One end of the handover channel.
+#[derive(Debug)]
+pub(crate) struct Channel(OwnedFd);
+
+/// A received message.
+#[derive(Debug)]
+pub(crate) struct Message {
+    /// What it is.
+    pub(crate) header: Header,
+    /// The descriptors it carried, in order.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The bytes after the header.
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Channel {
+    /// A connected pair: the first end stays, the second goes to the successor (inheritable: no
+    /// CLOEXEC).
+    pub(crate) fn pair() -> io::Result<(Channel, OwnedFd)> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::empty(),
+        )?;
+        rustix::io::fcntl_setfd(&ours, rustix::io::FdFlags::CLOEXEC)?;
+        for end in [&ours, &theirs] {
+            // Large enough for the largest message; the kernel caps it at wmem_max otherwise.
+            let _ = setsockopt(end, sockopt::SndBuf, &(MAX_MESSAGE * 2));
+        }
+        Ok((Channel(ours), theirs))
+    }
+
+    /// The channel on an inherited descriptor.
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+        Ok(Channel(fd))
+    }
+
+    /// Sends one message.
+    pub(crate) fn send(
+        &self,
+        header: &Header,
+        fds: &[BorrowedFd<'_>],
+        payload: &[&[u8]],
+    ) -> io::Result<()> {
+        let json = serde_json::to_vec(header).map_err(io::Error::other)?;
+        let length = (json.len() as u32).to_le_bytes();
+        let mut slices = vec![IoSlice::new(&length), IoSlice::new(&json)];
+        slices.extend(payload.iter().map(|part| IoSlice::new(part)));
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+        loop {
+            match sendmsg::<()>(
+                self.0.as_raw_fd(),
+                &slices,
+                control,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+
+    /// Receives one message; `None` once the other end has closed.
+    pub(crate) fn recv(&self) -> io::Result<Option<Message>> {
+        let mut buffer = vec![0u8; MAX_MESSAGE];
+        let mut control = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let (length, fds, truncated) = loop {
+            let mut slices = [IoSliceMut::new(&mut buffer)];
+            match recvmsg::<()>(
+                self.0.as_raw_fd(),
+                &mut slices,
+                Some(&mut control),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(message) => {
+                    let mut fds = Vec::new();
+                    for cmsg in message.cmsgs()? {
+                        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                            // SAFETY: the kernel just installed these descriptors in this
+                            // process for this message; nothing else owns them.
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                    let truncated = message
+                        .flags
+                        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                    break (message.bytes, fds, truncated);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(errno) => return Err(errno.into()),
+            }
+        };
+        if length == 0 {
+            return Ok(None);
+        }
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        if truncated {
+            return Err(bad("handover message truncated"));
+        }
+        let header_len = buffer
+            .get(..4)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map(|bytes: [u8; 4]| u32::from_le_bytes(bytes) as usize)
+            .filter(|&header_len| 4 + header_len <= length)
+            .ok_or_else(|| bad("handover message without a header"))?;
+        let header: Header = serde_json::from_slice(&buffer[4..4 + header_len])
+            .map_err(|error| bad(&format!("handover header: {error}")))?;
+        buffer.truncate(length);
+        let payload = buffer.split_off(4 + header_len);
+        Ok(Some(Message {
+            header,
+            fds,
+            payload,
+        }))
+    }
+
+    /// Whether a message (or the other end's close) is waiting, within `timeout`.
+    pub(crate) fn readable_within(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(ready) => Ok(ready > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+}
