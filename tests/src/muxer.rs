@@ -120,6 +120,26 @@ impl Muxer {
             .expect("run muxer reload")
     }
 
+    /// Runs `muxer upgrade` (with `new_binary`, if given) and returns its output; when it says a new
+    /// process took over, waits for this one to exit and follows the new one.
+    pub fn upgrade(&mut self, new_binary: Option<&Path>) -> std::process::Output {
+        let mut command = std::process::Command::new(binary());
+        command.args(["upgrade", "--socket"]).arg(self.socket());
+        if let Some(new_binary) = new_binary {
+            command.arg("--binary").arg(new_binary);
+        }
+        let output = command.output().expect("run muxer upgrade");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if let Some(pid) = stdout
+            .strip_prefix("muxer: process ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+        {
+            self.process.succeeded_by(pid, Duration::from_secs(60));
+        }
+        output
+    }
+
     /// `muxer stats --json`, parsed.
     pub fn stats(&self) -> serde_json::Value {
         let output = std::process::Command::new(binary())

@@ -5,6 +5,8 @@ use std::process::{Child, Command, Stdio};
 /// A running child process, killed on drop. Its stderr goes to a log file shown on failure.
 pub struct Running {
     child: Option<Child>,
+    /// A process this one did not start (a muxer's successor), killed on drop too.
+    successor: Option<u32>,
     name: String,
     log: PathBuf,
 }
@@ -25,14 +27,31 @@ impl Running {
             .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
         Running {
             child: Some(child),
+            successor: None,
             name: name.to_owned(),
             log,
         }
     }
 
-    /// The process id.
+    /// The process id (the successor's, once [`Running::succeeded_by`] named one).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        match self.successor {
+            Some(pid) => pid,
+            None => self.child.as_ref().expect("running").id(),
+        }
+    }
+
+    /// Waits for this process to exit (it handed over to `pid`, writing to the same log), and
+    /// follows `pid` from now on: signals go to it, and it is killed on drop.
+    pub fn succeeded_by(&mut self, pid: u32, within: std::time::Duration) {
+        let status = crate::wait_for(
+            &format!("{} to exit after the handover", self.name),
+            within,
+            || self.try_exit_status(),
+        );
+        assert!(status.success(), "{} exited with {status}", self.name);
+        self.child = None;
+        self.successor = Some(pid);
     }
 
     /// Everything the process wrote so far.
@@ -46,8 +65,13 @@ impl Running {
         rustix::process::kill_process(pid, signal).expect("kill");
     }
 
-    /// Sends `signal` and waits for the exit status.
+    /// Sends `signal` and waits for the exit status (for a successor: until it is gone; the
+    /// status is then unknown and reported as 0).
     pub fn signal_and_wait(&mut self, signal: rustix::process::Signal) -> std::process::ExitStatus {
+        if let Some(pid) = self.successor.take() {
+            kill_and_wait_foreign(pid, signal);
+            return std::os::unix::process::ExitStatusExt::from_raw(0);
+        }
         let mut child = self.child.take().expect("running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
         let _ = rustix::process::kill_process(pid, signal);
@@ -73,8 +97,42 @@ impl Running {
     }
 }
 
+/// Sends `signal` to `pid`, which is not a child of ours, and waits until it is gone (init
+/// reaps it).
+fn kill_and_wait_foreign(pid: u32, signal: rustix::process::Signal) {
+    let Some(id) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let _ = rustix::process::kill_process(id, signal);
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gone() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            kill_and_wait_foreign(pid, rustix::process::Signal::KILL);
+            if std::thread::panicking() || std::env::var_os("MUXER_TEST_SHOW_LOGS").is_some() {
+                eprintln!(
+                    "---- log of {} (and its successors) ----\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
