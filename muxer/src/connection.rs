@@ -3,6 +3,7 @@
 //! route's handler. `dispatch` is the one place a sniffed connection meets its handler.
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -387,6 +388,11 @@ async fn dispatch(
     .await;
     match connected {
         Ok((upstream_stream, used)) => {
+            let stored = shared.handover.fd_store.keep_connection(
+                client.as_fd(),
+                upstream_stream.as_fd(),
+                target,
+            );
             // The rest of the connection's life runs as a task of its own, holding only what it
             // needs: this task's set-up state (sniffing, routing, connecting; ~1 KiB) is freed
             // instead of being carried by every open spliced connection.
@@ -397,7 +403,7 @@ async fn dispatch(
                     config.splice.idle_timeout,
                     config.splice.method,
                 ),
-                rare: Rare::new(&shared.handover, (prefix_len, 0)),
+                rare: Rare::new(&shared.handover, (prefix_len, 0), stored),
                 log: *log,
                 // Named only where the mode could give the upstream another source than muxer's.
                 upstream_source: (mode != client_source::Effective::Muxer).then_some(used),
@@ -447,15 +453,22 @@ pin_project_lite::pin_project! {
         // Bytes counted before this splice: the sniffed bytes already sent upstream (client
         // bytes), or what a previous process moved.
         carried: (u64, u64),
+        // The prefix of its names in systemd's descriptor store, if kept there.
+        stored: Option<String>,
     }
 }
 
 impl Rare {
-    fn new(hub: &Arc<HandoverHub>, carried: (u64, u64)) -> std::pin::Pin<Box<Rare>> {
+    fn new(
+        hub: &Arc<HandoverHub>,
+        carried: (u64, u64),
+        stored: Option<String>,
+    ) -> std::pin::Pin<Box<Rare>> {
         Box::pin(Rare {
             handover: hub.started(),
             hub: Arc::clone(hub),
             carried,
+            stored,
         })
     }
 }
@@ -495,6 +508,9 @@ impl std::future::Future for Spliced {
         }
         let this = self.project();
         let report = std::task::ready!(this.splice.poll(cx));
+        if let Some(stored) = &this.rare.stored {
+            this.rare.hub.fd_store.forget(stored);
+        }
         let carried = this.rare.carried;
         let bytes_in = carried.0 + report.client_to_upstream;
         let bytes_out = carried.1 + report.upstream_to_client;
@@ -533,6 +549,8 @@ impl Spliced {
             ),
             age_ms: this.log.started.elapsed().as_millis() as u64,
             pending: (paused.pending_up.len(), paused.pending_down.len()),
+            // Its entries in systemd's store stay, under the same names, for the successor.
+            stored: this.rare.as_mut().project().stored.take(),
         };
         let parcel = Parcel {
             meta,
@@ -578,6 +596,12 @@ pub(crate) fn resume(parcel: Parcel, runtime: &Arc<Runtime>) {
         Target::Fallback => Class::Fallback,
         _ => Class::Ssh,
     };
+    let stored = meta.stored.or_else(|| {
+        shared
+            .handover
+            .fd_store
+            .keep_connection(client.as_fd(), upstream.as_fd(), meta.target)
+    });
     let age = Duration::from_millis(meta.age_ms);
     let log = ConnectionLog {
         client: meta.client,
@@ -591,7 +615,7 @@ pub(crate) fn resume(parcel: Parcel, runtime: &Arc<Runtime>) {
             config.splice.idle_timeout,
             config.splice.method,
         ),
-        rare: Rare::new(&shared.handover, meta.bytes),
+        rare: Rare::new(&shared.handover, meta.bytes, stored),
         log,
         upstream_source: meta.upstream_source,
         label: static_label(&meta.protocol),

@@ -20,7 +20,10 @@ use crate::config::{Config, RedirectMode};
 use crate::connection;
 use crate::control::{Command, ControlError, ControlSocket, ControlState, RedirectReport};
 use crate::exporter::{self, Metrics};
-use crate::handover::{self, Channel, HandoverError, Inheritance, Parcel, Role, Successor};
+use crate::handover::fd_store::{self, FdStore, Restored, RestoredConnection};
+use crate::handover::{
+    self, Channel, ConnectionMeta, HandoverError, Inheritance, Parcel, Role, Successor,
+};
 use crate::internal_ports::InternalPorts;
 use crate::limits::ConnectionLimits;
 use crate::listener::{self, ListenError};
@@ -359,11 +362,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
 const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds each listen address's SO_REUSEPORT group, or takes over the one a previous process
-/// passed.
+/// passed (or systemd's descriptor store kept); freshly bound ones go to the store.
 fn listen_groups(
     config: &Config,
     worker_count: usize,
     mut inheritance: Option<&mut Inheritance>,
+    fd_store: &FdStore,
 ) -> Result<Vec<Vec<StdTcpListener>>, ListenError> {
     config
         .listen
@@ -374,13 +378,65 @@ fn listen_groups(
                 .as_deref_mut()
                 .map(|inheritance| inheritance.take_listen(address))
                 .unwrap_or_default();
-            if inherited.is_empty() {
-                listener::bind_group(address, worker_count, config.splice.tcp_keepalive)
-            } else {
-                Ok(inherited)
+            if !inherited.is_empty() {
+                return Ok(inherited);
             }
+            let group = listener::bind_group(address, worker_count, config.splice.tcp_keepalive)?;
+            fd_store.keep_listeners(group.iter().map(AsFd::as_fd));
+            Ok(group)
         })
         .collect()
+}
+
+/// Goes on splicing the connections systemd's descriptor store gave back, each on the least
+/// loaded worker. Bytes that were in flight when the previous process died are lost
+/// (docs/handover.md); idle sessions go on.
+fn resume_restored(
+    connections: Vec<RestoredConnection>,
+    runtime: &Arc<Runtime>,
+    steering: &Steering,
+) {
+    for restored in connections {
+        let peer = |fd: &OwnedFd| {
+            socket2::SockRef::from(fd)
+                .peer_addr()
+                .ok()
+                .and_then(|address| address.as_socket())
+        };
+        let (Some(client), Some(backend)) = (peer(&restored.client), peer(&restored.upstream))
+        else {
+            // Ended while no process ran: closing ours (systemd's copy went with the restart's
+            // hand-out) finishes it.
+            restored.close_in_store(&runtime.handover.fd_store);
+            continue;
+        };
+        let parcel = Parcel {
+            meta: ConnectionMeta {
+                client,
+                protocol: match restored.target {
+                    crate::config::Target::Tls => "tls",
+                    crate::config::Target::Fallback => "unknown",
+                    _ => "ssh",
+                }
+                .to_owned(),
+                target: restored.target,
+                backend: backend.to_string(),
+                upstream_source: None,
+                bytes: (0, 0),
+                age_ms: 0,
+                pending: (0, 0),
+                stored: Some(restored.stored),
+            },
+            client: restored.client,
+            upstream: restored.upstream,
+            pending_up: Vec::new(),
+            pending_down: Vec::new(),
+        };
+        let runtime = Arc::clone(runtime);
+        steering
+            .least_loaded_runtime()
+            .spawn(async move { connection::resume(parcel, &runtime) });
+    }
 }
 
 /// Takes in the connections a previous process hands over, each on the least loaded worker,
@@ -412,9 +468,27 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     // now, before a package upgrade replaces the file.
     let executable = std::env::current_exe().ok();
     raise_fd_limit();
+    let handover = Arc::new(HandoverHub::new(FdStore::from_environment()));
     let mut inheritance = handover::inherit()?;
+    let mut restored = Restored::default();
+    if inheritance.is_none() && handover.fd_store.enabled() {
+        restored = fd_store::restored();
+        info!(
+            listen_sockets = restored.listeners.len(),
+            connections = restored.connections.len(),
+            "systemd's descriptor store gave back"
+        );
+        inheritance = Some(Inheritance::from_store(std::mem::take(
+            &mut restored.listeners,
+        )));
+    }
     let worker_count = config.listen.worker_count();
-    let groups = listen_groups(&config, worker_count, inheritance.as_mut())?;
+    let groups = listen_groups(
+        &config,
+        worker_count,
+        inheritance.as_mut(),
+        &handover.fd_store,
+    )?;
     let control_socket = match inheritance.as_mut().and_then(Inheritance::take_control) {
         Some(listener) => ControlSocket::adopt(listener, &config.control.socket)?,
         None => ControlSocket::bind(&config.control.socket).await?,
@@ -462,11 +536,15 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         &config.listen.addresses,
         worker_count,
         config.splice.tcp_keepalive,
+        Arc::clone(&handover),
     );
     if let Some(inheritance) = inheritance.as_mut() {
         internal_ports.adopt(inheritance.take_internal());
     }
-    let successor = inheritance.is_some();
+    internal_ports.prefer(std::mem::take(&mut restored.internal_ports));
+    let successor = inheritance
+        .as_ref()
+        .is_some_and(Inheritance::has_predecessor);
     let (redirect, redirect_report) =
         attach_redirect(&config, &listeners, &mut internal_ports, successor);
     let stats = Arc::new(Stats::default());
@@ -507,7 +585,6 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
     let shutdown_grace = config.shutdown_grace;
     let listener_keepalive = config.splice.tcp_keepalive;
     let pin_workers = config.listen.pin_workers;
-    let handover = Arc::new(HandoverHub::default());
     let generation = Generation::new(
         config,
         Arc::clone(&stats),
@@ -547,11 +624,11 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> 
         }
         tokio::spawn(exporter::serve(listener, metrics))
     });
-    if let Some(inheritance) = inheritance {
-        let channel = inheritance.ready()?;
+    if let Some(channel) = inheritance.map(Inheritance::ready).transpose()?.flatten() {
         info!("took over from the previous process");
         receive_handed_over(channel, Arc::clone(&runtime), workers.steering());
     }
+    resume_restored(restored.connections, &runtime, &workers.steering());
     notify(&[sd_notify::NotifyState::Ready]);
 
     let stop = loop {
@@ -657,8 +734,12 @@ impl Ending<'_> {
         if let Some(redirect) = self.redirect().as_mut() {
             redirect.stop_steering();
         }
+        // Every copy of a listening socket goes now: one left open on an internal port would
+        // keep the kernel program steering port 22's new connections to a socket nobody
+        // accepts from.
         daemon.listeners.clear();
         daemon.sockets.clear();
+        daemon.internal_ports.close_copies();
         // 1. Stop accepting. With no listener on the internal ports the kernel program stops
         //    redirecting new connections at once: from here on port 22 reaches sshd directly
         //    again. Connections already redirected keep their sockets, hence their rewrite, so

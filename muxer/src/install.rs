@@ -63,8 +63,15 @@ Group={user}
 ExecStartPre=+/bin/sh -c 'mkdir -p /sys/fs/bpf/muxer && chown {user}:{user} /sys/fs/bpf/muxer'
 ExecStart={binary} run --config {config}
 ExecReload=/bin/kill -HUP $MAINPID
+# `muxer upgrade` (or SIGUSR2) starts a new process that takes over; it becomes the main process.
+NotifyAccess=all
 Restart=on-failure
-RestartSec=1s
+# Short: while no process runs, a session's packets reach port 22 unrewritten (docs/handover.md).
+RestartSec=200ms
+# Listen sockets and spliced connections are kept here, so that idle SSH sessions outlive a crash.
+# (MUXER_FD_STORE tells muxer so on systemd before 254, which does not set $FDSTORE.)
+FileDescriptorStoreMax=65536
+Environment=MUXER_FD_STORE=1
 # Stop: detach the redirect, drain HTTP for shutdown_grace (30 s), then exit.
 TimeoutStopSec=45s
 AmbientCapabilities={capabilities}
@@ -256,6 +263,9 @@ mod tests {
             "PrivateTmp=yes",
             "ExecReload=/bin/kill -HUP $MAINPID",
             "ExecStart=/usr/local/bin/muxer run --config /etc/muxer/muxer.toml",
+            "NotifyAccess=all",
+            "FileDescriptorStoreMax=65536",
+            "Environment=MUXER_FD_STORE=1",
         ] {
             assert!(text.contains(line), "missing {line:?}");
         }

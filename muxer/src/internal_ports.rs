@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::info;
 
 use crate::listener::{self, ListenError};
+use crate::runtime::HandoverHub;
 
 /// Attempts at finding one port free on every listen address.
 const BIND_ATTEMPTS: usize = 16;
@@ -32,6 +34,11 @@ pub(crate) struct InternalPorts {
     workers: Vec<UnboundedSender<StdTcpListener>>,
     /// A copy of every internal socket with its public port, for a successor process.
     copies: Vec<(u16, OwnedFd)>,
+    /// Public port → the internal port it had before a restart (systemd's descriptor store
+    /// kept connections tied to it), tried first.
+    preferred: BTreeMap<u16, u16>,
+    /// Where a new internal port is noted for a restart.
+    handover: Arc<HandoverHub>,
 }
 
 impl InternalPorts {
@@ -41,6 +48,7 @@ impl InternalPorts {
         addresses: &[SocketAddr],
         workers: usize,
         keepalive: Duration,
+        handover: Arc<HandoverHub>,
     ) -> (InternalPorts, Vec<UnboundedReceiver<StdTcpListener>>) {
         let (senders, receivers) = (0..workers).map(|_| unbounded_channel()).unzip();
         let internal = InternalPorts {
@@ -49,6 +57,8 @@ impl InternalPorts {
             keepalive,
             workers: senders,
             copies: Vec::new(),
+            preferred: BTreeMap::new(),
+            handover,
         };
         (internal, receivers)
     }
@@ -60,7 +70,7 @@ impl InternalPorts {
             if self.ports.contains_key(&port) {
                 continue;
             }
-            let (internal, groups) = self.bind()?;
+            let (internal, groups) = self.bind_for(port)?;
             self.hand_to_workers(port, groups.into_iter().flatten());
             info!(
                 public_port = port,
@@ -70,6 +80,40 @@ impl InternalPorts {
             self.ports.insert(port, internal);
         }
         Ok(&self.ports)
+    }
+
+    /// Internal ports to bind again for their public ports (from systemd's descriptor store).
+    pub(crate) fn prefer(&mut self, preferred: BTreeMap<u16, u16>) {
+        self.preferred = preferred;
+    }
+
+    /// Binds `public`'s internal port: the one it had before a restart if free, else one the
+    /// kernel picks (noted in systemd's store, if kept).
+    fn bind_for(&self, public: u16) -> Result<(u16, Vec<Vec<StdTcpListener>>), ListenError> {
+        let store = &self.handover.fd_store;
+        if let Some(&before) = self.preferred.get(&public) {
+            let groups = self
+                .addresses
+                .iter()
+                .map(|&address| {
+                    listener::bind_group(
+                        with_port(address, before),
+                        self.workers.len(),
+                        self.keepalive,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>();
+            match groups {
+                Ok(groups) => return Ok((before, groups)),
+                Err(error) => {
+                    tracing::warn!(public_port = public, internal_port = before, %error, "the internal port of before the restart is taken; connections restored on it will fail");
+                    store.forget_internal_port(public, before);
+                }
+            }
+        }
+        let (internal, groups) = self.bind()?;
+        store.keep_internal_port(public, internal);
+        Ok((internal, groups))
     }
 
     /// Takes over the internal sockets a previous process passed (public port → its sockets on
@@ -103,6 +147,12 @@ impl InternalPorts {
             // A worker that stopped accepting drops the socket: nothing to do.
             let _ = self.workers[index % self.workers.len()].send(socket);
         }
+    }
+
+    /// Closes the copies kept for a successor (stopping: nothing may listen on an internal
+    /// port once the workers stop accepting).
+    pub(crate) fn close_copies(&mut self) {
+        self.copies.clear();
     }
 
     /// Every internal socket, with its public port (for a successor process).
@@ -166,7 +216,7 @@ mod tests {
             "[::1]:2222".parse().unwrap(),
         ];
         let (mut internal, mut receivers) =
-            InternalPorts::new(&addresses, 2, Duration::from_secs(30));
+            InternalPorts::new(&addresses, 2, Duration::from_secs(30), Default::default());
         let ports = internal.ensure(&[22, 443]).unwrap().clone();
         assert_eq!(ports.len(), 2);
         assert_ne!(ports[&22], ports[&443]);

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client_source::Sources;
 use crate::config::Config;
+use crate::handover::fd_store::FdStore;
 use crate::handover::Parcel;
 use crate::http::{CurrentRouter, HttpContext};
 use crate::limits::ConnectionLimits;
@@ -53,9 +54,19 @@ pub(crate) struct Runtime {
 pub(crate) struct HandoverHub {
     started: CancellationToken,
     parcels: Mutex<Option<UnboundedSender<Parcel>>>,
+    /// systemd's descriptor store, where spliced connections are also kept (if the unit has one).
+    pub(crate) fd_store: FdStore,
 }
 
 impl HandoverHub {
+    /// A hub whose connections are also kept in `fd_store`.
+    pub(crate) fn new(fd_store: FdStore) -> HandoverHub {
+        HandoverHub {
+            fd_store,
+            ..HandoverHub::default()
+        }
+    }
+
     /// Sends every spliced connection to `parcels` from now on.
     pub(crate) fn start(&self, parcels: UnboundedSender<Parcel>) {
         *self

@@ -270,55 +270,68 @@ async fn pipe_splice(
     // Milliseconds since `started` of the last byte moved in either direction.
     let last_activity = AtomicU64::new(0);
 
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let up = splice_until_eof(
-        &mut client_read,
-        &mut upstream_write,
-        (Side::Client, Side::Upstream),
-        &shared.up,
-        &last_activity,
-        started,
-    );
-    let down = splice_until_eof(
-        &mut upstream_read,
-        &mut client_write,
-        (Side::Upstream, Side::Client),
-        &shared.down,
-        &last_activity,
-        started,
-    );
-    tokio::pin!(up, down);
-    let mut up_done = false;
-    let mut down_done = false;
+    // The halves and both directions borrow the sockets only in here.
+    let reason = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut upstream_read, mut upstream_write) = upstream.split();
+        let up = splice_until_eof(
+            &mut client_read,
+            &mut upstream_write,
+            (Side::Client, Side::Upstream),
+            &shared.up,
+            &last_activity,
+            started,
+        );
+        let down = splice_until_eof(
+            &mut upstream_read,
+            &mut client_write,
+            (Side::Upstream, Side::Client),
+            &shared.down,
+            &last_activity,
+            started,
+        );
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
 
-    let reason = loop {
-        if up_done && down_done {
-            break CloseReason::Finished;
-        }
-        let idle_deadline =
-            started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle_timeout;
-        tokio::select! {
-            result = &mut up, if !up_done => match result {
-                Ok(()) => up_done = true,
-                Err(reason) => break reason,
-            },
-            result = &mut down, if !down_done => match result {
-                Ok(()) => down_done = true,
-                Err(reason) => break reason,
-            },
-            _ = tokio::time::sleep_until(idle_deadline) => {
-                let last = started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                if last.elapsed() >= idle_timeout {
-                    break CloseReason::IdleTimeout;
+        loop {
+            if up_done && down_done {
+                break CloseReason::Finished;
+            }
+            let idle_deadline = started
+                + Duration::from_millis(last_activity.load(Ordering::Relaxed))
+                + idle_timeout;
+            tokio::select! {
+                result = &mut up, if !up_done => match result {
+                    Ok(()) => up_done = true,
+                    Err(reason) => break reason,
+                },
+                result = &mut down, if !down_done => match result {
+                    Ok(()) => down_done = true,
+                    Err(reason) => break reason,
+                },
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    let last = started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
+                    if last.elapsed() >= idle_timeout {
+                        break CloseReason::IdleTimeout;
+                    }
                 }
             }
         }
     };
+    shut_down(&client, &upstream);
     SpliceReport {
         client_to_upstream: shared.up.bytes.load(Ordering::Relaxed),
         upstream_to_client: shared.down.bytes.load(Ordering::Relaxed),
         reason,
+    }
+}
+
+/// Ends both connections now, whoever else holds their sockets: systemd's descriptor store keeps
+/// copies, and closing ours alone would leave the peers waiting.
+fn shut_down(client: &TcpStream, upstream: &TcpStream) {
+    for socket in [client, upstream] {
+        let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -612,10 +625,13 @@ impl std::future::Future for Copying {
             (Side::Upstream, Side::Client),
             &mut moved,
         );
-        let report = |reason| SpliceReport {
-            client_to_upstream: this.up.bytes,
-            upstream_to_client: this.down.bytes,
-            reason,
+        let report = |reason| {
+            shut_down(this.client, this.upstream);
+            SpliceReport {
+                client_to_upstream: this.up.bytes,
+                upstream_to_client: this.down.bytes,
+                reason,
+            }
         };
         match (up, down) {
             (Poll::Ready(Err(reason)), _) | (_, Poll::Ready(Err(reason))) => {

@@ -12,6 +12,7 @@ pub mod packets;
 pub mod process;
 pub mod public_host;
 pub mod sshd;
+pub mod systemd;
 
 use std::time::{Duration, Instant};
 

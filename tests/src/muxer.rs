@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::netns::Netns;
 use crate::process::Running;
+use crate::systemd::FakeSystemd;
 
 /// Path of the muxer binary: `MUXER_BIN`, or the workspace's debug build.
 pub fn binary() -> PathBuf {
@@ -18,6 +19,59 @@ pub fn binary() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Writes `config` (with a control socket in the new directory unless it has `[control]`) to a
+/// new directory every user may enter.
+fn write_config(config: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Usable by an unprivileged muxer too.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let config_path = dir.path().join("muxer.toml");
+    let mut config = config.to_owned();
+    if !config.contains("[control]") {
+        let socket = dir.path().join("muxer.sock");
+        config.push_str(&format!("\n[control]\nsocket = \"{}\"\n", socket.display()));
+    }
+    std::fs::write(&config_path, &config).expect("write config");
+    (dir, config)
+}
+
+/// `muxer run --config CONFIG` in `netns`, behind `wrapper` if any.
+fn command(netns: &Netns, wrapper: &[&str], config_path: &Path) -> std::process::Command {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = netns.command(program);
+            command.args(args).arg(binary());
+            command
+        }
+        None => netns.command(&binary().display().to_string()),
+    };
+    command.args(["run", "--config"]).arg(config_path).env(
+        "RUST_LOG",
+        std::env::var("MUXER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    command
+}
+
+fn wait_listening(process: &mut Running, netns: &Netns, ready: SocketAddr) {
+    crate::wait_for("muxer to listen", Duration::from_secs(10), || {
+        process.assert_running();
+        netns
+            .enter(|| std::net::TcpStream::connect(ready).ok())
+            .map(drop)
+    });
+}
+
+/// Whether `config` attaches the kernel redirect.
+fn redirecting(config: &str) -> bool {
+    ["tc", "xdp", "sk_lookup"]
+        .iter()
+        .any(|mode| config.contains(&format!("mode = \"{mode}\"")))
 }
 
 /// A running `muxer run` and the files it was given.
@@ -38,44 +92,52 @@ impl Muxer {
     /// Like [`Muxer::start`], with `wrapper` (e.g. `setpriv ...`) in front of the muxer command;
     /// then it does not wait for the redirect.
     pub fn start_as(netns: &Netns, config: &str, ready: SocketAddr, wrapper: &[&str]) -> Muxer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // Usable by an unprivileged muxer too.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .expect("chmod");
-        let config_path = dir.path().join("muxer.toml");
-        let mut config = config.to_owned();
-        if !config.contains("[control]") {
-            let socket = dir.path().join("muxer.sock");
-            config.push_str(&format!("\n[control]\nsocket = \"{}\"\n", socket.display()));
+        let (dir, config) = write_config(config);
+        let command = command(netns, wrapper, &dir.path().join("muxer.toml"));
+        Self::launch(command, dir, netns, ready, &config, wrapper.is_empty())
+    }
+
+    /// Like [`Muxer::start`], as a service of `systemd` (its notify socket and descriptor store).
+    pub fn start_under(
+        netns: &Netns,
+        config: &str,
+        ready: SocketAddr,
+        systemd: &mut FakeSystemd,
+    ) -> Muxer {
+        let (dir, config) = write_config(config);
+        let command = systemd.wrap(&command(netns, &[], &dir.path().join("muxer.toml")));
+        Self::launch(command, dir, netns, ready, &config, true)
+    }
+
+    /// Starts muxer again with the same config as `systemd` restarts a service (the stored
+    /// descriptors passed), after the previous process ended.
+    pub fn restart_under(&mut self, netns: &Netns, ready: SocketAddr, systemd: &mut FakeSystemd) {
+        let config = std::fs::read_to_string(self.config_path()).expect("read config");
+        let attached = || self.log().matches("kernel redirect attached").count();
+        let before = attached();
+        let command = systemd.wrap(&command(netns, &[], &self.config_path()));
+        let mut process = Running::spawn("muxer", command, self.dir.path().join("muxer.log"));
+        wait_listening(&mut process, netns, ready);
+        if redirecting(&config) {
+            crate::wait_for("the redirect again", Duration::from_secs(10), || {
+                (attached() > before).then_some(())
+            });
         }
-        std::fs::write(&config_path, &config).expect("write config");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = netns.command(program);
-                command.args(args).arg(binary());
-                command
-            }
-            None => netns.command(&binary().display().to_string()),
-        };
-        command.args(["run", "--config"]).arg(&config_path).env(
-            "RUST_LOG",
-            std::env::var("MUXER_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        drop(std::mem::replace(&mut self.process, process));
+    }
+
+    fn launch(
+        command: std::process::Command,
+        dir: tempfile::TempDir,
+        netns: &Netns,
+        ready: SocketAddr,
+        config: &str,
+        wait_for_redirect: bool,
+    ) -> Muxer {
         let mut process = Running::spawn("muxer", command, dir.path().join("muxer.log"));
-        crate::wait_for("muxer to listen", Duration::from_secs(10), || {
-            process.assert_running();
-            netns
-                .enter(|| std::net::TcpStream::connect(ready).ok())
-                .map(drop)
-        });
+        wait_listening(&mut process, netns, ready);
         let muxer = Muxer { process, dir };
-        let redirecting = ["tc", "xdp", "sk_lookup"]
-            .iter()
-            .any(|mode| config.contains(&format!("mode = \"{mode}\"")));
-        if redirecting && wrapper.is_empty() {
+        if redirecting(config) && wait_for_redirect {
             muxer.wait_for_log("kernel redirect attached");
         }
         muxer

@@ -12,6 +12,7 @@ use muxer_tests::muxer::Muxer;
 use muxer_tests::netns::{BpfFs, SERVER_V4};
 use muxer_tests::process::Running;
 use muxer_tests::public_host::PublicHost;
+use muxer_tests::systemd::FakeSystemd;
 use muxer_tests::{netns_available, sha256_hex, test_data, wait_for};
 
 const READY: &str = "127.0.0.1:2222";
@@ -375,4 +376,127 @@ fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(host.ssh(&SERVER_V4.to_string()).through_muxer());
+}
+
+/// Names in the fake systemd's store that start with `prefix`.
+fn stored(systemd: &FakeSystemd, prefix: &str) -> usize {
+    systemd
+        .stored()
+        .iter()
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+fn sessions_survive_sigkill_through_the_descriptor_store(mode: &str, test: &str) {
+    if !netns_available(test) {
+        return;
+    }
+    let host = PublicHost::new();
+    let (_bpffs, pin_dir) = pins();
+    let mut systemd = FakeSystemd::new();
+    let mut muxer = Muxer::start_under(
+        &host.link.server,
+        &config(mode, &pin_dir),
+        READY.parse().unwrap(),
+        &mut systemd,
+    );
+    wait_for("READY=1", Duration::from_secs(10), || {
+        systemd
+            .states()
+            .iter()
+            .any(|state| state == "READY=1")
+            .then_some(())
+    });
+    // Two listen addresses, one socket per worker each.
+    assert_eq!(stored(&systemd, "listen"), 4, "{:?}", systemd.stored());
+    let internal_markers = stored(&systemd, "internal.22.");
+    assert_eq!(internal_markers, usize::from(mode != "sk_lookup"));
+
+    let idle: Vec<Session> = (0..5).map(|_| idle_session(&host)).collect();
+    wait_for("the sessions in the store", Duration::from_secs(10), || {
+        (stored(&systemd, "conn.") == 10).then_some(())
+    });
+
+    muxer.process.signal_and_wait(rustix::process::Signal::KILL);
+    // Nothing runs: port 22 reaches sshd at once (the internal ports' sockets are not stored).
+    let killed = Instant::now();
+    wait_for("sshd's banner on port 22", Duration::from_secs(1), || {
+        banner(&host).then_some(())
+    });
+    assert!(killed.elapsed() < Duration::from_secs(1));
+
+    // systemd restarts muxer with the stored descriptors: the idle sessions answer.
+    muxer.restart_under(&host.link.server, READY.parse().unwrap(), &mut systemd);
+    assert!(
+        muxer
+            .log()
+            .contains("systemd's descriptor store gave back listen_sockets=4 connections=5"),
+        "{}",
+        muxer.log()
+    );
+    for (index, session) in idle.into_iter().enumerate() {
+        check_idle_session(session, index);
+    }
+    assert!(host.ssh(&SERVER_V4.to_string()).through_muxer());
+    // Ended sessions leave the store; the restored internal port was bound again.
+    wait_for(
+        "the ended sessions out of the store",
+        Duration::from_secs(10),
+        || (stored(&systemd, "conn.") == 0).then_some(()),
+    );
+    assert_eq!(stored(&systemd, "internal.22."), internal_markers);
+    assert_eq!(stored(&systemd, "listen"), 4);
+}
+
+#[test]
+fn tc_idle_sessions_survive_sigkill_and_a_restart_with_systemds_descriptor_store() {
+    sessions_survive_sigkill_through_the_descriptor_store(
+        "tc",
+        "tc_idle_sessions_survive_sigkill_and_a_restart_with_systemds_descriptor_store",
+    );
+}
+
+#[test]
+fn sk_lookup_idle_sessions_survive_sigkill_and_a_restart_with_systemds_descriptor_store() {
+    sessions_survive_sigkill_through_the_descriptor_store(
+        "sk_lookup",
+        "sk_lookup_idle_sessions_survive_sigkill_and_a_restart_with_systemds_descriptor_store",
+    );
+}
+
+#[test]
+fn a_systemd_that_stops_reading_its_notify_socket_stalls_no_connection() {
+    if !netns_available("a_systemd_that_stops_reading_its_notify_socket_stalls_no_connection") {
+        return;
+    }
+    let host = PublicHost::new();
+    let (_bpffs, pin_dir) = pins();
+    let mut systemd = FakeSystemd::new();
+    let muxer = Muxer::start_under(
+        &host.link.server,
+        &config("tc", &pin_dir),
+        READY.parse().unwrap(),
+        &mut systemd,
+    );
+    // Its queue holds 10 messages by default; every session adds four (two kept, two removed).
+    systemd.set_deaf(true);
+    let started = Instant::now();
+    for _ in 0..15 {
+        assert!(host.ssh(&SERVER_V4.to_string()).through_muxer());
+    }
+    let mut session = idle_session(&host);
+    writeln!(session.input, "1").unwrap();
+    assert_eq!(session.line(), "alive-1");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "sessions took {:?}",
+        started.elapsed()
+    );
+    // Once systemd reads again, the store catches up: nothing of the ended sessions is left.
+    systemd.set_deaf(false);
+    drop(session);
+    wait_for("the store to catch up", Duration::from_secs(10), || {
+        (stored(&systemd, "conn.") == 0).then_some(())
+    });
+    drop(muxer);
 }

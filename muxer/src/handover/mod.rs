@@ -8,6 +8,7 @@
 //! writes: both sockets and the bytes it had read but not yet written go over as a [`Parcel`],
 //! and the successor goes on splicing. HTTP requests in flight finish in the old process. If the
 //! successor fails before `Ready`, the old process has given nothing up and serves on.
+pub(crate) mod fd_store;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,8 @@ pub(crate) struct ConnectionMeta {
     pub(crate) age_ms: u64,
     /// Lengths of the pending bytes in the payload: client → backend first.
     pub(crate) pending: (usize, usize),
+    /// The prefix of its names in systemd's descriptor store, if it is kept there.
+    pub(crate) stored: Option<String>,
 }
 
 /// One channel message's header.
@@ -251,10 +254,11 @@ impl Successor {
     }
 }
 
-/// What a successor inherited, before it serves.
+/// What a process inherited before it serves: from a predecessor handing over (with the channel
+/// the connections come over), or from systemd's descriptor store after a restart.
 #[derive(Debug)]
 pub(crate) struct Inheritance {
-    channel: Channel,
+    channel: Option<Channel>,
     listeners: Vec<(Role, OwnedFd)>,
 }
 
@@ -296,7 +300,10 @@ pub(crate) fn inherit() -> Result<Option<Inheritance>, HandoverError> {
             _ => return Err(HandoverError::Protocol("message among the listeners")),
         }
     }
-    Ok(Some(Inheritance { channel, listeners }))
+    Ok(Some(Inheritance {
+        channel: Some(channel),
+        listeners,
+    }))
 }
 
 fn local_address(fd: &OwnedFd) -> Option<SocketAddr> {
@@ -307,6 +314,20 @@ fn local_address(fd: &OwnedFd) -> Option<SocketAddr> {
 }
 
 impl Inheritance {
+    /// The listen sockets systemd's descriptor store gave back.
+    pub(crate) fn from_store(listeners: Vec<OwnedFd>) -> Inheritance {
+        Inheritance {
+            channel: None,
+            listeners: listeners.into_iter().map(|fd| (Role::Listen, fd)).collect(),
+        }
+    }
+
+    /// Whether a predecessor still runs and hands over (rather than systemd restoring sockets
+    /// after the previous process ended).
+    pub(crate) fn has_predecessor(&self) -> bool {
+        self.channel.is_some()
+    }
+
     /// The inherited sockets of the listen address `address` (its SO_REUSEPORT group).
     pub(crate) fn take_listen(&mut self, address: SocketAddr) -> Vec<StdTcpListener> {
         self.take(|role, fd| {
@@ -355,16 +376,19 @@ impl Inheritance {
         taken
     }
 
-    /// Tells the old process this one serves; returns the channel the connections come over.
-    /// Inherited sockets nobody took (an address no longer configured) are closed.
-    pub(crate) fn ready(self) -> Result<Channel, HandoverError> {
-        self.channel.send(
-            &Header::Ready {
-                pid: std::process::id(),
-            },
-            &[],
-            &[],
-        )?;
+    /// Tells the predecessor (if any) that this process serves; returns the channel the
+    /// connections come over. Inherited sockets nobody took (an address no longer configured)
+    /// are closed.
+    pub(crate) fn ready(self) -> Result<Option<Channel>, HandoverError> {
+        if let Some(channel) = &self.channel {
+            channel.send(
+                &Header::Ready {
+                    pid: std::process::id(),
+                },
+                &[],
+                &[],
+            )?;
+        }
         Ok(self.channel)
     }
 }
