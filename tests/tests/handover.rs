@@ -500,3 +500,122 @@ fn a_systemd_that_stops_reading_its_notify_socket_stalls_no_connection() {
     });
     drop(muxer);
 }
+
+#[test]
+fn an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish() {
+    if !netns_available(
+        "an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish",
+    ) {
+        return;
+    }
+    let host = PublicHost::new();
+    let (_bpffs, pin_dir) = pins();
+    let mut muxer = Muxer::start(
+        &host.link.server,
+        &config("tc", &pin_dir),
+        READY.parse().unwrap(),
+    );
+    // A stream in flight: 60 events, one every 50 ms, through port 22.
+    let mut curl = host
+        .link
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "30",
+            &format!("http://{SERVER_V4}:22/sse?count=60"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let events = read_lines(curl.stdout.take().expect("stdout"));
+    let mut seen = 0;
+    while seen < 5 {
+        let line = events.recv_timeout(Duration::from_secs(10)).expect("event");
+        seen += usize::from(line.starts_with("data: "));
+    }
+    // An idle keep-alive connection, one request done.
+    let mut idle_http = host.link.client.enter(|| {
+        std::net::TcpStream::connect(SocketAddr::from((SERVER_V4, 22))).expect("connect")
+    });
+    idle_http
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+        .unwrap();
+    let mut response = BufReader::new(idle_http.try_clone().unwrap());
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        response.read_line(&mut line).unwrap();
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    std::io::Read::read_exact(&mut response, &mut body).unwrap();
+
+    // The user's own session through port 22 runs the upgrade, then goes on.
+    let command = format!(
+        "{} upgrade --socket {}; i=0; while [ $i -lt 10 ]; do echo ok-$i; i=$((i+1)); sleep 0.1; done",
+        muxer_tests::muxer::binary().display(),
+        muxer.socket().display()
+    );
+    let mut own = Session::open(&host, &command, false);
+    let said = own.line();
+    let pid: u32 = said
+        .strip_prefix("muxer: process ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("muxer upgrade said {said:?}"));
+    for index in 0..10 {
+        assert_eq!(
+            own.line(),
+            format!("ok-{index}"),
+            "the session that upgraded"
+        );
+    }
+
+    // The stream finished in the old process, every event there; the idle keep-alive
+    // connection was closed between requests.
+    let mut rest = 0;
+    while let Ok(line) = events.recv_timeout(Duration::from_secs(10)) {
+        rest += usize::from(line.starts_with("data: "));
+    }
+    assert_eq!(seen + rest, 60, "events of the stream in flight");
+    assert!(curl.wait().unwrap().success());
+    idle_http
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut response, &mut byte).unwrap_or(0),
+        0,
+        "the idle keep-alive connection is closed"
+    );
+    muxer.process.succeeded_by(pid, Duration::from_secs(60));
+    // New requests and logins reach the new process.
+    let models = host.link.client.run_ok(
+        "curl",
+        &["-sS", "--fail", &format!("http://{SERVER_V4}:22/v1/models")],
+    );
+    assert!(models.contains("llm"), "{models}");
+    assert!(host.ssh(&SERVER_V4.to_string()).through_muxer());
+}
+
+/// The lines of `output`, as they arrive, on a thread.
+fn read_lines(output: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
