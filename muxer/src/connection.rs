@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
 use crate::client_source::{self, Sources, UsedSource};
@@ -455,6 +455,10 @@ pin_project_lite::pin_project! {
         carried: (u64, u64),
         // The prefix of its names in systemd's descriptor store, if kept there.
         stored: Option<String>,
+        // Whether `handover` was polled once (it holds the task's waker since).
+        registered: bool,
+        // False once a handover of this connection failed: it stays here.
+        watching: bool,
     }
 }
 
@@ -469,6 +473,8 @@ impl Rare {
             hub: Arc::clone(hub),
             carried,
             stored,
+            registered: false,
+            watching: true,
         })
     }
 }
@@ -480,29 +486,27 @@ impl std::future::Future for Spliced {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
-        let handing_over = self
-            .as_mut()
-            .project()
-            .rare
-            .as_mut()
-            .project()
-            .handover
-            .poll(cx)
-            .is_ready();
+        let handing_over = {
+            let rare = self.as_mut().project().rare.as_mut().project();
+            if !*rare.watching {
+                false
+            } else if *rare.registered {
+                // The hook holds this task's waker since the first poll (a task's waker stays
+                // the same): an atomic load is enough here, where polling the hook would take
+                // the token's lock on every poll of every spliced connection.
+                rare.hub.fired()
+            } else {
+                *rare.registered = true;
+                rare.handover.poll(cx).is_ready()
+            }
+        };
         if handing_over {
             match self.as_mut().hand_over() {
                 Ok(()) => return std::task::Poll::Ready(()),
-                // Not handed over: it goes on here (and the hook stays fired, so the next poll
-                // would try again; a fresh one that never fires stops that).
+                // Not handed over: it goes on here, and stops watching (the hub stays fired).
                 Err(error) => {
                     warn!(client = %self.log.client, %error, "cannot hand a connection over; it stays with this process");
-                    self.as_mut()
-                        .project()
-                        .rare
-                        .as_mut()
-                        .project()
-                        .handover
-                        .set(CancellationToken::new().cancelled_owned());
+                    *self.as_mut().project().rare.as_mut().project().watching = false;
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! (swapped atomically by a reload), counters, limits, and the shutdown signal. Handles flow down
 //! from here; nothing in the data path reaches the daemon.
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -53,6 +54,9 @@ pub(crate) struct Runtime {
 #[derive(Debug, Default)]
 pub(crate) struct HandoverHub {
     started: CancellationToken,
+    /// `started`, readable without the lock `CancellationToken::is_cancelled` takes: spliced
+    /// connections look at it on every poll.
+    fired: AtomicBool,
     parcels: Mutex<Option<UnboundedSender<Parcel>>>,
     /// systemd's descriptor store, where spliced connections are also kept (if the unit has one).
     pub(crate) fd_store: FdStore,
@@ -73,10 +77,16 @@ impl HandoverHub {
             .parcels
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = Some(parcels);
+        self.fired.store(true, Ordering::Release);
         self.started.cancel();
     }
 
-    /// A future that is ready once the handover started.
+    /// Whether [`HandoverHub::start`] ran.
+    pub(crate) fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// A future that is ready once the handover started (polled once, it wakes its task then).
     pub(crate) fn started(&self) -> WaitForCancellationFutureOwned {
         self.started.clone().cancelled_owned()
     }
