@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use crate::client_source::{self, Sources, UsedSource};
 use crate::config::{Config, ProxyVersion, Target};
 use crate::handover::{ConnectionMeta, Parcel};
-use crate::http::stream::Traffic;
+use crate::http::stream::{ClientStream, Traffic};
+use crate::http::HttpContext;
 use crate::limits::{Class, ConnectionSlot, Refusal, TotalPermit};
 use crate::log_limit::LogLimit;
 use crate::proxy_protocol;
@@ -26,6 +27,8 @@ use crate::sniff::{self, Detected, HttpVersion, SniffOutcome, Sniffed};
 use crate::sockets::tune_socket;
 use crate::splice::{self, CloseReason};
 use crate::stats::{OpenGuard, PickRoute};
+use crate::tls_router::TlsAction;
+use tokio_rustls::rustls::ServerConfig;
 
 /// Why a connection ended; the last field of the log line.
 #[derive(Debug)]
@@ -43,6 +46,7 @@ enum Closed {
     LimitRefused(Refusal),
     BadProxyHeader(proxy_protocol::InboundError),
     UntrustedProxyHeader,
+    TlsFailed(std::io::Error),
 }
 
 impl fmt::Display for Closed {
@@ -63,6 +67,7 @@ impl fmt::Display for Closed {
             Closed::UntrustedProxyHeader => {
                 f.write_str("rejected: PROXY header from an untrusted source")
             }
+            Closed::TlsFailed(e) => write!(f, "TLS handshake failed: {e}"),
         }
     }
 }
@@ -303,42 +308,41 @@ async fn dispatch(
     let config = &shared.config;
 
     if let (Target::Http, Some(http)) = (target, &shared.http) {
-        let traffic = Arc::new(Traffic::default());
-        // Tracked so that a shutdown waits for in-flight requests.
-        let _tracked = runtime.http_connections.token();
-        // Boxed: hyper's connection state is large, and inline it would make every connection's
-        // task that large, spliced ones included.
-        let result = Box::pin(crate::http::serve(
+        let version = match &sniffed.outcome {
+            SniffOutcome::Detected(Detected::Http(version)) => *version,
+            // Reached by timeout or fallback: only HTTP/1 can start without a preface.
+            _ => HttpVersion::Http1,
+        };
+        let stream = HttpStream {
+            stream: client,
+            prefix: sniffed.prefix,
+            version,
+            tls: false,
+        };
+        serve_http(stream, slot, http, (runtime, log, label), open).await;
+        return;
+    }
+    let tls_action = match (target, &shared.tls) {
+        (Target::Tls, Some(tls)) => tls.pick(match &sniffed.outcome {
+            SniffOutcome::Detected(Detected::Tls(info)) => Some(info),
+            _ => None,
+        }),
+        _ => None,
+    };
+    if let Some(TlsAction::Terminate(tls_config)) = tls_action {
+        let terminated = Terminated {
+            config: Arc::clone(tls_config),
+            http: shared.http.as_ref(),
+        };
+        // Boxed: the TLS session (~4 KiB) would otherwise size every connection's task.
+        Box::pin(terminate(
             client,
             sniffed.prefix,
-            crate::http::ClientConnection {
-                peer: log.client,
-                traffic: Arc::clone(&traffic),
-                // Generation with the tunnel the connection may become, which then keeps it.
-                slot: Arc::new(slot),
-            },
-            Arc::clone(http),
-            crate::http::Handles {
-                current: Arc::clone(&runtime.current_http),
-                shutdown: runtime.shutdown.clone(),
-            },
-            match &sniffed.outcome {
-                SniffOutcome::Detected(Detected::Http(version)) => *version,
-                // Reached by timeout or fallback: only HTTP/1 can start without a preface.
-                _ => HttpVersion::Http1,
-            },
+            slot,
+            terminated,
+            (runtime, log, open),
         ))
         .await;
-        let (bytes_in, bytes_out) = (
-            traffic.read.load(Ordering::Relaxed),
-            traffic.written.load(Ordering::Relaxed),
-        );
-        open.add_bytes(bytes_in, bytes_out);
-        let closed = match result {
-            Ok(()) => Closed::HttpFinished,
-            Err(error) => Closed::HttpFailed(error.to_string()),
-        };
-        log.close(label, Some("http router"), bytes_in, bytes_out, &closed);
         return;
     }
 
@@ -347,14 +351,9 @@ async fn dispatch(
         Target::Fallback => shared.sources.fallback,
         _ => client_source::Effective::Muxer,
     };
-    let destination = match (target, &shared.tls) {
-        (Target::Tls, Some(tls)) => {
-            let hello = match &sniffed.outcome {
-                SniffOutcome::Detected(Detected::Tls(info)) => Some(info),
-                _ => None,
-            };
-            tls.pick(hello)
-        }
+    let destination = match (target, tls_action) {
+        (Target::Tls, Some(TlsAction::Splice(upstream, proxy))) => Some((upstream, *proxy)),
+        (Target::Tls, _) => None,
         _ => config
             .backend(target)
             .map(|backend| (&backend.upstream, backend.proxy_protocol)),
@@ -423,6 +422,109 @@ async fn dispatch(
             open.add_bytes(prefix_len, 0);
             log.close(label, Some(upstream.as_str()), prefix_len, 0, &closed);
         }
+    }
+}
+
+/// A client stream for the HTTP router: plain, or TLS that muxer terminated.
+struct HttpStream<C> {
+    stream: C,
+    /// Bytes already read from it (the sniffed ones).
+    prefix: Vec<u8>,
+    version: HttpVersion,
+    tls: bool,
+}
+
+/// Serves HTTP on `client` with the router `http` and logs the connection's line.
+///
+/// One boxed future: hyper's connection state is large, and inline it would make every
+/// connection's task that large, spliced ones included.
+fn serve_http<'a, C: ClientStream>(
+    client: HttpStream<C>,
+    slot: ConnectionSlot,
+    http: &'a Arc<HttpContext>,
+    (runtime, log, label): (&'a Arc<Runtime>, &'a ConnectionLog, &'static str),
+    open: OpenGuard,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let traffic = Arc::new(Traffic::default());
+        // Tracked so that a shutdown waits for in-flight requests.
+        let _tracked = runtime.http_connections.token();
+        let result = crate::http::serve(
+            client.stream,
+            client.prefix,
+            crate::http::ClientConnection {
+                peer: log.client,
+                traffic: Arc::clone(&traffic),
+                // Generation with the tunnel the connection may become, which then keeps it.
+                slot: Arc::new(slot),
+                tls: client.tls,
+            },
+            Arc::clone(http),
+            crate::http::Handles {
+                current: Arc::clone(&runtime.current_http),
+                shutdown: runtime.shutdown.clone(),
+            },
+            client.version,
+        )
+        .await;
+        let (bytes_in, bytes_out) = (
+            traffic.read.load(Ordering::Relaxed),
+            traffic.written.load(Ordering::Relaxed),
+        );
+        open.add_bytes(bytes_in, bytes_out);
+        let closed = match result {
+            Ok(()) => Closed::HttpFinished,
+            Err(error) => Closed::HttpFailed(error.to_string()),
+        };
+        log.close(label, Some("http router"), bytes_in, bytes_out, &closed);
+    })
+}
+
+/// Where a terminated TLS connection goes.
+struct Terminated<'a> {
+    config: Arc<ServerConfig>,
+    http: Option<&'a Arc<HttpContext>>,
+}
+
+/// Terminates TLS on `client` (whose ClientHello, `prefix`, the sniffer read) and serves the
+/// decrypted requests with the HTTP router.
+async fn terminate(
+    client: TcpStream,
+    prefix: Vec<u8>,
+    slot: ConnectionSlot,
+    terminated: Terminated<'_>,
+    (runtime, log, open): (&Arc<Runtime>, &ConnectionLog, OpenGuard),
+) {
+    let prefix_len = prefix.len() as u64;
+    let Some(http) = terminated.http else {
+        log.close("https", None, prefix_len, 0, &Closed::NoRoute);
+        return;
+    };
+    // It is an HTTP connection from here on, under that class's limit.
+    if let Err(refusal) = slot.classify(Class::Http) {
+        log.close("https", None, prefix_len, 0, &Closed::LimitRefused(refusal));
+        return;
+    }
+    let timeout = http.settings.header_read_timeout;
+    // Boxed, like sniffing: the handshake's state is large and short-lived.
+    let accepted = Box::pin(crate::tls_termination::accept(
+        terminated.config,
+        client,
+        prefix,
+        timeout,
+    ))
+    .await;
+    match accepted {
+        Ok((stream, version)) => {
+            let stream = HttpStream {
+                stream,
+                prefix: Vec::new(),
+                version,
+                tls: true,
+            };
+            serve_http(stream, slot, http, (runtime, log, "https"), open).await;
+        }
+        Err(error) => log.close("https", None, prefix_len, 0, &Closed::TlsFailed(error)),
     }
 }
 

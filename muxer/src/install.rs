@@ -82,6 +82,9 @@ ProtectHome=yes
 PrivateTmp=yes
 RuntimeDirectory=muxer
 RuntimeDirectoryMode=0700
+# The self-signed TLS key and certificate (state_dir).
+StateDirectory=muxer
+StateDirectoryMode=0700
 LimitNOFILE=1048576
 # One access line per request can outrun journald: past 10 000 lines in 30 s it drops this unit's
 # lines (and says how many) instead of the journal filling with them.

@@ -35,4 +35,5 @@ pub(crate) mod stats;
 pub mod stats_view;
 pub mod steering;
 pub(crate) mod tls_router;
+pub mod tls_termination;
 pub(crate) mod workers;

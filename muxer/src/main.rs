@@ -79,6 +79,13 @@ enum Command {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Print the public-key pin of each TLS certificate muxer serves (`sha256//…`, for curl's
+    /// `--pinnedpubkey`) and how clients use it; the self-signed one muxer generated included.
+    Cert {
+        /// The TOML config file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Read a password from standard input (one line) and print its argon2id hash, for a route's
     /// `auth.basic` (`"user:HASH"`).
     HashPassword,
@@ -212,6 +219,7 @@ fn main() -> ExitCode {
             }
         }
         Command::HashPassword => hash_password(),
+        Command::Cert { config } => cert(&config),
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
                 Ok(config) => config,
@@ -295,6 +303,77 @@ async fn stats(
         }
         previous = Some(report);
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// `muxer cert`: each terminating TLS route's certificate, its pin, and client snippets.
+fn cert(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("muxer: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let routes: Vec<_> = config
+        .tls
+        .iter()
+        .flat_map(|tls| &tls.routes)
+        .filter(|route| route.terminate)
+        .collect();
+    if routes.is_empty() {
+        eprintln!(
+            "muxer: no [[tls.route]] with terminate = true in {}",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut failed = false;
+    for route in routes {
+        let (key, cert) = match (&route.key, &route.cert) {
+            (Some(key), Some(cert)) => (key.clone(), cert.clone()),
+            _ => muxer::tls_termination::self_signed_paths(&config.state_dir),
+        };
+        let pin = match muxer::tls_termination::pin(&key) {
+            Ok(pin) => pin,
+            Err(error) if route.self_signed && !key.exists() => {
+                eprintln!("muxer: {error}: muxer generates the self-signed certificate when it starts; start it first");
+                failed = true;
+                continue;
+            }
+            Err(error) => {
+                eprintln!("muxer: {error}");
+                failed = true;
+                continue;
+            }
+        };
+        let host = if route.sni.starts_with('*') || route.default {
+            "HOST"
+        } else {
+            route.sni.as_str()
+        };
+        println!(
+            "route sni = {:?}{}",
+            route.sni,
+            if route.default {
+                " (also the default)"
+            } else {
+                ""
+            }
+        );
+        println!("  certificate: {}", cert.display());
+        println!("  public-key pin: {pin}");
+        println!("  curl --pinnedpubkey '{pin}' -k https://{host}:22/v1/models");
+        println!("  curl --cacert {} https://{host}:22/v1/models   (a copy of the certificate on the client)", cert.display());
+        println!(
+            "  python: OpenAI(base_url=\"https://{host}:22/v1\", api_key=KEY, http_client=httpx.Client(verify=\"{}\"))",
+            cert.display()
+        );
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

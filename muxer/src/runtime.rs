@@ -159,7 +159,10 @@ impl Generation {
                 http_metrics,
             ))
         });
-        let tls = config.tls.as_ref().map(TlsRouter::new);
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|tls| TlsRouter::new(tls, &config.state_dir));
         Generation {
             config: Arc::new(config),
             stats,

@@ -1,6 +1,22 @@
-//! TLS passthrough routing by the ClientHello's SNI and ALPN.
+//! TLS routing by the ClientHello's SNI and ALPN: splice the TLS stream to an upstream
+//! (passthrough), or terminate it here ([`crate::tls_termination`]).
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_rustls::rustls::ServerConfig;
+use tracing::error;
+
 use crate::config::{ProxyVersion, Tls, Upstream};
 use crate::sniff::ClientHelloInfo;
+
+/// What a TLS connection gets.
+#[derive(Debug)]
+pub(crate) enum TlsAction {
+    /// Spliced to this upstream, with this PROXY header.
+    Splice(Upstream, Option<ProxyVersion>),
+    /// Terminated with this configuration; the requests go to the HTTP router.
+    Terminate(Arc<ServerConfig>),
+}
 
 #[derive(Debug)]
 struct Route {
@@ -8,8 +24,7 @@ struct Route {
     name: String,
     wildcard: bool,
     alpn: Vec<Vec<u8>>,
-    upstream: Upstream,
-    proxy_protocol: Option<ProxyVersion>,
+    action: Arc<TlsAction>,
 }
 
 impl Route {
@@ -28,50 +43,59 @@ impl Route {
 #[derive(Debug)]
 pub(crate) struct TlsRouter {
     routes: Vec<Route>,
-    default: Option<(Upstream, Option<ProxyVersion>)>,
+    default: Option<Arc<TlsAction>>,
 }
 
 impl TlsRouter {
     /// Compiles `[tls]`: exact names before wildcards (longer suffix first), routes that require
-    /// an ALPN protocol before those that do not, then config order.
-    pub(crate) fn new(tls: &Tls) -> TlsRouter {
-        let mut routes: Vec<Route> = tls
-            .routes
-            .iter()
-            .map(|route| {
-                let sni = route.sni.to_ascii_lowercase();
-                let (name, wildcard) = match sni.strip_prefix('*') {
-                    Some(suffix) => (suffix.to_owned(), true),
-                    None => (sni, false),
-                };
-                Route {
-                    name,
-                    wildcard,
-                    alpn: route.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
-                    upstream: route.upstream.clone(),
-                    proxy_protocol: route.proxy_protocol,
+    /// an ALPN protocol before those that do not, then config order. Terminating routes load
+    /// their certificates now (generating a self-signed one in `state_dir` the first time); one
+    /// that fails to load (its file changed since the config was checked) is left out, logged.
+    pub(crate) fn new(tls: &Tls, state_dir: &Path) -> TlsRouter {
+        let mut default = tls
+            .default
+            .clone()
+            .map(|upstream| Arc::new(TlsAction::Splice(upstream, tls.proxy_protocol)));
+        let mut routes = Vec::new();
+        for (index, route) in tls.routes.iter().enumerate() {
+            let action = match (&route.upstream, route.terminate) {
+                (Some(upstream), false) => {
+                    TlsAction::Splice(upstream.clone(), route.proxy_protocol)
                 }
-            })
-            .collect();
-        routes.sort_by_key(|r| std::cmp::Reverse((!r.wildcard, r.name.len(), !r.alpn.is_empty())));
-        TlsRouter {
-            routes,
-            default: tls.default.clone().map(|u| (u, tls.proxy_protocol)),
+                _ => match crate::tls_termination::route_config(route, state_dir) {
+                    Ok(config) => TlsAction::Terminate(config),
+                    Err(problem) => {
+                        error!(route = index, %problem, "TLS route left out: its certificate did not load");
+                        continue;
+                    }
+                },
+            };
+            let action = Arc::new(action);
+            if route.default {
+                default = Some(Arc::clone(&action));
+            }
+            let sni = route.sni.to_ascii_lowercase();
+            let (name, wildcard) = match sni.strip_prefix('*') {
+                Some(suffix) => (suffix.to_owned(), true),
+                None => (sni, false),
+            };
+            routes.push(Route {
+                name,
+                wildcard,
+                alpn: route.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                action,
+            });
         }
+        routes.sort_by_key(|r| std::cmp::Reverse((!r.wildcard, r.name.len(), !r.alpn.is_empty())));
+        TlsRouter { routes, default }
     }
 
-    /// The upstream for a ClientHello (`None` info: no ClientHello, e.g. a probe timeout routed
-    /// here), or `None` to close.
-    pub(crate) fn pick(
-        &self,
-        info: Option<&ClientHelloInfo>,
-    ) -> Option<(&Upstream, Option<ProxyVersion>)> {
+    /// What a ClientHello gets (`None` info: no ClientHello, e.g. a probe timeout routed here),
+    /// or `None` to close.
+    pub(crate) fn pick(&self, info: Option<&ClientHelloInfo>) -> Option<&TlsAction> {
         info.and_then(|info| self.routes.iter().find(|route| route.matches(info)))
-            .map(|route| (&route.upstream, route.proxy_protocol))
-            .or(self
-                .default
-                .as_ref()
-                .map(|(upstream, proxy)| (upstream, *proxy)))
+            .map(|route| &*route.action)
+            .or(self.default.as_deref())
     }
 }
 
@@ -84,8 +108,20 @@ mod tests {
         TlsRoute {
             sni: sni.into(),
             alpn: alpn.iter().map(|s| s.to_string()).collect(),
-            upstream: upstream.parse().unwrap(),
+            upstream: Some(upstream.parse().unwrap()),
             proxy_protocol: None,
+            terminate: false,
+            cert: None,
+            key: None,
+            self_signed: false,
+            default: false,
+        }
+    }
+
+    fn upstream(action: Option<&TlsAction>) -> Option<&str> {
+        match action {
+            Some(TlsAction::Splice(upstream, _)) => Some(upstream.as_str()),
+            _ => None,
         }
     }
 
@@ -108,12 +144,9 @@ mod tests {
                 route("a.example.com", &[], "a:1"),
             ],
         };
-        let router = TlsRouter::new(&tls);
-        let pick = |sni, alpn: &[&str]| {
-            router
-                .pick(Some(&hello(sni, alpn)))
-                .map(|(u, _)| u.as_str().to_owned())
-        };
+        let router = TlsRouter::new(&tls, Path::new("/nonexistent"));
+        let pick =
+            |sni, alpn: &[&str]| upstream(router.pick(Some(&hello(sni, alpn)))).map(str::to_owned);
         assert_eq!(pick(Some("a.example.com"), &[]).as_deref(), Some("a:1"));
         assert_eq!(
             pick(Some("b.example.com"), &["h2", "http/1.1"]).as_deref(),
@@ -126,15 +159,15 @@ mod tests {
         assert_eq!(pick(Some("c.example.com"), &[]).as_deref(), Some("wild:1"));
         assert_eq!(pick(Some("example.com"), &[]).as_deref(), Some("default:1"));
         assert_eq!(pick(None, &[]).as_deref(), Some("default:1"));
-        assert_eq!(
-            router.pick(None).map(|(u, _)| u.as_str()),
-            Some("default:1")
+        assert_eq!(upstream(router.pick(None)), Some("default:1"));
+        let closed = TlsRouter::new(
+            &Tls {
+                default: None,
+                proxy_protocol: None,
+                routes: vec![],
+            },
+            Path::new("/nonexistent"),
         );
-        let closed = TlsRouter::new(&Tls {
-            default: None,
-            proxy_protocol: None,
-            routes: vec![],
-        });
         assert!(closed.pick(Some(&hello(Some("x"), &[]))).is_none());
     }
 }

@@ -25,14 +25,54 @@ pub(crate) const TEST_PACKAGES: &[&str] = &[
     "socat",
     "systemd",
     "hostname",
+    "python3-venv",
 ];
+
+/// The official OpenAI Python client the HTTPS tests drive (from PyPI), in a virtual environment.
+const OPENAI_CLIENT: &str = "openai>=1.40,<3";
 
 /// Installs everything building and testing need.
 pub(crate) fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages(TEST_PACKAGES)?;
+    openai_client()?;
     Ok(())
+}
+
+/// The virtual environment's python, with the `openai` package.
+pub(crate) fn openai_python() -> PathBuf {
+    crate::build::workspace_root().join("target/openai-venv/bin/python")
+}
+
+/// Creates `target/openai-venv` with the `openai` package, unless it is there already. Debian's
+/// python, not whatever `python3` a user's PATH finds first.
+fn openai_client() -> Result<()> {
+    let python = openai_python();
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if ready {
+        return Ok(());
+    }
+    let venv = crate::build::workspace_root().join("target/openai-venv");
+    eprintln!(
+        "xtask: installing the openai Python client into {}",
+        venv.display()
+    );
+    status(
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv),
+    )?;
+    status(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        OPENAI_CLIENT,
+    ]))
 }
 
 /// Runs `command`, failing with its name when it does not succeed.

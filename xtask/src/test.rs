@@ -19,7 +19,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         // One test at a time: several assert timings (SSE within 20 ms, probe and idle timeouts)
         // that a neighbouring 100 MiB transfer on a 2-core machine would disturb.
         .args(["--", "--test-threads=1"])
-        .env("MUXER_BIN", &binary);
+        .env("MUXER_BIN", &binary)
+        .env("MUXER_TEST_PYTHON", setup::openai_python());
     if setup::is_root() {
         command.env("MUXER_REQUIRE_NETNS", "1");
     } else {

@@ -208,6 +208,10 @@ pub struct HttpRoute {
     pub upgrades: Vec<String>,
     /// Who may use the route (`[http.route.auth]`); everyone when absent.
     pub auth: Option<RouteAuth>,
+    /// Serve the route only over HTTPS (TLS terminated by muxer); a plain HTTP request gets 403
+    /// and reaches no upstream.
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 /// `[http.route.auth]`: the API keys a route requires, sent as `Authorization: Bearer KEY` (how

@@ -93,10 +93,18 @@ pub struct Config {
     pub metrics: Metrics,
     /// Where connections that no probe recognises go; without it they are closed.
     pub fallback: Option<Backend>,
+    /// Where muxer keeps what it generates and must find again after a restart (the self-signed
+    /// key and certificate). The installed unit's `StateDirectory=`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/muxer")
 }
 
 /// The log line format.
@@ -606,7 +614,9 @@ impl Config {
                 .map_err(|(key, problem)| invalid(key, problem))?;
         }
         if let Some(tls) = &config.tls {
-            tls.validate()
+            tls.validate(config.http.is_some())
+                .map_err(|(key, problem)| invalid(key, problem))?;
+            crate::tls_termination::check(tls, &config.state_dir)
                 .map_err(|(key, problem)| invalid(key, problem))?;
         }
         tls::validate_tunnels(&config.tunnels).map_err(|(key, problem)| invalid(key, problem))?;
@@ -634,6 +644,9 @@ impl Config {
 
     /// Checks relations and ranges serde cannot express.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.state_dir.is_absolute() {
+            return Err(("state_dir", "must be an absolute path".into()));
+        }
         if self.listen.workers.is_some_and(|n| n == 0 || n > 1024) {
             return Err(("listen.workers", "must be between 1 and 1024".into()));
         }
@@ -845,7 +858,25 @@ mod tests {
             ("[sniff]\non_timeout = \"smtp\"", "sniff.on_timeout"),
             ("[sniff]\nmax_bytes = 1", "sniff.max_bytes"),
             ("[[tls.route]]\nsni = \"*\"\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0].sni"),
-            ("[[tls.route]]\nsni = \"a.b\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0]"),
+            ("[[tls.route]]\nsni = \"a.b\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0].upstream"),
+            ("[[tls.route]]\nsni = \"a.b\"\nterminate = true\nself_signed = true\n[ssh]\nupstream = \"a:1\"", "tls.route[0].terminate"),
+            ("[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\ncert = \"/c\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0].key"),
+            ("[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\n[ssh]\nupstream = \"a:1\"", "tls.route[0].cert"),
+            (
+                "[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\nself_signed = true\ncert = \"/c\"\nkey = \"/k\"\n[ssh]\nupstream = \"a:1\"",
+                "tls.route[0].self_signed",
+            ),
+            ("[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\nself_signed = true\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tls.route[0].upstream"),
+            ("[[tls.route]]\nsni = \"a.b\"\nupstream = \"a:1\"\nself_signed = true\n[ssh]\nupstream = \"a:1\"", "tls.route[0].self_signed"),
+            (
+                "[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[tls]\ndefault = \"a:1\"\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\nself_signed = true\ndefault = true\n[ssh]\nupstream = \"a:1\"",
+                "tls.route[0].default",
+            ),
+            (
+                "[http]\n[[http.route]]\nupstreams = [\"a:1\"]\n[[tls.route]]\nsni = \"a.b\"\nterminate = true\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n[ssh]\nupstream = \"a:1\"",
+                "tls.route[0].cert",
+            ),
+            ("state_dir = \"relative\"\n[ssh]\nupstream = \"a:1\"", "state_dir"),
             ("[tls]\nproxy_protocol = \"v3\"\n[ssh]\nupstream = \"a:1\"", "tls.proxy_protocol"),
             ("[[tunnel]]\nname = \"n 2\"\nupstream = \"a:1\"\n[ssh]\nupstream = \"a:1\"", "tunnel[0].name"),
             ("[[tunnel]]\nname = \"n\"\nupstream = \"a:1\"\nusername = \"u\"\n[ssh]\nupstream = \"a:1\"", "tunnel[0].password"),

@@ -28,7 +28,9 @@ pub struct Tls {
     pub routes: Vec<TlsRoute>,
 }
 
-/// `[[tls.route]]`
+/// `[[tls.route]]`: either passthrough (`upstream`: the TLS stream is spliced there) or
+/// termination (`terminate = true`: muxer holds the certificate and serves the decrypted HTTP with
+/// its router).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsRoute {
@@ -38,9 +40,23 @@ pub struct TlsRoute {
     #[serde(default)]
     pub alpn: Vec<String>,
     /// Where matching connections are spliced (TLS is not terminated).
-    pub upstream: Upstream,
+    pub upstream: Option<Upstream>,
     /// PROXY header to send first.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// Terminate TLS here and serve the requests with the `[http]` router.
+    #[serde(default)]
+    pub terminate: bool,
+    /// The certificate chain (PEM), for `terminate`; re-read on reload.
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key: Option<std::path::PathBuf>,
+    /// Instead of `cert` and `key`: a key and certificate muxer generates once and keeps in
+    /// `state_dir` (`muxer cert` prints its pin).
+    #[serde(default)]
+    pub self_signed: bool,
+    /// Also serve clients that send no SNI, or one no route names (access by IP address).
+    #[serde(default)]
+    pub default: bool,
 }
 
 /// `[[tunnel]]`: `CONNECT name:port` reaches `upstream`.
@@ -73,10 +89,21 @@ pub struct InboundProxy {
 }
 
 impl Tls {
-    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+    pub(super) fn validate(&self, has_http: bool) -> Result<(), (String, String)> {
         let mut seen = Vec::new();
+        let mut default = self.default.is_some().then_some("tls.default");
         for (index, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("tls.route[{index}].{field}");
+            validate_termination(route, has_http, index)?;
+            if route.default {
+                if let Some(other) = default {
+                    return Err((
+                        key("default"),
+                        format!("{other} already serves clients without a matching SNI"),
+                    ));
+                }
+                default = Some("another route");
+            }
             if !valid_host_pattern(&route.sni) {
                 return Err((
                     key("sni"),
@@ -95,6 +122,62 @@ impl Tls {
             seen.push(identity);
         }
         Ok(())
+    }
+}
+
+/// Checks that `route` is a passthrough or a termination, with what each needs.
+fn validate_termination(
+    route: &TlsRoute,
+    has_http: bool,
+    index: usize,
+) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("tls.route[{index}].{field}");
+    if !route.terminate {
+        if route.upstream.is_none() {
+            return Err((
+                key("upstream"),
+                "missing: a route either splices to an upstream or sets terminate = true".into(),
+            ));
+        }
+        for (field, set) in [
+            ("cert", route.cert.is_some()),
+            ("key", route.key.is_some()),
+            ("self_signed", route.self_signed),
+            ("default", route.default),
+        ] {
+            if set {
+                return Err((key(field), "only for a route with terminate = true".into()));
+            }
+        }
+        return Ok(());
+    }
+    if route.upstream.is_some() {
+        return Err((
+            key("upstream"),
+            "a terminating route serves with the [http] router; remove upstream".into(),
+        ));
+    }
+    if route.proxy_protocol.is_some() {
+        return Err((key("proxy_protocol"), "only for passthrough routes".into()));
+    }
+    if !has_http {
+        return Err((
+            key("terminate"),
+            "needs an [http] section: the decrypted requests go to its routes".into(),
+        ));
+    }
+    match (&route.cert, &route.key, route.self_signed) {
+        (Some(_), Some(_), false) | (None, None, true) => Ok(()),
+        (Some(_), None, false) => Err((key("key"), "missing: cert needs its key".into())),
+        (None, Some(_), false) => Err((key("cert"), "missing: key needs its cert".into())),
+        (None, None, false) => Err((
+            key("cert"),
+            "missing: set cert and key, or self_signed = true".into(),
+        )),
+        (_, _, true) => Err((
+            key("self_signed"),
+            "either cert and key, or self_signed, not both".into(),
+        )),
     }
 }
 

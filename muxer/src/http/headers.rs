@@ -114,12 +114,13 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// client is appended to `X-Forwarded-For` and the proxy's `Forwarded` and `X-Real-IP` are kept.
 /// From anyone else those headers could be forged, so `X-Forwarded-For` is replaced by the client
 /// alone, and a `Forwarded` or `X-Real-IP` the client sent is replaced by muxer's own value.
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` are set either way.
+/// `X-Forwarded-Proto` (`https` when muxer terminated TLS) and `X-Forwarded-Host` are set either
+/// way.
 pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     original_host: Option<HeaderValue>,
-    trusted: bool,
+    (trusted, tls): (bool, bool),
 ) {
     if !trusted {
         headers.remove(X_FORWARDED_FOR);
@@ -127,7 +128,7 @@ pub(crate) fn set_forwarded(
             replace_client_claims(headers, client);
         }
     }
-    append_forwarded_for(headers, client, original_host);
+    append_forwarded_for(headers, client, original_host, tls);
 }
 
 /// Replaces a client's `Forwarded` and `X-Real-IP` with the client's real address (rare: only
@@ -154,6 +155,7 @@ fn append_forwarded_for(
     headers: &mut HeaderMap,
     client: IpAddr,
     original_host: Option<HeaderValue>,
+    tls: bool,
 ) {
     use std::io::Write as _;
     // Room for the three headers at once: inserting them one by one can grow the map twice.
@@ -182,7 +184,8 @@ fn append_forwarded_for(
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match original_host {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -270,7 +273,7 @@ mod tests {
             &mut headers,
             "198.18.0.1".parse().unwrap(),
             Some(HeaderValue::from_static("gpu.example:22")),
-            true,
+            (true, false),
         );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 198.18.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
@@ -282,14 +285,25 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut headers, "fd00::1".parse().unwrap(), None, true);
+        set_forwarded(
+            &mut headers,
+            "fd00::1".parse().unwrap(),
+            None,
+            (true, false),
+        );
         let chain: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["203.0.113.9, 10.0.0.1, fd00::1"]);
         assert!(!headers.contains_key("x-forwarded-host"));
 
         let mut fresh = HeaderMap::new();
-        set_forwarded(&mut fresh, "198.18.0.1".parse().unwrap(), None, true);
+        set_forwarded(
+            &mut fresh,
+            "198.18.0.1".parse().unwrap(),
+            None,
+            (true, true),
+        );
         assert_eq!(fresh["x-forwarded-for"], "198.18.0.1");
+        assert_eq!(fresh["x-forwarded-proto"], "https", "muxer terminated TLS");
     }
 
     #[test]
@@ -302,14 +316,24 @@ mod tests {
             HeaderValue::from_static("for=10.0.0.1;proto=https"),
         );
         headers.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut headers, "fd00::1".parse().unwrap(), None, false);
+        set_forwarded(
+            &mut headers,
+            "fd00::1".parse().unwrap(),
+            None,
+            (false, false),
+        );
         let chain: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["fd00::1"]);
         assert_eq!(headers["forwarded"], "for=\"[fd00::1]\"");
         assert_eq!(headers["x-real-ip"], "fd00::1");
         // Nothing is added that the client did not send, besides X-Forwarded-*.
         let mut plain = HeaderMap::new();
-        set_forwarded(&mut plain, "198.18.0.1".parse().unwrap(), None, false);
+        set_forwarded(
+            &mut plain,
+            "198.18.0.1".parse().unwrap(),
+            None,
+            (false, false),
+        );
         assert_eq!(plain["x-forwarded-for"], "198.18.0.1");
         assert!(!plain.contains_key("forwarded") && !plain.contains_key("x-real-ip"));
     }

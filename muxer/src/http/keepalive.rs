@@ -30,14 +30,13 @@ use hyper::server::conn::http1;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::pool::InUse;
 use super::proxy::ResponseBody;
-use super::stream::{Replayed, Traffic};
+use super::stream::{ClientStream, Replayed, Traffic};
 use super::upstream::BoxError;
 use super::WhenIdle;
 use crate::limits::{ConnectionLimits, Eviction, Timeout};
@@ -50,8 +49,8 @@ use crate::limits::{ConnectionLimits, Eviction, Timeout};
 /// that goes quiet still gives its buffers back at once, or after this grace period.
 const PARK_GRACE: Duration = Duration::from_millis(100);
 
-/// The client socket as a hyper HTTP/1 connection sees it.
-pub(crate) type ClientIo = TokioIo<Parkable<Replayed<TcpStream>>>;
+/// The client stream as a hyper HTTP/1 connection sees it.
+pub(crate) type ClientIo<C> = TokioIo<Parkable<Replayed<C>>>;
 
 /// What one client connection is doing, shared by its requests and its socket wrapper.
 #[derive(Debug, Default)]
@@ -278,10 +277,10 @@ impl<S: AsyncWrite + AsFd> AsyncWrite for Parkable<S> {
     }
 }
 
-/// The client socket of an HTTP/1 connection.
-pub(crate) struct Client {
-    /// The socket.
-    pub stream: TcpStream,
+/// The client stream of an HTTP/1 connection.
+pub(crate) struct Client<C> {
+    /// The stream (TCP, or TLS over it).
+    pub stream: C,
     /// Its first bytes, already read by the sniffer.
     pub prefix: Vec<u8>,
     /// Its byte counters.
@@ -303,8 +302,8 @@ pub(crate) struct Idle<'a> {
 /// between requests, until it closes or `shutdown` fires. A parked connection that stays silent
 /// for the idle timeout is closed, as hyper closes one whose next request does not arrive within
 /// its header read timeout; so is the longest-parked one when the process runs out of descriptors.
-pub(crate) async fn serve<S>(
-    client: Client,
+pub(crate) async fn serve<C, S>(
+    client: Client<C>,
     builder: &http1::Builder,
     mut service: S,
     in_use: &InUse,
@@ -313,6 +312,7 @@ pub(crate) async fn serve<S>(
     idle: Idle<'_>,
 ) -> Result<(), hyper::Error>
 where
+    C: ClientStream,
     S: HttpService<Incoming, ResBody = Tracked, Error = Infallible> + Unpin + Send,
     S::Future: Send + 'static,
 {
@@ -364,7 +364,7 @@ where
         if result.is_err() || !activity.parking.load(Ordering::Relaxed) {
             return result;
         }
-        let Some((unread, stream, traffic, next_service)) = take_apart(connection) else {
+        let Some((unread, mut stream, traffic, next_service)) = take_apart(connection) else {
             return result;
         };
         service = next_service;
@@ -373,7 +373,7 @@ where
             let deadline = parked_at + idle.timeout;
             let parked = idle.limits.idle.park();
             match next_request(
-                &stream,
+                &mut stream,
                 deadline,
                 &mut idle_timer,
                 shutdown,
@@ -411,10 +411,11 @@ enum Wake {
     clippy::boxed_local,
     reason = "taking the box frees its allocation here, before the parked wait"
 )]
-fn take_apart<S>(
-    connection: Box<http1::UpgradeableConnection<ClientIo, S>>,
-) -> Option<(Vec<u8>, TcpStream, Arc<Traffic>, S)>
+fn take_apart<C, S>(
+    connection: Box<http1::UpgradeableConnection<ClientIo<C>, S>>,
+) -> Option<(Vec<u8>, C, Arc<Traffic>, S)>
 where
+    C: ClientStream,
     S: HttpService<Incoming, ResBody = Tracked, Error = Infallible>,
 {
     let parts = connection.into_parts()?;
@@ -430,16 +431,19 @@ where
 /// shutting down. `timer` is kept across waits and re-armed only when it fires early, not once
 /// per request.
 async fn next_request(
-    stream: &TcpStream,
+    stream: &mut impl ClientStream,
     deadline: Instant,
     timer: &mut Option<Pin<Box<Sleep>>>,
     shutdown: &CancellationToken,
     eviction: &Eviction,
 ) -> Wake {
+    if stream.has_buffered() {
+        return Wake::Request;
+    }
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     std::future::poll_fn(|cx| {
-        if stream.poll_read_ready(cx).is_ready() {
+        if stream.tcp().poll_read_ready(cx).is_ready() {
             return Poll::Ready(Wake::Request);
         }
         if cancelled.as_mut().poll(cx).is_ready() || eviction.poll_evicted(cx) {

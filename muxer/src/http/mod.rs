@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use stream::ClientStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Http, Tunnel};
@@ -47,6 +47,8 @@ pub struct ClientConnection {
     pub traffic: Arc<stream::Traffic>,
     /// The connection's place under the limits; a tunnel or upgrade it becomes keeps it.
     pub slot: Arc<ConnectionSlot>,
+    /// Whether muxer terminated TLS for it (HTTPS).
+    pub tls: bool,
 }
 
 /// What each request's handler knows of its client connection.
@@ -58,6 +60,8 @@ pub struct RequestClient {
     pub local: SocketAddr,
     /// The connection's slot, handed to the tunnel a request may open.
     pub slot: Arc<ConnectionSlot>,
+    /// Whether the request came over HTTPS.
+    pub tls: bool,
 }
 
 /// How long an HTTP/2 connection whose idle timer fired may take to close gracefully: h2 sends
@@ -280,8 +284,9 @@ trait GracefulShutdown {
     fn shut_down_gracefully(&mut self);
 }
 
-impl<S> GracefulShutdown for Box<http1::UpgradeableConnection<keepalive::ClientIo, S>>
+impl<C, S> GracefulShutdown for Box<http1::UpgradeableConnection<keepalive::ClientIo<C>, S>>
 where
+    C: ClientStream,
     S: HttpService<Incoming, ResBody = keepalive::Tracked, Error = Infallible>,
 {
     fn shut_down_gracefully(&mut self) {
@@ -289,9 +294,10 @@ where
     }
 }
 
-impl<S> GracefulShutdown
-    for Box<http2::Connection<TokioIo<stream::Replayed<TcpStream>>, S, TokioExecutor>>
+impl<C, S> GracefulShutdown
+    for Box<http2::Connection<TokioIo<stream::Replayed<C>>, S, TokioExecutor>>
 where
+    C: ClientStream,
     S: HttpService<Incoming, ResBody = keepalive::Tracked, Error = Infallible>,
     S::Future: Send + 'static,
 {
@@ -335,8 +341,8 @@ pub(crate) struct Handles {
 /// until shutdown, when in-flight requests finish and the connection closes. `version` is what
 /// the sniffer saw, so no second detection runs. Each request uses the router current when it
 /// arrives, so a reload applies to open keep-alive connections too.
-pub(crate) async fn serve(
-    client: TcpStream,
+pub(crate) async fn serve<C: ClientStream>(
+    client: C,
     prefix: Vec<u8>,
     connection: ClientConnection,
     context: Arc<HttpContext>,
@@ -345,12 +351,14 @@ pub(crate) async fn serve(
 ) -> Result<(), hyper::Error> {
     let Handles { current, shutdown } = handles;
     let local = client
+        .tcp()
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let ClientConnection {
         peer,
         traffic,
         slot,
+        tls,
     } = connection;
     let settings = &context.settings;
     let header_limit = settings.max_header_bytes;
@@ -367,6 +375,7 @@ pub(crate) async fn serve(
         peer,
         local,
         slot: Arc::clone(&slot),
+        tls,
     };
     let handler_in_use = in_use.clone();
     let activity = Arc::new(keepalive::Activity::default());

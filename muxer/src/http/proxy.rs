@@ -191,7 +191,10 @@ pub(crate) async fn handle(
         return Ok(super::tunnel::connect(request, context, client).await);
     }
     let RequestClient {
-        peer: client, slot, ..
+        peer: client,
+        slot,
+        tls,
+        ..
     } = client;
     let started = Instant::now();
     let target = RouteTarget::of(request.uri(), request.headers());
@@ -224,6 +227,12 @@ pub(crate) async fn handle(
         )));
     };
     access.route = Some(Arc::clone(&route));
+    if route.require_tls && !tls {
+        return Ok(access.local(text(
+            StatusCode::FORBIDDEN,
+            "403 this route is served over HTTPS only: use https://".into(),
+        )));
+    }
     if let Some(keys) = &route.auth {
         let network = slot.limits().source_network(client.ip());
         if context.auth_failures.throttled(network) {
@@ -280,7 +289,12 @@ pub(crate) async fn handle(
     let bodiless = body.is_end_stream();
     headers::strip_hop_by_hop(&mut parts.headers);
     let trusted = context.settings.trusts(client.ip());
-    headers::set_forwarded(&mut parts.headers, client.ip(), raw_host.clone(), trusted);
+    headers::set_forwarded(
+        &mut parts.headers,
+        client.ip(),
+        raw_host.clone(),
+        (trusted, tls),
+    );
     match (&route.host_header, &raw_host) {
         (Some(host), _) => {
             parts.headers.insert(HOST, host.clone());

@@ -92,6 +92,8 @@ pub struct Route {
     pub upgrades: Vec<String>,
     /// The API keys the route requires, if any.
     pub(crate) auth: Option<super::auth::Keys>,
+    /// Served only over HTTPS.
+    pub require_tls: bool,
     /// This route's request metrics.
     pub metrics: RouteMetrics,
 }
@@ -169,6 +171,7 @@ impl Router {
                         .map(|token| token.to_ascii_lowercase())
                         .collect(),
                     auth: route.auth.as_ref().map(super::auth::Keys::new),
+                    require_tls: route.require_tls,
                 })
             })
             .collect();
@@ -210,6 +213,7 @@ mod tests {
             response_timeout: None,
             upgrades: vec!["websocket".into()],
             auth: None,
+            require_tls: false,
         }
     }
 

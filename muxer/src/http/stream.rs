@@ -12,6 +12,28 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// A client connection's byte stream as the HTTP layer serves it: the TCP socket itself, or TLS
+/// over it ([`crate::tls_termination::TlsClient`]).
+pub(crate) trait ClientStream:
+    AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static
+{
+    /// The TCP socket underneath: its addresses, and its readiness while the connection is
+    /// parked between requests.
+    fn tcp(&self) -> &tokio::net::TcpStream;
+
+    /// Whether bytes for the reader wait in the stream's own buffer (decrypted TLS data), so that
+    /// a parked connection must not wait for the socket.
+    fn has_buffered(&mut self) -> bool {
+        false
+    }
+}
+
+impl ClientStream for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
 /// Bytes moved through a [`Replayed`] stream.
 #[derive(Debug, Default)]
 pub struct Traffic {
@@ -78,6 +100,11 @@ impl<S> Replayed<S> {
     pub(crate) fn with_write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = Some(timeout);
         self
+    }
+
+    /// The stream under the replayed bytes.
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
     }
 
     /// Where this stream's bytes are counted.

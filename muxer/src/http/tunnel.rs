@@ -109,6 +109,7 @@ pub(crate) async fn connect(
         peer: client,
         local,
         slot,
+        ..
     } = requester;
     let started = Instant::now();
     let name = request
