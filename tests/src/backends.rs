@@ -115,6 +115,8 @@ pub fn http(netns: &Netns, address: SocketAddr, name: &'static str) -> Backend {
 ///   time in microseconds since the Unix epoch, until the reader goes away (or `?count=N` events);
 /// - `GET /headers`: the request headers as a JSON object;
 /// - `GET /slow?ms=N`: answers after N milliseconds;
+/// - `POST /v1/chat/completions`: OpenAI's chat completion, streamed (server-sent events) when
+///   the request asks for `"stream": true`;
 /// - anything else: `<name> <method> <path-and-query>` as text.
 pub fn http_with(
     netns: &Netns,
@@ -226,6 +228,51 @@ async fn handle(
                 .header("content-type", "text/event-stream")
                 .header("cache-control", "no-cache")
                 .body(ChannelBody { receiver }.boxed_unsync())
+        }
+        ("POST", "/v1/chat/completions") => {
+            // OpenAI's streamed chat completion: the reply in three chunks, then `[DONE]`.
+            let body = request.into_body().collect().await.map(|b| b.to_bytes());
+            let asked: serde_json::Value = body
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default();
+            let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+                let chunk = serde_json::json!({
+                    "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1,
+                    "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                });
+                Bytes::from(format!("data: {chunk}\n\n"))
+            };
+            if asked["stream"] == true {
+                let mut events = vec![chunk(serde_json::json!({"role": "assistant"}), None)];
+                for word in ["Hello", " from", " the", " GPU"] {
+                    events.push(chunk(serde_json::json!({"content": word}), None));
+                }
+                events.push(chunk(serde_json::json!({}), Some("stop")));
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
+                tokio::spawn(async move {
+                    for event in events {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if sender.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(ChannelBody { receiver }.boxed_unsync())
+            } else {
+                let reply = serde_json::json!({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": name,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "Hello from the GPU"}}],
+                });
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(full(reply.to_string()))
+            }
         }
         ("GET", "/slow") => {
             // `?ms=N`: the response head comes after N milliseconds.

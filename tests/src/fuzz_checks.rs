@@ -126,6 +126,7 @@ fn route(name: &str, host: Option<&str>, path: &str, strip: bool) -> HttpRoute {
         response_timeout: None,
         upgrades: vec!["websocket".into()],
         auth: None,
+        require_tls: false,
     }
 }
 
