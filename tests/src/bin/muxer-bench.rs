@@ -24,6 +24,9 @@ const SSE_PORT: u16 = 30000;
 const ECHO_PORT: u16 = 7000;
 const CADDY_PORT: u16 = 8080;
 const MUX_PORT: u16 = 2222;
+/// Caddy's and HAProxy's own HTTPS ports (muxer serves HTTPS on port 22 itself).
+const CADDY_TLS_PORT: u16 = 8443;
+const HAPROXY_TLS_PORT: u16 = 8444;
 
 struct Options {
     /// Contenders to measure (`--only a,b`: labels' short names); all by default.
@@ -116,6 +119,22 @@ impl Contender {
         }
     }
 
+    /// Port clients use for HTTPS, for the contenders that terminate TLS: Caddy and HAProxy
+    /// on a port of their own (their best case: no sniffing in front), muxer on port 22.
+    fn https_port(self) -> Option<u16> {
+        match self {
+            Contender::Caddy => Some(CADDY_TLS_PORT),
+            Contender::HaproxyHttp => Some(HAPROXY_TLS_PORT),
+            Contender::MuxerTc
+            | Contender::MuxerTcSplice
+            | Contender::MuxerXdp
+            | Contender::MuxerSkLookup
+            | Contender::MuxerIptables
+            | Contender::MuxerInfoLog => Some(22),
+            _ => None,
+        }
+    }
+
     /// Port clients use for HTTP, bulk TCP and SSE.
     fn ports(self) -> (u16, Option<u16>, Option<u16>) {
         match self {
@@ -137,6 +156,10 @@ enum Figure {
     NewConnP99,
     KeepAliveCpuUs,
     NewConnCpuUs,
+    HttpsKeepAliveRps,
+    HttpsNewConnRps,
+    HttpsKeepAliveCpuUs,
+    HttpsNewConnCpuUs,
     BulkGbits,
     SseTtfbMs,
     CpuSecondsPerGb,
@@ -155,6 +178,14 @@ impl Figure {
             Figure::NewConnP99 => "HTTP new connection per request, p99 latency (ms)",
             Figure::KeepAliveCpuUs => "HTTP keep-alive, proxy CPU µs per request",
             Figure::NewConnCpuUs => "HTTP new connection per request, proxy CPU µs per request",
+            Figure::HttpsKeepAliveRps => "HTTPS keep-alive, requests/s",
+            Figure::HttpsNewConnRps => {
+                "HTTPS new connection (full handshake) per request, requests/s"
+            }
+            Figure::HttpsKeepAliveCpuUs => "HTTPS keep-alive, proxy CPU µs per request",
+            Figure::HttpsNewConnCpuUs => {
+                "HTTPS new connection per request, proxy CPU µs per request"
+            }
             Figure::BulkGbits => "bulk TCP via the SSH/fallback route (Gbit/s)",
             Figure::SseTtfbMs => "SSE time to first byte, median (ms)",
             Figure::CpuSecondsPerGb => "proxy CPU seconds per GB forwarded",
@@ -166,7 +197,11 @@ impl Figure {
     fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Figure::KeepAliveRps | Figure::NewConnRps | Figure::BulkGbits
+            Figure::KeepAliveRps
+                | Figure::NewConnRps
+                | Figure::HttpsKeepAliveRps
+                | Figure::HttpsNewConnRps
+                | Figure::BulkGbits
         )
     }
 }
@@ -436,7 +471,10 @@ fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
     std::fs::write(
         &caddyfile,
         format!(
-            "{{\n  admin off\n  auto_https off\n}}\n:{CADDY_PORT} {{\n  bind {listen}\n  handle_path /embedding-model/* {{\n    reverse_proxy 127.0.0.1:30001\n  }}\n  handle /sse {{\n    reverse_proxy 127.0.0.1:{SSE_PORT}\n  }}\n  handle {{\n    reverse_proxy 127.0.0.1:{NGINX_PORT}\n  }}\n}}\n"
+            "{{\n  admin off\n  auto_https off\n}}\n:{CADDY_PORT} {{\n  bind {listen}\n  handle_path /embedding-model/* {{\n    reverse_proxy 127.0.0.1:30001\n  }}\n  handle /sse {{\n    reverse_proxy 127.0.0.1:{SSE_PORT}\n  }}\n  handle {{\n    reverse_proxy 127.0.0.1:{NGINX_PORT}\n  }}\n}}\n\
+             https://:{CADDY_TLS_PORT} {{\n  bind {listen}\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{NGINX_PORT}\n}}\n",
+            cert = dir.join("cert.pem").display(),
+            key = dir.join("key.pem").display(),
         ),
     )
     .unwrap();
@@ -456,7 +494,7 @@ fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
 /// the fallback). `http`: HTTP goes to `mode http` backends that parse every request, route `/sse`
 /// by path and reuse upstream connections — the job muxer's router does; otherwise HTTP is spliced
 /// as TCP.
-fn haproxy_config(http: bool, fallback_port: u16) -> String {
+fn haproxy_config(http: bool, fallback_port: u16, dir: &Path) -> String {
     let (sse_rule, http_mode, sse_mode) = if http {
         (
             "  use_backend sse if HTTP { path_beg /sse }\n",
@@ -467,6 +505,17 @@ fn haproxy_config(http: bool, fallback_port: u16) -> String {
         )
     } else {
         ("", "  mode tcp\n", "  mode tcp\n")
+    };
+    // The HTTP router also serves HTTPS, on a port of its own, with the same certificate as
+    // the others.
+    let https = if http {
+        format!(
+            "frontend https\n  mode http\n  bind 0.0.0.0:{HAPROXY_TLS_PORT} ssl crt {} alpn h2,http/1.1\n\
+               default_backend http\n",
+            dir.join("combined.pem").display()
+        )
+    } else {
+        String::new()
     };
     format!(
         "global\n  maxconn 9950\n\
@@ -479,11 +528,11 @@ fn haproxy_config(http: bool, fallback_port: u16) -> String {
          backend ssh\n  mode tcp\n  server s 127.0.0.1:22\n\
          backend http\n{http_mode}  server h 127.0.0.1:{NGINX_PORT}\n\
          backend sse\n{sse_mode}  server e 127.0.0.1:{SSE_PORT}\n\
-         backend other\n  mode tcp\n  server o 127.0.0.1:{fallback_port}\n"
+         backend other\n  mode tcp\n  server o 127.0.0.1:{fallback_port}\n{https}"
     )
 }
 
-fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
+fn muxer_config(mode: &str, fallback_port: u16, method: &str, dir: &Path) -> String {
     format!(
         "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
          [splice]\nmethod = \"{method}\"\n\
@@ -494,7 +543,11 @@ fn muxer_config(mode: &str, fallback_port: u16, method: &str) -> String {
          [fallback]\nupstream = \"127.0.0.1:{fallback_port}\"\n\
          [http]\n\
          [[http.route]]\npath = \"/sse\"\nupstreams = [\"127.0.0.1:{SSE_PORT}\"]\n\
-         [[http.route]]\nupstreams = [\"127.0.0.1:{NGINX_PORT}\"]\n"
+         [[http.route]]\nupstreams = [\"127.0.0.1:{NGINX_PORT}\"]\n\
+         [[tls.route]]\nsni = \"bench\"\nterminate = true\ndefault = true\n\
+         cert = \"{cert}\"\nkey = \"{key}\"\n",
+        cert = dir.join("cert.pem").display(),
+        key = dir.join("key.pem").display(),
     )
 }
 
@@ -512,7 +565,7 @@ fn muxer(
         &config,
         format!(
             "{}\n[control]\nsocket = \"{}\"\n",
-            muxer_config(mode, fallback_port, method),
+            muxer_config(mode, fallback_port, method, dir),
             socket.display()
         ),
     )
@@ -546,6 +599,7 @@ fn start(
     fallback_port: u16,
 ) -> Vec<Running> {
     let dir = backends.dir.path();
+    tls_identity(dir);
     let sslh = |binary: &str| {
         let mut command = link.server.command(binary);
         command.args(["-f", "-n", "-p", &format!("0.0.0.0:{MUX_PORT}")]);
@@ -577,7 +631,7 @@ fn start(
             iptables_redirect(&link.server);
             let config = dir.join("haproxy.cfg");
             let http = contender == Contender::HaproxyHttp;
-            std::fs::write(&config, haproxy_config(http, fallback_port)).unwrap();
+            std::fs::write(&config, haproxy_config(http, fallback_port, dir)).unwrap();
             let mut command = link.server.command("haproxy");
             command.arg("-db").arg("-f").arg(&config);
             let process = Running::spawn("haproxy", command, dir.join("haproxy.log"));
@@ -604,6 +658,19 @@ fn start(
             vec![muxer(link, dir, ("off", "copy"), fallback_port, "warn")]
         }
     }
+}
+
+/// One ECDSA P-256 certificate for every contender that terminates TLS: `cert.pem`, `key.pem`,
+/// and both in `combined.pem` (HAProxy's format).
+fn tls_identity(dir: &Path) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["bench".to_owned(), SERVER_V4.to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap().pem();
+    let key = key.serialize_pem();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    std::fs::write(dir.join("combined.pem"), format!("{cert}{key}")).unwrap();
 }
 
 /// Busy and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`).
@@ -697,14 +764,13 @@ fn wait_for_http(link: &Link, port: u16) {
 }
 
 /// `(requests/s, p50 ms, p99 ms, whether wrk reported errors)` from wrk.
-fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f64, bool)> {
-    let url = format!("http://{SERVER_V4}:{port}/");
+fn wrk(link: &Link, url: &str, seconds: u32, close: bool) -> Option<(f64, f64, f64, bool)> {
     let duration = format!("{seconds}s");
     let mut args = vec!["-t2", "-c32", "-d", &duration, "--latency"];
     if close {
         args.extend(["-H", "Connection: close"]);
     }
-    args.push(&url);
+    args.push(url);
     let output = link.client.run("wrk", &args);
     let text = String::from_utf8_lossy(&output.stdout);
     let rps = text
@@ -719,7 +785,7 @@ fn wrk(link: &Link, port: u16, seconds: u32, close: bool) -> Option<(f64, f64, f
     };
     let errors = text.contains("Non-2xx") || text.contains("Socket errors");
     if errors {
-        eprintln!("bench: wrk reported errors on port {port}:\n{text}");
+        eprintln!("bench: wrk reported errors on {url}:\n{text}");
     }
     Some((rps, percentile("50%")?, percentile("99%")?, errors))
 }
@@ -800,8 +866,9 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
         let spent = proxy_cpu()? - before?;
         (rps > 0.0).then(|| spent * 1e6 / (rps * f64::from(options.seconds)))
     };
+    let http_url = format!("http://{SERVER_V4}:{http_port}/");
     let before = proxy_cpu();
-    if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, false) {
+    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options.seconds, false) {
         show_log_on_errors(errors);
         add(Figure::KeepAliveRps, rps);
         add(Figure::KeepAliveP50, p50);
@@ -811,13 +878,33 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
         }
     }
     let before = proxy_cpu();
-    if let Some((rps, p50, p99, errors)) = wrk(&link, http_port, options.seconds, true) {
+    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options.seconds, true) {
         show_log_on_errors(errors);
         add(Figure::NewConnRps, rps);
         add(Figure::NewConnP50, p50);
         add(Figure::NewConnP99, p99);
         if let Some(us) = per_request(before, rps) {
             add(Figure::NewConnCpuUs, us);
+        }
+    }
+    if let Some(port) = contender.https_port() {
+        let https_url = format!("https://{SERVER_V4}:{port}/");
+        for (close, rps_figure, cpu_figure) in [
+            (
+                false,
+                Figure::HttpsKeepAliveRps,
+                Figure::HttpsKeepAliveCpuUs,
+            ),
+            (true, Figure::HttpsNewConnRps, Figure::HttpsNewConnCpuUs),
+        ] {
+            let before = proxy_cpu();
+            if let Some((rps, _, _, errors)) = wrk(&link, &https_url, options.seconds, close) {
+                show_log_on_errors(errors);
+                add(rps_figure, rps);
+                if let Some(us) = per_request(before, rps) {
+                    add(cpu_figure, us);
+                }
+            }
         }
     }
     if let Some(port) = bulk_port {
@@ -988,6 +1075,10 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         Figure::NewConnP99,
         Figure::KeepAliveCpuUs,
         Figure::NewConnCpuUs,
+        Figure::HttpsKeepAliveRps,
+        Figure::HttpsNewConnRps,
+        Figure::HttpsKeepAliveCpuUs,
+        Figure::HttpsNewConnCpuUs,
         Figure::BulkGbits,
         Figure::SseTtfbMs,
         Figure::CpuSecondsPerGb,
@@ -1085,6 +1176,36 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
         1.0,
         false,
         " ms",
+    );
+    target(
+        "new HTTPS connections ≥ 1.3 × Caddy's",
+        div(
+            value(Figure::HttpsNewConnRps, m),
+            value(Figure::HttpsNewConnRps, Contender::Caddy),
+        ),
+        1.3,
+        true,
+        "×",
+    );
+    target(
+        "new HTTPS connections ≥ 1.0 × HAProxy's",
+        div(
+            value(Figure::HttpsNewConnRps, m),
+            value(Figure::HttpsNewConnRps, Contender::HaproxyHttp),
+        ),
+        1.0,
+        true,
+        "×",
+    );
+    target(
+        "HTTPS keep-alive ≥ 2 × Caddy's",
+        div(
+            value(Figure::HttpsKeepAliveRps, m),
+            value(Figure::HttpsKeepAliveRps, Contender::Caddy),
+        ),
+        2.0,
+        true,
+        "×",
     );
     target(
         "≤ 2 KiB per idle spliced connection",
