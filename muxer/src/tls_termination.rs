@@ -78,7 +78,10 @@ fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, String> {
+    #[cfg(not(feature = "aws-lc"))]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    #[cfg(feature = "aws-lc")]
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| error.to_string())?
