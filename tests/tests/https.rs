@@ -125,19 +125,7 @@ fn the_api_answers_over_https_only_and_only_with_the_key_while_ssh_shares_the_po
     );
 
     // `muxer cert` prints the pin of the certificate muxer generated.
-    let printed = Command::new(muxer_tests::muxer::binary())
-        .args(["cert", "--config"])
-        .arg(host.muxer.config_path())
-        .output()
-        .expect("muxer cert");
-    assert!(printed.status.success(), "{printed:?}");
-    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
-    let pin = printed
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("public-key pin: "))
-        .unwrap_or_else(|| panic!("no pin in {printed}"))
-        .to_owned();
-    assert!(printed.contains("--pinnedpubkey"), "{printed}");
+    let pin = printed_pin(&host.muxer.config_path());
 
     // By IP address (no SNI) through port 22: the default route's certificate, its IP in it.
     let (code, body) = host.curl(&["--cacert", &cacert, "-H", BEARER, &url("/v1/models")]);
@@ -244,11 +232,68 @@ fn the_api_answers_over_https_only_and_only_with_the_key_while_ssh_shares_the_po
         before,
         "refused requests reached the upstream"
     );
+    // Ten failures within a minute from one network: then 429, the right key included.
+    let code_of = |key: &str| {
+        host.curl(&[
+            "--cacert",
+            &cacert,
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url("/v1/models"),
+        ])
+        .1
+    };
+    // Three failures above (no key twice, a wrong key), seven more make ten.
+    let statuses: Vec<String> = (0..7).map(|_| code_of("sk-wrong")).collect();
+    assert!(statuses.iter().all(|s| s == "401"), "{statuses:?}");
+    assert_eq!(code_of(KEY), "429", "throttled after ten failures");
+    assert_eq!(
+        host.requests(),
+        before,
+        "throttled requests reached the upstream"
+    );
 
     // SSH on the same port is unaffected.
     assert!(host.ssh_through_muxer());
-    // The certificate is kept across restarts: same pin from a new muxer.
-    assert!(cert.exists());
+    // The self-signed certificate is kept across restarts: a new muxer serves the same key.
+    let config = std::fs::read_to_string(host.muxer.config_path()).unwrap();
+    let mut host = host;
+    host.muxer
+        .process
+        .signal_and_wait(rustix::process::Signal::TERM);
+    let restarted = Muxer::start(&host.link.server, &config, READY.parse().unwrap());
+    assert_eq!(printed_pin(&restarted.config_path()), pin);
+    let (code, body) = host.curl(&[
+        "--pinnedpubkey",
+        &pin,
+        "-k",
+        "-H",
+        BEARER,
+        &url("/v1/models"),
+    ]);
+    assert_eq!(code, 0, "{body}");
+    host.muxer = restarted;
+}
+
+/// The public-key pin `muxer cert` prints for the config at `path`.
+fn printed_pin(path: &Path) -> String {
+    let printed = Command::new(muxer_tests::muxer::binary())
+        .args(["cert", "--config"])
+        .arg(path)
+        .output()
+        .expect("muxer cert");
+    assert!(printed.status.success(), "{printed:?}");
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(printed.contains("--pinnedpubkey"), "{printed}");
+    printed
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("public-key pin: "))
+        .unwrap_or_else(|| panic!("no pin in {printed}"))
+        .to_owned()
 }
 
 #[test]
