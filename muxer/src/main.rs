@@ -124,7 +124,8 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 /// The control socket: given, or from the config file, or the default.
 fn control_socket(config: &Path, socket: Option<PathBuf>) -> PathBuf {
-    socket.unwrap_or_else(|| match Config::load(config) {
+    // No secrets: whoever runs `muxer stats` may not have the daemon's environment.
+    socket.unwrap_or_else(|| match Config::load_without_secrets(config) {
         Ok(config) => config.control.socket,
         Err(_) => muxer::config::Control::default_socket(),
     })
@@ -308,7 +309,7 @@ async fn stats(
 
 /// `muxer cert`: each terminating TLS route's certificate, its pin, and client snippets.
 fn cert(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match Config::load_without_secrets(path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("muxer: {error}");

@@ -575,8 +575,24 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// Loads `path` like [`Config::load`], but reads no secret (key files, environment
+    /// variables) and leaves the routes' keys unchecked: for commands that look at the config
+    /// without serving it (`muxer cert`), run by someone who may not have the daemon's
+    /// environment.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with(&text, path, false)
+    }
+
     /// Parses and validates `text`; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_with(text, path, true)
+    }
+
+    fn parse_with(text: &str, path: &Path, secrets: bool) -> Result<Config, ConfigError> {
         let deserializer =
             toml::de::Deserializer::parse(text).map_err(|error| ConfigError::Syntax {
                 path: path.to_owned(),
@@ -605,11 +621,9 @@ impl Config {
         config
             .validate()
             .map_err(|(key, problem)| invalid(key.into(), problem))?;
-        if let Some(http) = &mut config.http {
+        if let Some(http) = config.http.as_mut().filter(|_| secrets) {
             http.gather_secrets()
                 .map_err(|(key, problem)| invalid(key, problem))?;
-        }
-        if let Some(http) = &config.http {
             http.validate()
                 .map_err(|(key, problem)| invalid(key, problem))?;
         }
@@ -833,6 +847,22 @@ mod tests {
         let bad = "[[http.route]]\nupstreams = [\"a:1\"]\n[http.route.auth]\nbearer = [\"secret value\"]\n[ssh]\nupstream = \"a:1\"";
         let error = parse(bad).unwrap_err().to_string();
         assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn commands_that_only_look_read_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muxer.toml");
+        std::fs::write(
+            &path,
+            "[ssh]\nupstream = \"a:1\"\n[http]\n[[http.route]]\nupstreams = [\"a:2\"]\n\
+             [http.route.auth]\nbearer_env = \"MUXER_TEST_VARIABLE_NOBODY_SETS\"\n",
+        )
+        .unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(error.contains("bearer_env"), "{error}");
+        let config = Config::load_without_secrets(&path).expect("no secret read");
+        assert!(config.http.is_some());
     }
 
     #[test]
