@@ -7,6 +7,7 @@
 
 pub(crate) mod accept_errors;
 pub mod affinity;
+pub mod certs;
 pub(crate) mod client_source;
 pub mod config;
 pub(crate) mod connection;

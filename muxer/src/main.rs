@@ -333,7 +333,7 @@ fn cert(path: &Path) -> ExitCode {
     for route in routes {
         let (key, cert) = match (&route.key, &route.cert) {
             (Some(key), Some(cert)) => (key.clone(), cert.clone()),
-            _ => muxer::tls_termination::self_signed_paths(&config.state_dir),
+            _ => muxer::certs::self_signed_paths(&config.state_dir),
         };
         let pin = match muxer::tls_termination::pin(&key) {
             Ok(pin) => pin,

@@ -5,15 +5,13 @@
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -21,76 +19,10 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tracing::info;
 
-use crate::config::{Tls, TlsRoute};
+use crate::certs::{read_identity, self_signed_paths, server_config, Identity};
+use crate::config::TlsRoute;
 use crate::http::stream::{ClientStream, Replayed, Traffic};
 use crate::sniff::HttpVersion;
-
-/// A route's certificate chain and key.
-type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-/// Where the self-signed key and certificate live under `state_dir`: `(key, cert)`.
-pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
-    let dir = state_dir.join("tls");
-    (
-        dir.join("self-signed-key.pem"),
-        dir.join("self-signed-cert.pem"),
-    )
-}
-
-fn read_identity(cert: &Path, key: &Path) -> Result<Identity, String> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| format!("{}: {error}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in it", cert.display()));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|error| format!("{}: {error}", key.display()))?;
-    Ok((certs, key))
-}
-
-/// Checks every terminating route's certificate and key as the config is loaded, so that a bad
-/// file is a config error naming its key. A self-signed one not generated yet is fine.
-pub(crate) fn check(tls: &Tls, state_dir: &Path) -> Result<(), (String, String)> {
-    for (index, route) in tls.routes.iter().enumerate() {
-        if !route.terminate {
-            continue;
-        }
-        let (cert, key, field) = match (&route.cert, &route.key) {
-            (Some(cert), Some(key), ..) => (cert.clone(), key.clone(), "cert"),
-            _ => {
-                let (key, cert) = self_signed_paths(state_dir);
-                if !key.exists() {
-                    continue;
-                }
-                (cert, key, "self_signed")
-            }
-        };
-        read_identity(&cert, &key)
-            .and_then(|(certs, key)| server_config(certs, key).map(drop))
-            .map_err(|problem| (format!("tls.route[{index}].{field}"), problem))?;
-    }
-    Ok(())
-}
-
-/// A rustls server configuration serving `certs` with `key`, HTTP/2 preferred over HTTP/1.1.
-fn server_config(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<ServerConfig>, String> {
-    #[cfg(not(feature = "aws-lc"))]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    #[cfg(feature = "aws-lc")]
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| error.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|error| format!("certificate and key: {error}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
 
 /// The names a self-signed certificate covers: the route's name, `localhost`, and every address
 /// of this host at generation time (clients mostly connect by IP address).

@@ -630,7 +630,7 @@ impl Config {
         if let Some(tls) = &config.tls {
             tls.validate(config.http.is_some())
                 .map_err(|(key, problem)| invalid(key, problem))?;
-            crate::tls_termination::check(tls, &config.state_dir)
+            tls::check_certificates(tls, &config.state_dir)
                 .map_err(|(key, problem)| invalid(key, problem))?;
         }
         tls::validate_tunnels(&config.tunnels).map_err(|(key, problem)| invalid(key, problem))?;

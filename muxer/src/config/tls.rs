@@ -181,6 +181,33 @@ fn validate_termination(
     }
 }
 
+/// Checks every terminating route's certificate and key as the config is loaded, so that a bad
+/// file is a config error naming its key. A self-signed one not generated yet is fine.
+pub(crate) fn check_certificates(
+    tls: &Tls,
+    state_dir: &std::path::Path,
+) -> Result<(), (String, String)> {
+    for (index, route) in tls.routes.iter().enumerate() {
+        if !route.terminate {
+            continue;
+        }
+        let (cert, key, field) = match (&route.cert, &route.key) {
+            (Some(cert), Some(key), ..) => (cert.clone(), key.clone(), "cert"),
+            _ => {
+                let (key, cert) = crate::certs::self_signed_paths(state_dir);
+                if !key.exists() {
+                    continue;
+                }
+                (cert, key, "self_signed")
+            }
+        };
+        crate::certs::read_identity(&cert, &key)
+            .and_then(|(certs, key)| crate::certs::server_config(certs, key).map(drop))
+            .map_err(|problem| (format!("tls.route[{index}].{field}"), problem))?;
+    }
+    Ok(())
+}
+
 /// Checks every `[[tunnel]]`.
 pub(super) fn validate_tunnels(tunnels: &[Tunnel]) -> Result<(), (String, String)> {
     for (index, tunnel) in tunnels.iter().enumerate() {
