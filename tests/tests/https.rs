@@ -431,10 +431,10 @@ fn certificate() -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-/// The SHA-256 fingerprint of the certificate `openssl s_client` gets from port 22.
-fn served_fingerprint(link: &Link) -> String {
+/// The SHA-256 fingerprint of the certificate `openssl s_client` gets from port 22 for `sni`.
+fn served_fingerprint(link: &Link, sni: &str) -> String {
     let script = format!(
-        "openssl s_client -connect {SERVER_V4}:22 -servername gpu.test </dev/null 2>/dev/null \
+        "openssl s_client -connect {SERVER_V4}:22 -servername {sni} </dev/null 2>/dev/null \
          | openssl x509 -noout -fingerprint -sha256"
     );
     link.client.run_ok("sh", &["-c", &script]).trim().to_owned()
@@ -459,13 +459,20 @@ fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
     let (first_cert, first_key) = certificate();
     std::fs::write(&cert_path, &first_cert).unwrap();
     std::fs::write(&key_path, &first_key).unwrap();
+    // A second terminating route, by name: its own (self-signed) certificate.
     let host = host(&format!(
-        "sni = \"gpu.test\"\nterminate = true\ncert = \"{}\"\nkey = \"{}\"",
+        "sni = \"gpu.test\"\nterminate = true\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[tls.route]]\nsni = \"api.test\"\nterminate = true\nself_signed = true",
         cert_path.display(),
         key_path.display()
     ));
     let first = fingerprint_of(&cert_path);
-    assert_eq!(served_fingerprint(&host.link), first);
+    assert_eq!(served_fingerprint(&host.link, "gpu.test"), first);
+    assert_eq!(
+        served_fingerprint(&host.link, "api.test"),
+        fingerprint_of(&host.self_signed_cert()),
+        "the certificate is picked by SNI"
+    );
 
     // A keep-alive HTTPS connection, one request answered.
     let mut session = host
@@ -533,7 +540,7 @@ fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     let said = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert!(said.contains("tls.route[0].cert"), "{said}");
-    assert_eq!(served_fingerprint(&host.link), first);
+    assert_eq!(served_fingerprint(&host.link, "gpu.test"), first);
 
     // New files and a reload: new connections get the new certificate, the open one goes on.
     let (second_cert, second_key) = certificate();
@@ -545,7 +552,7 @@ fn a_reload_swaps_the_certificate_and_keeps_open_connections() {
     assert!(reloaded.status.success(), "{reloaded:?}");
     let second = fingerprint_of(&cert_path);
     assert_ne!(first, second);
-    assert_eq!(served_fingerprint(&host.link), second);
+    assert_eq!(served_fingerprint(&host.link, "gpu.test"), second);
     input.write_all(request.as_bytes()).unwrap();
     input.flush().unwrap();
     answered(&lines);
