@@ -31,6 +31,10 @@ const HAPROXY_TLS_PORT: u16 = 8444;
 struct Options {
     /// Contenders to measure (`--only a,b`: labels' short names); all by default.
     contenders: Vec<Contender>,
+    /// Where the load generator runs (`--lab local|remote`).
+    lab: Lab,
+    /// wrk threads and nginx workers (`--shape 1|2`).
+    shape: u32,
     runs: usize,
     seconds: u32,
     idle_connections: usize,
@@ -52,6 +56,56 @@ impl Options {
     }
 }
 
+/// The machine's layout during a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lab {
+    /// Every process floats over both CPUs: client, proxy and backend share them.
+    Local,
+    /// A remote client, modelled: the load generators on CPU 0 alone, the proxy and the backends
+    /// (and everything they start) on CPU 1 — as on a GPU box whose clients are elsewhere.
+    Remote,
+}
+
+impl Lab {
+    fn describe(self) -> &'static str {
+        match self {
+            Lab::Local => "local lab: load generator, proxy and backends share both CPUs",
+            Lab::Remote => {
+                "remote-client lab: load generators confined to CPU 0, proxy and backends to CPU 1"
+            }
+        }
+    }
+}
+
+/// Confines this process (and so what it starts from now on) to `cpu`, or frees it.
+fn confine(cpu: Option<usize>) {
+    let mut set = rustix::thread::CpuSet::new();
+    match cpu {
+        Some(cpu) => set.set(cpu),
+        None => {
+            let cpus = std::thread::available_parallelism()
+                .map_or(2, usize::from)
+                .max(2);
+            for cpu in 0..cpus {
+                set.set(cpu);
+            }
+        }
+    }
+    if let Err(error) = rustix::thread::sched_setaffinity(None, &set) {
+        eprintln!("bench: cannot set the CPU affinity: {error}");
+    }
+}
+
+/// `program args` in the client namespace, on the client's CPU in the remote lab.
+fn run_client(link: &Link, lab: Lab, program: &str, args: &[&str]) -> std::process::Output {
+    match lab {
+        Lab::Local => link.client.run(program, args),
+        Lab::Remote => link
+            .client
+            .run("taskset", &[&["-c", "0", program], args].concat()),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Contender {
     Direct,
@@ -66,10 +120,11 @@ enum Contender {
     MuxerSkLookup,
     MuxerIptables,
     MuxerInfoLog,
+    MuxerUnpinned,
 }
 
 impl Contender {
-    const ALL: [Contender; 12] = [
+    const ALL: [Contender; 13] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
@@ -82,6 +137,7 @@ impl Contender {
         Contender::MuxerSkLookup,
         Contender::MuxerIptables,
         Contender::MuxerInfoLog,
+        Contender::MuxerUnpinned,
     ];
 
     /// Name for `--only`.
@@ -99,6 +155,7 @@ impl Contender {
             Contender::MuxerSkLookup => "muxer-sk-lookup",
             Contender::MuxerIptables => "muxer-iptables",
             Contender::MuxerInfoLog => "muxer-info-log",
+            Contender::MuxerUnpinned => "muxer-unpinned",
         }
     }
 
@@ -116,6 +173,7 @@ impl Contender {
             Contender::MuxerSkLookup => "muxer (sk_lookup steering)",
             Contender::MuxerIptables => "muxer off + iptables",
             Contender::MuxerInfoLog => "muxer (TC, default log level: access lines)",
+            Contender::MuxerUnpinned => "muxer (TC, workers not pinned)",
         }
     }
 
@@ -130,7 +188,8 @@ impl Contender {
             | Contender::MuxerXdp
             | Contender::MuxerSkLookup
             | Contender::MuxerIptables
-            | Contender::MuxerInfoLog => Some(22),
+            | Contender::MuxerInfoLog
+            | Contender::MuxerUnpinned => Some(22),
             _ => None,
         }
     }
@@ -266,10 +325,24 @@ fn main() {
             .filter(|&c| !(quick && c == Contender::HaproxyHttp))
             .collect(),
     };
+    let value_of = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+    let lab = match value_of("--lab").as_deref() {
+        None | Some("local") => Lab::Local,
+        Some("remote") => Lab::Remote,
+        Some(other) => panic!("--lab: {other:?} is neither local nor remote"),
+    };
+    let shape = value_of("--shape").map_or(2, |n| {
+        n.parse()
+            .ok()
+            .filter(|n| (1..=2).contains(n))
+            .expect("--shape: 1 or 2")
+    });
     let open_file_limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     let options = if quick {
         Options {
             contenders: contenders.clone(),
+            lab,
+            shape,
             runs: 1,
             seconds: 2,
             idle_connections: 2_000,
@@ -279,6 +352,8 @@ fn main() {
     } else {
         Options {
             contenders,
+            lab,
+            shape,
             runs: 3,
             seconds: 5,
             idle_connections: IDLE_CONNECTIONS,
@@ -302,6 +377,7 @@ fn main() {
                 contender.label()
             );
             measure(contender, &options, &mut samples);
+            confine(None);
         }
     }
     eprintln!("bench: idle-connection memory");
@@ -398,7 +474,7 @@ fn wait_port(netns: &Netns, port: u16) {
     });
 }
 
-fn backends(link: &Link) -> Backends {
+fn backends(link: &Link, nginx_workers: u32) -> Backends {
     for netns in [&link.client, &link.server] {
         sysctl(
             netns,
@@ -414,7 +490,7 @@ fn backends(link: &Link) -> Backends {
     std::fs::write(
         &nginx_conf,
         format!(
-            "daemon off; worker_processes 1; worker_rlimit_nofile 100000; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;\n\
+            "daemon off; worker_processes {nginx_workers}; worker_rlimit_nofile 100000; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;\n\
              events {{ worker_connections 40000; }}\n\
              http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n\
                server {{ listen 0.0.0.0:{NGINX_PORT} backlog=65535; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
@@ -533,8 +609,13 @@ fn haproxy_config(http: bool, fallback_port: u16, dir: &Path) -> String {
 }
 
 fn muxer_config(mode: &str, fallback_port: u16, method: &str, dir: &Path) -> String {
+    // "unpinned": copying, with the workers left to the scheduler.
+    let (method, pin) = match method {
+        "unpinned" => ("copy", false),
+        other => (other, true),
+    };
     format!(
-        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\n\
+        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\npin_workers = {pin}\n\
          [splice]\nmethod = \"{method}\"\n\
          [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
          [limits]\nmax_connections = 200000\nmax_connections_per_source = 200000\n\
@@ -653,6 +734,9 @@ fn start(
             )]
         }
         Contender::MuxerInfoLog => vec![muxer(link, dir, ("tc", "copy"), fallback_port, "info")],
+        Contender::MuxerUnpinned => {
+            vec![muxer(link, dir, ("tc", "unpinned"), fallback_port, "warn")]
+        }
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
             vec![muxer(link, dir, ("off", "copy"), fallback_port, "warn")]
@@ -764,14 +848,15 @@ fn wait_for_http(link: &Link, port: u16) {
 }
 
 /// `(requests/s, p50 ms, p99 ms, whether wrk reported errors)` from wrk.
-fn wrk(link: &Link, url: &str, seconds: u32, close: bool) -> Option<(f64, f64, f64, bool)> {
-    let duration = format!("{seconds}s");
-    let mut args = vec!["-t2", "-c32", "-d", &duration, "--latency"];
+fn wrk(link: &Link, url: &str, options: &Options, close: bool) -> Option<(f64, f64, f64, bool)> {
+    let duration = format!("{}s", options.seconds);
+    let threads = format!("-t{}", options.shape);
+    let mut args = vec![threads.as_str(), "-c32", "-d", &duration, "--latency"];
     if close {
         args.extend(["-H", "Connection: close"]);
     }
     args.push(url);
-    let output = link.client.run("wrk", &args);
+    let output = run_client(link, options.lab, "wrk", &args);
     let text = String::from_utf8_lossy(&output.stdout);
     let rps = text
         .lines()
@@ -791,8 +876,11 @@ fn wrk(link: &Link, url: &str, seconds: u32, close: bool) -> Option<(f64, f64, f
 }
 
 /// `(Gbit/s, bytes)` from iperf3.
-fn iperf(link: &Link, port: u16, seconds: u32) -> Option<(f64, f64)> {
-    let output = link.client.run(
+fn iperf(link: &Link, port: u16, options: &Options) -> Option<(f64, f64)> {
+    let seconds = options.seconds;
+    let output = run_client(
+        link,
+        options.lab,
         "iperf3",
         &[
             "-c",
@@ -844,8 +932,15 @@ fn median(values: &mut [f64]) -> f64 {
 fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
     settle();
     let link = Link::new();
-    let backends = backends(&link);
+    // In the remote lab, everything started from here to the client's loads is on CPU 1.
+    if options.lab == Lab::Remote {
+        confine(Some(1));
+    }
+    let backends = backends(&link, options.shape);
     let processes = start(contender, &link, &backends, IPERF_PORT);
+    if options.lab == Lab::Remote {
+        confine(Some(0));
+    }
     let (http_port, bulk_port, sse_port) = contender.ports();
     wait_for_http(&link, http_port);
     let mut add =
@@ -868,7 +963,7 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
     };
     let http_url = format!("http://{SERVER_V4}:{http_port}/");
     let before = proxy_cpu();
-    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options.seconds, false) {
+    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options, false) {
         show_log_on_errors(errors);
         add(Figure::KeepAliveRps, rps);
         add(Figure::KeepAliveP50, p50);
@@ -878,7 +973,7 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
         }
     }
     let before = proxy_cpu();
-    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options.seconds, true) {
+    if let Some((rps, p50, p99, errors)) = wrk(&link, &http_url, options, true) {
         show_log_on_errors(errors);
         add(Figure::NewConnRps, rps);
         add(Figure::NewConnP50, p50);
@@ -898,7 +993,7 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
             (true, Figure::HttpsNewConnRps, Figure::HttpsNewConnCpuUs),
         ] {
             let before = proxy_cpu();
-            if let Some((rps, _, _, errors)) = wrk(&link, &https_url, options.seconds, close) {
+            if let Some((rps, _, _, errors)) = wrk(&link, &https_url, options, close) {
                 show_log_on_errors(errors);
                 add(rps_figure, rps);
                 if let Some(us) = per_request(before, rps) {
@@ -909,7 +1004,7 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
     }
     if let Some(port) = bulk_port {
         let cpu_before: f64 = processes.first().map_or(0.0, |p| cpu_seconds(p.pid()));
-        if let Some((gbits, bytes)) = iperf(&link, port, options.seconds) {
+        if let Some((gbits, bytes)) = iperf(&link, port, options) {
             add(Figure::BulkGbits, gbits);
             if let Some(proxy) = processes.first() {
                 add(
@@ -933,7 +1028,7 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
 fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples: &mut Samples) {
     settle();
     let link = Link::new();
-    let backends = backends(&link);
+    let backends = backends(&link, options.shape);
     let mut command = link
         .server
         .command(&std::env::current_exe().unwrap().display().to_string());
@@ -1027,15 +1122,17 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     let _ = writeln!(out, "# muxer benchmark\n");
     let _ = writeln!(
         out,
-        "{} run(s) per contender ({}), {} s per load, medians shown; each contender starts once the machine is 90 % idle. Client and server are network namespaces joined by a veth pair on one machine; wrk -t2 -c32 against nginx returning a 3-byte body; iperf3 single stream; {} idle HTTP keep-alive and {} idle spliced connections for memory{}. Generated by `cargo xtask bench{}` in {:.0} s.\n",
+        "{} run(s) per contender ({}), {} s per load, medians shown; each contender starts once the machine is 90 % idle. Client and server are network namespaces joined by a veth pair on one machine ({}); wrk -t{shape} -c32 against nginx ({shape} worker(s)) returning a 3-byte body; iperf3 single stream; {} idle HTTP keep-alive and {} idle spliced connections for memory{}. Generated by `cargo xtask bench{}` in {:.0} s.\n",
         options.runs,
         if options.runs > 1 { "interleaved" } else { "quick mode" },
         options.seconds,
+        options.lab.describe(),
         options.idle_connections_for(Figure::IdleHttpKib),
         options.idle_connections_for(Figure::IdleSplicedKib),
         spliced_cap_note(options),
         if quick { " --quick" } else { "" },
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        shape = options.shape,
     );
     let _ = writeln!(
         out,
