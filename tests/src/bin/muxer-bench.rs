@@ -1409,6 +1409,8 @@ mod tests {
     fn only_a_binding_cap_is_reported() {
         let options = |limit| Options {
             contenders: Vec::new(),
+            lab: Lab::Local,
+            shape: 2,
             runs: 1,
             seconds: 1,
             idle_connections: IDLE_CONNECTIONS,
