@@ -243,6 +243,15 @@ impl Daemon {
         started
     }
 
+    /// Closes every copy of a listening socket this process keeps (for the sk_lookup map and
+    /// for a successor): one left open on an internal port would keep the kernel program
+    /// steering port 22's new connections to a socket nobody accepts from.
+    fn close_listening_copies(&mut self) {
+        self.listeners.clear();
+        self.sockets.clear();
+        self.internal_ports.close_copies();
+    }
+
     fn redirect(&self) -> std::sync::MutexGuard<'_, Option<Redirect>> {
         self.control
             .redirect
@@ -734,12 +743,7 @@ impl Ending<'_> {
         if let Some(redirect) = self.redirect().as_mut() {
             redirect.stop_steering();
         }
-        // Every copy of a listening socket goes now: one left open on an internal port would
-        // keep the kernel program steering port 22's new connections to a socket nobody
-        // accepts from.
-        daemon.listeners.clear();
-        daemon.sockets.clear();
-        daemon.internal_ports.close_copies();
+        daemon.close_listening_copies();
         // 1. Stop accepting. With no listener on the internal ports the kernel program stops
         //    redirecting new connections at once: from here on port 22 reaches sshd directly
         //    again. Connections already redirected keep their sockets, hence their rewrite, so
@@ -758,13 +762,16 @@ impl Ending<'_> {
     /// The successor serves: stop accepting, send it every spliced connection (also those that
     /// start splicing meanwhile), let HTTP requests in flight finish here, and leave everything
     /// the successor uses in place.
-    async fn hand_over(self, daemon: Daemon, (successor, pid): (Successor, u32)) {
+    async fn hand_over(self, mut daemon: Daemon, (successor, pid): (Successor, u32)) {
         // systemd follows the successor from now on.
         notify(&[sd_notify::NotifyState::MainPid(pid)]);
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
         if let Some(redirect) = self.redirect().as_mut() {
             redirect.stop_steering();
         }
+        // The successor holds its own copies. Should it die while this process drains, nothing
+        // of ours may keep listening on an internal port.
+        daemon.close_listening_copies();
         self.workers.stop_accepting().await;
         info!(
             pid,

@@ -619,3 +619,64 @@ fn read_lines(output: std::process::ChildStdout) -> mpsc::Receiver<String> {
     });
     receiver
 }
+
+#[test]
+fn a_successor_killed_while_the_old_process_drains_leaves_port_22_to_sshd() {
+    if !netns_available("a_successor_killed_while_the_old_process_drains_leaves_port_22_to_sshd") {
+        return;
+    }
+    let host = PublicHost::new();
+    let (_bpffs, pin_dir) = pins();
+    let mut muxer = Muxer::start(
+        &host.link.server,
+        &config("tc", &pin_dir),
+        READY.parse().unwrap(),
+    );
+    let old = muxer.process.pid();
+    // A stream in flight keeps the old process draining (shutdown_grace) after the handover.
+    let mut curl = host
+        .link
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "30",
+            &format!("http://{SERVER_V4}:22/sse?count=200"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let events = read_lines(curl.stdout.take().expect("stdout"));
+    events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first event");
+    let output = std::process::Command::new(muxer_tests::muxer::binary())
+        .args(["upgrade", "--socket"])
+        .arg(muxer.socket())
+        .output()
+        .expect("muxer upgrade");
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    let successor: u32 = said
+        .strip_prefix("muxer: process ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("muxer upgrade said {said:?}"));
+    muxer.wait_for_log("the new process accepts now");
+    assert!(
+        std::path::Path::new(&format!("/proc/{old}")).exists(),
+        "the old process must still be draining for this to mean anything"
+    );
+
+    // The successor dies; the old one is still draining its stream. Port 22 must reach sshd.
+    let pid = rustix::process::Pid::from_raw(successor as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+    let killed = Instant::now();
+    wait_for("sshd's banner on port 22", Duration::from_secs(1), || {
+        banner(&host).then_some(())
+    });
+    assert!(killed.elapsed() < Duration::from_secs(1));
+    let _ = curl.kill();
+    let _ = curl.wait();
+}
