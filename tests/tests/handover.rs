@@ -516,21 +516,7 @@ fn an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish() 
         READY.parse().unwrap(),
     );
     // A stream in flight: 60 events, one every 50 ms, through port 22.
-    let mut curl = host
-        .link
-        .client
-        .command("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "30",
-            &format!("http://{SERVER_V4}:22/sse?count=60"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
-    let events = read_lines(curl.stdout.take().expect("stdout"));
+    let (mut curl, events) = sse_stream(&host, 60);
     let mut seen = 0;
     while seen < 5 {
         let line = events.recv_timeout(Duration::from_secs(10)).expect("event");
@@ -606,6 +592,26 @@ fn an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish() 
     assert!(host.ssh(&SERVER_V4.to_string()).through_muxer());
 }
 
+/// curl reading `count` SSE events (one every 50 ms) through port 22, and its lines.
+fn sse_stream(host: &PublicHost, count: u32) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut curl = host
+        .link
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "30",
+            &format!("http://{SERVER_V4}:22/sse?count={count}"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let events = read_lines(curl.stdout.take().expect("stdout"));
+    (curl, events)
+}
+
 /// The lines of `output`, as they arrive, on a thread.
 fn read_lines(output: std::process::ChildStdout) -> mpsc::Receiver<String> {
     let (sender, receiver) = mpsc::channel();
@@ -627,28 +633,14 @@ fn a_successor_killed_while_the_old_process_drains_leaves_port_22_to_sshd() {
     }
     let host = PublicHost::new();
     let (_bpffs, pin_dir) = pins();
-    let mut muxer = Muxer::start(
+    let muxer = Muxer::start(
         &host.link.server,
         &config("tc", &pin_dir),
         READY.parse().unwrap(),
     );
     let old = muxer.process.pid();
     // A stream in flight keeps the old process draining (shutdown_grace) after the handover.
-    let mut curl = host
-        .link
-        .client
-        .command("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "30",
-            &format!("http://{SERVER_V4}:22/sse?count=200"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
-    let events = read_lines(curl.stdout.take().expect("stdout"));
+    let (mut curl, events) = sse_stream(&host, 200);
     events
         .recv_timeout(Duration::from_secs(10))
         .expect("a first event");
