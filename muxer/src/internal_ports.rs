@@ -92,18 +92,7 @@ impl InternalPorts {
     fn bind_for(&self, public: u16) -> Result<(u16, Vec<Vec<StdTcpListener>>), ListenError> {
         let store = &self.handover.fd_store;
         if let Some(&before) = self.preferred.get(&public) {
-            let groups = self
-                .addresses
-                .iter()
-                .map(|&address| {
-                    listener::bind_group(
-                        with_port(address, before),
-                        self.workers.len(),
-                        self.keepalive,
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>();
-            match groups {
+            match self.bind_at(&self.addresses, before) {
                 Ok(groups) => return Ok((before, groups)),
                 Err(error) => {
                     tracing::warn!(public_port = public, internal_port = before, %error, "the internal port of before the restart is taken; connections restored on it will fail");
@@ -180,13 +169,7 @@ impl InternalPorts {
                 .map_or(0, |address| address.port());
             let mut groups = vec![first_group];
             // The other addresses need the same port; if one has it taken, try another port.
-            let rest = self.addresses[1..]
-                .iter()
-                .map(|&address| {
-                    listener::bind_group(with_port(address, port), count, self.keepalive)
-                })
-                .collect::<Result<Vec<_>, _>>();
-            match rest {
+            match self.bind_at(&self.addresses[1..], port) {
                 Ok(rest) => {
                     groups.extend(rest);
                     return Ok((port, groups));
@@ -197,6 +180,20 @@ impl InternalPorts {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// One group per address of `addresses`, all on `port`.
+    fn bind_at(
+        &self,
+        addresses: &[SocketAddr],
+        port: u16,
+    ) -> Result<Vec<Vec<StdTcpListener>>, ListenError> {
+        addresses
+            .iter()
+            .map(|&address| {
+                listener::bind_group(with_port(address, port), self.workers.len(), self.keepalive)
+            })
+            .collect()
     }
 }
 
