@@ -253,14 +253,21 @@ fn route_for(outcome: &SniffOutcome, config: &Config) -> (&'static str, Target) 
     }
 }
 
+/// The limits class of connections routed to `target` (none for a closed one).
+fn class_of(target: Target) -> Option<Class> {
+    match target {
+        Target::Ssh => Some(Class::Ssh),
+        Target::Http => Some(Class::Http),
+        Target::Tls => Some(Class::Tls),
+        Target::Fallback => Some(Class::Fallback),
+        Target::Close => None,
+    }
+}
+
 /// Moves the connection's slot to the class of `target`, where that target is configured.
 fn classify(slot: &ConnectionSlot, target: Target, config: &Config) -> Result<(), Refusal> {
-    let class = match target {
-        Target::Ssh => Class::Ssh,
-        Target::Http => Class::Http,
-        Target::Tls => Class::Tls,
-        Target::Fallback => Class::Fallback,
-        Target::Close => return Ok(()),
+    let Some(class) = class_of(target) else {
+        return Ok(());
     };
     if !config.has_route(target) {
         // Closed at once by `dispatch`: no class to take.
@@ -697,11 +704,8 @@ pub(crate) fn resume(parcel: Parcel, runtime: &Arc<Runtime>) {
             return;
         }
     };
-    let class = match meta.target {
-        Target::Tls => Class::Tls,
-        Target::Fallback => Class::Fallback,
-        _ => Class::Ssh,
-    };
+    // Spliced connections only: SSH, TLS passthrough, fallback.
+    let class = class_of(meta.target).unwrap_or(Class::Ssh);
     let stored = meta.stored.or_else(|| {
         shared
             .handover
