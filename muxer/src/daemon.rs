@@ -450,12 +450,12 @@ fn resume_restored(
 
 /// Takes in the connections a previous process hands over, each on the least loaded worker,
 /// until it is done. Runs on a thread of its own: receiving blocks.
-fn receive_handed_over(channel: Channel, runtime: Arc<Runtime>, steering: Arc<Steering>) {
+fn receive_handed_over(mut channel: Channel, runtime: Arc<Runtime>, steering: Arc<Steering>) {
     let spawned = std::thread::Builder::new()
         .name("muxer-handover".into())
         .spawn(move || {
             let mut count = 0usize;
-            handover::receive_connections(&channel, |parcel| {
+            handover::receive_connections(&mut channel, |parcel| {
                 count += 1;
                 let runtime = Arc::clone(&runtime);
                 steering

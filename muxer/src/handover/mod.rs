@@ -281,7 +281,7 @@ pub(crate) fn inherit() -> Result<Option<Inheritance>, HandoverError> {
     .map_err(io::Error::from)?;
     // SAFETY: the old process passed this descriptor for us alone, and nothing else in this
     // process refers to it (checked open just above).
-    let channel = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
+    let mut channel = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
     let mut listeners = Vec::new();
     loop {
         let message = channel
@@ -399,7 +399,7 @@ fn same(bound: SocketAddr, configured: SocketAddr) -> bool {
 }
 
 /// Receives paused connections until the old process is done, handing each to `deliver`.
-pub(crate) fn receive_connections(channel: &Channel, mut deliver: impl FnMut(Parcel)) {
+pub(crate) fn receive_connections(channel: &mut Channel, mut deliver: impl FnMut(Parcel)) {
     loop {
         let message = match channel.recv() {
             Ok(Some(message)) => message,

@@ -18,7 +18,12 @@ const MAX_FDS: usize = 4;
 
 /// One end of the handover channel.
 #[derive(Debug)]
-pub(crate) struct Channel(OwnedFd);
+pub(crate) struct Channel {
+    fd: OwnedFd,
+    /// Where messages are received: allocated by the first, reused by the others (one per
+    /// handed-over connection).
+    buffer: Vec<u8>,
+}
 
 /// A received message.
 #[derive(Debug)]
@@ -46,13 +51,20 @@ impl Channel {
             // Large enough for the largest message; the kernel caps it at wmem_max otherwise.
             let _ = setsockopt(end, sockopt::SndBuf, &(MAX_MESSAGE * 2));
         }
-        Ok((Channel(ours), theirs))
+        Ok((Channel::new(ours), theirs))
     }
 
     /// The channel on an inherited descriptor.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
         rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
-        Ok(Channel(fd))
+        Ok(Channel::new(fd))
+    }
+
+    fn new(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            buffer: Vec::new(),
+        }
     }
 
     /// Sends one message.
@@ -71,7 +83,7 @@ impl Channel {
         let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
         loop {
             match sendmsg::<()>(
-                self.0.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 &slices,
                 control,
                 MsgFlags::MSG_NOSIGNAL,
@@ -85,13 +97,14 @@ impl Channel {
     }
 
     /// Receives one message; `None` once the other end has closed.
-    pub(crate) fn recv(&self) -> io::Result<Option<Message>> {
-        let mut buffer = vec![0u8; MAX_MESSAGE];
+    pub(crate) fn recv(&mut self) -> io::Result<Option<Message>> {
+        self.buffer.resize(MAX_MESSAGE, 0);
+        let buffer = &mut self.buffer;
         let mut control = nix::cmsg_space!([RawFd; MAX_FDS]);
         let (length, fds, truncated) = loop {
-            let mut slices = [IoSliceMut::new(&mut buffer)];
+            let mut slices = [IoSliceMut::new(buffer)];
             match recvmsg::<()>(
-                self.0.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 &mut slices,
                 Some(&mut control),
                 MsgFlags::MSG_CMSG_CLOEXEC,
@@ -132,8 +145,7 @@ impl Channel {
             .ok_or_else(|| bad("handover message without a header"))?;
         let header: Header = serde_json::from_slice(&buffer[4..4 + header_len])
             .map_err(|error| bad(&format!("handover header: {error}")))?;
-        buffer.truncate(length);
-        let payload = buffer.split_off(4 + header_len);
+        let payload = buffer[4 + header_len..length].to_vec();
         Ok(Some(Message {
             header,
             fds,
@@ -144,7 +156,7 @@ impl Channel {
     /// Whether a message (or the other end's close) is waiting, within `timeout`.
     pub(crate) fn readable_within(&self, timeout: std::time::Duration) -> io::Result<bool> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
         let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
         match poll(&mut fds, Some(&timeout)) {
             Ok(ready) => Ok(ready > 0),
