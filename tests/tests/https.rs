@@ -80,6 +80,20 @@ impl Host {
         )
     }
 
+    /// `/v1/models` with the key, trusting only a certificate with the public key `pin`.
+    fn models_with_pin(&self, pin: &str) {
+        let (code, body) = self.curl(&[
+            "--pinnedpubkey",
+            pin,
+            "-k",
+            "-H",
+            BEARER,
+            &url("/v1/models"),
+        ]);
+        assert_eq!(code, 0, "{body}");
+        assert!(body.contains("\"llm\""), "{body}");
+    }
+
     fn requests(&self) -> u64 {
         self.api.observed.requests.load(Ordering::Relaxed)
     }
@@ -131,15 +145,7 @@ fn the_api_answers_over_https_only_and_only_with_the_key_while_ssh_shares_the_po
     let (code, body) = host.curl(&["--cacert", &cacert, "-H", BEARER, &url("/v1/models")]);
     assert_eq!(code, 0, "{body}");
     assert!(body.contains("\"llm\""), "{body}");
-    let (code, body) = host.curl(&[
-        "--pinnedpubkey",
-        &pin,
-        "-k",
-        "-H",
-        BEARER,
-        &url("/v1/models"),
-    ]);
-    assert_eq!(code, 0, "{body}");
+    host.models_with_pin(&pin);
     let wrong_pin = "sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     let (code, _) = host.curl(&["--pinnedpubkey", wrong_pin, "-k", &url("/v1/models")]);
     assert_eq!(code, 90, "curl must refuse a certificate with another key");
@@ -267,15 +273,7 @@ fn the_api_answers_over_https_only_and_only_with_the_key_while_ssh_shares_the_po
         .signal_and_wait(rustix::process::Signal::TERM);
     let restarted = Muxer::start(&host.link.server, &config, READY.parse().unwrap());
     assert_eq!(printed_pin(&restarted.config_path()), pin);
-    let (code, body) = host.curl(&[
-        "--pinnedpubkey",
-        &pin,
-        "-k",
-        "-H",
-        BEARER,
-        &url("/v1/models"),
-    ]);
-    assert_eq!(code, 0, "{body}");
+    host.models_with_pin(&pin);
     host.muxer = restarted;
 }
 
