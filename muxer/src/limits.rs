@@ -18,11 +18,11 @@
 //! the process's descriptor limit the longest-idle ones can be closed to admit new connections.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use atomic_waker::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -630,26 +630,14 @@ impl Drop for ConnectionSlot {
 }
 
 /// The parked HTTP keep-alive connections, oldest first, so that the longest-idle ones can be
-/// closed when the process runs out of descriptors.
+/// closed when the process runs out of descriptors. Each entry is the waker of the connection's
+/// task (set on its first poll); an evicted connection's entry is removed, and its absence is
+/// what the connection finds when woken. No allocation of its own per connection: every idle
+/// connection holds a registration (docs/benchmarks.md, memory per idle connection).
 #[derive(Debug, Default)]
 pub struct IdleConnections {
-    parked: Mutex<BTreeMap<u64, Arc<Eviction>>>,
+    parked: Mutex<BTreeMap<u64, Option<Waker>>>,
     next: AtomicU64,
-}
-
-/// Tells one parked connection to close.
-#[derive(Debug, Default)]
-pub struct Eviction {
-    evicted: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Eviction {
-    /// Whether the connection was told to close; registers `cx` to be woken when it is.
-    pub fn poll_evicted(&self, cx: &mut std::task::Context<'_>) -> bool {
-        self.waker.register(cx.waker());
-        self.evicted.load(Ordering::Acquire)
-    }
 }
 
 /// A parked connection's registration; removed on drop.
@@ -657,12 +645,26 @@ impl Eviction {
 pub struct ParkedEntry<'a> {
     registry: &'a IdleConnections,
     key: u64,
-    /// Fires when the connection must close.
-    pub eviction: Arc<Eviction>,
+}
+
+impl ParkedEntry<'_> {
+    /// Whether the connection was told to close; registers `cx` to be woken when it is.
+    pub fn poll_evicted(&self, cx: &mut std::task::Context<'_>) -> bool {
+        let mut parked = self.registry.lock();
+        match parked.get_mut(&self.key) {
+            None => true,
+            Some(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                false
+            }
+        }
+    }
 }
 
 impl IdleConnections {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Eviction>>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Option<Waker>>> {
         self.parked
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -671,12 +673,10 @@ impl IdleConnections {
     /// Registers a connection that just parked.
     pub fn park(&self) -> ParkedEntry<'_> {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let eviction = Arc::new(Eviction::default());
-        self.lock().insert(key, Arc::clone(&eviction));
+        self.lock().insert(key, None);
         ParkedEntry {
             registry: self,
             key,
-            eviction,
         }
     }
 
@@ -692,16 +692,17 @@ impl IdleConnections {
 
     /// Tells up to `count` of the longest-parked connections to close; returns how many.
     pub fn evict_oldest(&self, count: usize) -> usize {
-        let evicted: Vec<Arc<Eviction>> = {
+        let evicted: Vec<Option<Waker>> = {
             let mut parked = self.lock();
             let keys: Vec<u64> = parked.keys().take(count).copied().collect();
             keys.iter().filter_map(|key| parked.remove(key)).collect()
         };
-        for eviction in &evicted {
-            eviction.evicted.store(true, Ordering::Release);
-            eviction.waker.wake();
+        let count = evicted.len();
+        // Woken outside the lock: a woken connection's task may run on this thread at once.
+        for waker in evicted.into_iter().flatten() {
+            waker.wake();
         }
-        evicted.len()
+        count
     }
 }
 
@@ -856,9 +857,9 @@ mod tests {
         assert_eq!(idle.evict_oldest(2), 2);
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
-        assert!(first.eviction.poll_evicted(&mut cx));
-        assert!(second.eviction.poll_evicted(&mut cx));
-        assert!(!third.eviction.poll_evicted(&mut cx));
+        assert!(first.poll_evicted(&mut cx));
+        assert!(second.poll_evicted(&mut cx));
+        assert!(!third.poll_evicted(&mut cx));
         drop((first, second));
         assert_eq!(idle.len(), 1);
         drop(third);

@@ -337,133 +337,144 @@ pub(crate) struct Handles {
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// What every hyper connection of one client connection is built from: the client as requests
+/// see it, the router, and the daemon's handles. Kept while the connection is parked.
+pub(crate) struct Served {
+    client: ClientConnection,
+    context: Arc<HttpContext>,
+    handles: Handles,
+}
+
+impl Served {
+    /// The limits the connection counts under.
+    fn limits(&self) -> &crate::limits::ConnectionLimits {
+        self.client.slot.limits()
+    }
+
+    /// Counts the timeout that ended the connection, if one did (`result`: how serving ended).
+    fn count_timeout(&self, result: &Result<(), hyper::Error>, version: HttpVersion) {
+        if let Some(timeout) = timeout_of(result, &self.client.traffic, version) {
+            self.limits().count_timeout(timeout);
+        }
+    }
+
+    /// The request service for one hyper connection (HTTP/1 round or HTTP/2 connection).
+    fn service(
+        &self,
+        local: SocketAddr,
+        in_use: &pool::InUse,
+        activity: &Arc<keepalive::Activity>,
+    ) -> impl HttpService<
+        Incoming,
+        ResBody = keepalive::Tracked,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Unpin
+           + Send {
+        let current = Arc::clone(&self.handles.current);
+        let context = Arc::clone(&self.context);
+        let request_client = RequestClient {
+            peer: self.client.peer,
+            local,
+            slot: Arc::clone(&self.client.slot),
+            tls: self.client.tls,
+        };
+        let in_use = in_use.clone();
+        let activity = Arc::clone(activity);
+        hyper::service::service_fn(move |request| {
+            let current = current.load_full().unwrap_or_else(|| Arc::clone(&context));
+            activity.request_started();
+            let last = last_plain_request(&request);
+            let in_flight = activity.begin();
+            let handled = proxy::handle(
+                request,
+                current,
+                request_client.clone(),
+                in_use.clone(),
+                Arc::clone(&activity),
+            );
+            let last = last.then(|| Arc::clone(&activity));
+            async move {
+                let response = handled.await?;
+                if let Some(activity) = last.filter(|_| short(response.body())) {
+                    activity.cork_last_response();
+                }
+                Ok::<_, Infallible>(response.map(|body| keepalive::Tracked::new(body, in_flight)))
+            }
+        })
+    }
+}
+
 /// Serves HTTP on `client` (whose first bytes, `prefix`, were already read) until it closes, or
 /// until shutdown, when in-flight requests finish and the connection closes. `version` is what
 /// the sniffer saw, so no second detection runs. Each request uses the router current when it
 /// arrives, so a reload applies to open keep-alive connections too.
-pub(crate) async fn serve<C: ClientStream>(
+///
+/// The future owns everything it needs, to run as a task of its own: an idle HTTP/1 connection
+/// is parked as that task (see [`keepalive`]), so nothing else may size it.
+pub(crate) fn serve<C: ClientStream>(
     client: C,
     prefix: Vec<u8>,
     connection: ClientConnection,
     context: Arc<HttpContext>,
     handles: Handles,
     version: HttpVersion,
+) -> impl Future<Output = Result<(), hyper::Error>> + Send + 'static {
+    let served = Served {
+        client: connection,
+        context,
+        handles,
+    };
+    match version {
+        HttpVersion::Http1 => {
+            let parked = keepalive::Parked {
+                unread: prefix,
+                stream: client,
+            };
+            tokio_util::either::Either::Left(keepalive::serve(parked, served))
+        }
+        // Boxed: HTTP/2's connection state then does not size every HTTP/1 connection.
+        HttpVersion::Http2PriorKnowledge => {
+            tokio_util::either::Either::Right(Box::pin(serve_http2(client, prefix, served)))
+        }
+    }
+}
+
+/// Serves an HTTP/2 (prior knowledge) connection until it closes.
+async fn serve_http2<C: ClientStream>(
+    client: C,
+    prefix: Vec<u8>,
+    served: Served,
 ) -> Result<(), hyper::Error> {
-    let Handles { current, shutdown } = handles;
+    let settings = &served.context.settings;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(Some(settings.ping_interval))
+        .keep_alive_timeout(settings.ping_timeout);
     let local = client
         .tcp()
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let ClientConnection {
-        peer,
-        traffic,
-        slot,
-        tls,
-    } = connection;
-    let settings = &context.settings;
-    let header_limit = settings.max_header_bytes;
-    let header_read_timeout = settings.header_read_timeout;
-    let idle_timeout = settings.idle_timeout();
-    let write_timeout = settings.write_timeout;
-    let h2_settings = (
-        settings.max_concurrent_streams,
-        settings.ping_interval,
-        settings.ping_timeout,
-    );
     let in_use = pool::InUse::default();
-    let request_client = RequestClient {
-        peer,
-        local,
-        slot: Arc::clone(&slot),
-        tls,
-    };
-    let handler_in_use = in_use.clone();
     let activity = Arc::new(keepalive::Activity::default());
-    let handler_activity = Arc::clone(&activity);
-    let service = hyper::service::service_fn(move |request| {
-        let current = current.load_full().unwrap_or_else(|| Arc::clone(&context));
-        handler_activity.request_started();
-        let last = last_plain_request(&request);
-        let in_flight = handler_activity.begin();
-        let handled = proxy::handle(
-            request,
-            current,
-            request_client.clone(),
-            handler_in_use.clone(),
-            Arc::clone(&handler_activity),
-        );
-        let last = last.then(|| Arc::clone(&handler_activity));
-        async move {
-            let response = handled.await?;
-            if let Some(activity) = last.filter(|_| short(response.body())) {
-                activity.cork_last_response();
-            }
-            Ok::<_, Infallible>(response.map(|body| keepalive::Tracked::new(body, in_flight)))
-        }
-    });
-    // Boxed, and as a concrete `dyn Future + Send`: HTTP/2's connection state then does not size
-    // every HTTP/1 connection, and the compiler can prove the connection task `Send` (left
-    // generic, it cannot for every lifetime).
-    let traffic_seen = Arc::clone(&traffic);
-    let limits = slot.limits();
-    let serving: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + '_>> = match version
-    {
-        HttpVersion::Http1 => {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .max_buf_size(header_limit)
-                .keep_alive(true);
-            Box::pin(async move {
-                keepalive::serve(
-                    keepalive::Client {
-                        stream: client,
-                        prefix,
-                        traffic,
-                        write_timeout,
-                    },
-                    &builder,
-                    service,
-                    &in_use,
-                    &activity,
-                    &shutdown,
-                    keepalive::Idle {
-                        timeout: idle_timeout,
-                        limits,
-                    },
-                )
-                .await
-            })
-        }
-        HttpVersion::Http2PriorKnowledge => {
-            let (max_streams, ping_interval, ping_timeout) = h2_settings;
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_header_list_size(header_limit as u32)
-                .max_concurrent_streams(max_streams)
-                .keep_alive_interval(Some(ping_interval))
-                .keep_alive_timeout(ping_timeout);
-            let io = TokioIo::new(
-                stream::Replayed::new(prefix, client, traffic).with_write_timeout(write_timeout),
-            );
-            Box::pin(async move {
-                let mut connection = Box::new(builder.serve_connection(io, service));
-                // The first stream must open within the request head's time, like an HTTP/1
-                // request; later silences get the keep-alive idle time.
-                let mut timer = Http2Idle::new(header_read_timeout, idle_timeout);
-                drive(&mut connection, &in_use, &shutdown, |cx| {
-                    timer.poll_idle(cx, &activity, limits)
-                })
-                .await
-            })
-        }
-    };
-    let result = serving.await;
-    if let Some(timeout) = timeout_of(&result, &traffic_seen, version) {
-        limits.count_timeout(timeout);
-    }
+    let service = served.service(local, &in_use, &activity);
+    let io = TokioIo::new(
+        stream::Replayed::new(prefix, client, Arc::clone(&served.client.traffic))
+            .with_write_timeout(settings.write_timeout),
+    );
+    let mut connection = Box::new(builder.serve_connection(io, service));
+    // The first stream must open within the request head's time, like an HTTP/1 request; later
+    // silences get the keep-alive idle time.
+    let mut timer = Http2Idle::new(settings.header_read_timeout, settings.idle_timeout());
+    let limits = served.limits();
+    let result = drive(&mut connection, &in_use, &served.handles.shutdown, |cx| {
+        timer.poll_idle(cx, &activity, limits)
+    })
+    .await;
+    served.count_timeout(&result, HttpVersion::Http2PriorKnowledge);
     result
 }
 

@@ -107,11 +107,6 @@ impl<S> Replayed<S> {
         &self.inner
     }
 
-    /// Where this stream's bytes are counted.
-    pub(crate) fn traffic(&self) -> &Arc<Traffic> {
-        &self.traffic
-    }
-
     /// The prefix bytes not read yet, and the stream.
     pub(crate) fn into_parts(mut self) -> (Vec<u8>, S) {
         let rest = self.prefix.split_off(self.consumed);
