@@ -2,9 +2,10 @@
 //!
 //! Every contender gets fresh client and server namespaces joined by a veth pair, the same
 //! backends (nginx with a tiny fixed reply, an iperf3 server, sshd, an SSE server), and the same
-//! load (wrk -t2 -c32, iperf3, an SSE first-byte probe). Runs are interleaved (run 1 of every
-//! contender, then run 2, …) so that drift on a noisy machine hits all alike; the report gives
-//! medians and ratios. Not a test: nothing here asserts; targets missed are reported.
+//! load (wrk -c32 with one and with two threads against nginx with as many workers, iperf3, an
+//! SSE first-byte probe). Runs are interleaved (run 1 of every contender, then run 2, …) so that
+//! drift on a noisy machine hits all alike; the report gives medians and ratios. Not a test:
+//! nothing here asserts; targets missed are reported.
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -331,12 +332,15 @@ fn main() {
         Some("remote") => Lab::Remote,
         Some(other) => panic!("--lab: {other:?} is neither local nor remote"),
     };
-    let shape = value_of("--shape").map_or(2, |n| {
-        n.parse()
+    // Both configurations unless one is asked for.
+    let shapes: Vec<u32> = value_of("--shape").map_or(vec![1, 2], |n| {
+        vec![n
+            .parse()
             .ok()
             .filter(|n| (1..=2).contains(n))
-            .expect("--shape: 1 or 2")
+            .expect("--shape: 1 or 2")]
     });
+    let shape = shapes[0];
     let open_file_limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     let options = if quick {
         Options {
@@ -367,34 +371,49 @@ fn main() {
     );
     raise_fd_limit();
     let started = Instant::now();
-    let mut samples = Samples::new();
-    for run in 0..options.runs {
-        for &contender in &options.contenders {
-            eprintln!(
-                "bench: run {}/{} — {}",
-                run + 1,
-                options.runs,
-                contender.label()
-            );
-            measure(contender, &options, &mut samples);
-            confine(None);
+    let mut options = options;
+    let mut by_shape = Vec::new();
+    for (pass, &shape) in shapes.iter().enumerate() {
+        options.shape = shape;
+        let mut samples = Samples::new();
+        for run in 0..options.runs {
+            for &contender in &options.contenders {
+                eprintln!(
+                    "bench: shape {shape}, run {}/{} — {}",
+                    run + 1,
+                    options.runs,
+                    contender.label()
+                );
+                measure(contender, &options, &mut samples);
+                confine(None);
+            }
         }
-    }
-    eprintln!("bench: idle-connection memory");
-    for contender in [
-        Contender::MuxerTc,
-        Contender::Haproxy,
-        Contender::HaproxyHttp,
-        Contender::SeedSelect,
-    ]
-    .into_iter()
-    .filter(|c| options.contenders.contains(c))
-    {
-        for figure in [Figure::IdleSplicedKib, Figure::IdleHttpKib] {
-            idle_memory(contender, figure, &options, &mut samples);
+        // Memory per idle connection does not depend on the load's shape: measured once.
+        if pass + 1 == shapes.len() {
+            eprintln!("bench: idle-connection memory");
+            for contender in [
+                Contender::MuxerTc,
+                Contender::Haproxy,
+                Contender::HaproxyHttp,
+                Contender::SeedSelect,
+            ]
+            .into_iter()
+            .filter(|c| options.contenders.contains(c))
+            {
+                for figure in [Figure::IdleSplicedKib, Figure::IdleHttpKib] {
+                    idle_memory(contender, figure, &options, &mut samples);
+                }
+            }
         }
+        by_shape.push((shape, samples));
     }
-    let report = report(&samples, &options, started.elapsed(), quick);
+    let elapsed = started.elapsed();
+    let mut report_text = haproxy_targets(&by_shape, &options);
+    for (shape, samples) in &by_shape {
+        options.shape = *shape;
+        report_text.push_str(&report(samples, &options, elapsed, quick));
+    }
+    let report = report_text;
     if let Some(dir) = options.out.parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
@@ -1111,6 +1130,103 @@ fn version(command: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "not found".into())
 }
 
+/// The report's opening: muxer at its default log level against HAProxy's HTTP router (default
+/// threads), for every load shape measured, as ratios from this run.
+fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("# muxer benchmark\n\n## Against HAProxy's HTTP router\n\n");
+    let muxer = if options.contenders.contains(&Contender::MuxerInfoLog) {
+        Contender::MuxerInfoLog
+    } else {
+        Contender::MuxerTc
+    };
+    let _ = writeln!(
+        out,
+        "{} against HAProxy's HTTP router with its default thread count (one per CPU), from the same run; CPU is the proxy's own, read from /proc. Ratios of CPU per request: lower is better.\n",
+        muxer.label()
+    );
+    let _ = writeln!(
+        out,
+        "| target | shape | measured | met |\n|---|---|---|---|"
+    );
+    let value = |samples: &Samples, figure: Figure, contender: Contender| {
+        samples
+            .get(&(figure, contender))
+            .map(|v| median(&mut v.clone()))
+    };
+    for (shape, samples) in by_shape {
+        let ratio = |figure: Figure, other: Contender| {
+            value(samples, figure, muxer)
+                .zip(value(samples, figure, other))
+                .map(|(a, b)| a / b)
+        };
+        let rows = [
+            (
+                "CPU per keep-alive request ≤ 0.8 × HAProxy's",
+                Figure::KeepAliveCpuUs,
+                Contender::HaproxyHttp,
+                0.8,
+                false,
+            ),
+            (
+                "CPU per new-connection request ≤ 0.8 × HAProxy's",
+                Figure::NewConnCpuUs,
+                Contender::HaproxyHttp,
+                0.8,
+                false,
+            ),
+            (
+                "keep-alive requests/s ≥ 1.2 × HAProxy's",
+                Figure::KeepAliveRps,
+                Contender::HaproxyHttp,
+                1.2,
+                true,
+            ),
+            (
+                "new-connection requests/s ≥ 1.2 × HAProxy's",
+                Figure::NewConnRps,
+                Contender::HaproxyHttp,
+                1.2,
+                true,
+            ),
+            (
+                "bulk TCP ≥ 0.95 × direct",
+                Figure::BulkGbits,
+                Contender::Direct,
+                0.95,
+                true,
+            ),
+        ];
+        for (name, figure, other, goal, at_least) in rows {
+            let measured = ratio(figure, other);
+            let _ = writeln!(
+                out,
+                "| {name} | wrk -t{shape} | {} | {} |",
+                measured.map_or("not measured".into(), |m| format!("{m:.2}×")),
+                verdict(measured, goal, at_least)
+            );
+        }
+        if let Some(kib) = value(samples, Figure::IdleHttpKib, Contender::MuxerTc) {
+            let _ = writeln!(
+                out,
+                "| ≤ 1.1 KiB per idle HTTP keep-alive connection | – | {kib:.2} KiB | {} |",
+                verdict(Some(kib), 1.1, false)
+            );
+        }
+    }
+    out
+}
+
+/// "yes", or by how much `measured` misses `goal`.
+fn verdict(measured: Option<f64>, goal: f64, at_least: bool) -> String {
+    match measured {
+        Some(m) if (at_least && m >= goal) || (!at_least && m <= goal) => "yes".into(),
+        Some(m) if at_least => format!("**no**: {:.0} % short", (1.0 - m / goal) * 100.0),
+        Some(m) => format!("**no**: {:.0} % over", (m / goal - 1.0) * 100.0),
+        None => "**no**".into(),
+    }
+}
+
 fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) -> String {
     use std::fmt::Write as _;
     let value = |figure: Figure, contender: Contender| -> Option<f64> {
@@ -1119,7 +1235,11 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
             .map(|v| median(&mut v.clone()))
     };
     let mut out = String::new();
-    let _ = writeln!(out, "# muxer benchmark\n");
+    let _ = writeln!(
+        out,
+        "\n# wrk -t{shape}, nginx with {shape} worker(s)\n",
+        shape = options.shape
+    );
     let _ = writeln!(
         out,
         "{} run(s) per contender ({}), {} s per load, medians shown; each contender starts once the machine is 90 % idle. Client and server are network namespaces joined by a veth pair on one machine ({}); wrk -t{shape} -c32 against nginx ({shape} worker(s)) returning a 3-byte body; iperf3 single stream; {} idle HTTP keep-alive and {} idle spliced connections for memory{}. Generated by `cargo xtask bench{}` in {:.0} s.\n",
@@ -1215,22 +1335,8 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     let _ = writeln!(out, "\n## Targets (muxer with the TC redirect)\n");
     let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
     let mut target = |name: &str, measured: Option<f64>, goal: f64, at_least: bool, unit: &str| {
-        let (text, met) = match measured {
-            Some(m) => (
-                format!("{m:.2}{unit}"),
-                if at_least { m >= goal } else { m <= goal },
-            ),
-            None => ("not measured".into(), false),
-        };
-        let verdict = if met {
-            "yes".to_owned()
-        } else {
-            match measured {
-                Some(m) if at_least => format!("**no**: {:.0} % short", (1.0 - m / goal) * 100.0),
-                Some(m) => format!("**no**: {:.0} % over", (m / goal - 1.0) * 100.0),
-                None => "**no**".into(),
-            }
-        };
+        let text = measured.map_or("not measured".into(), |m| format!("{m:.2}{unit}"));
+        let verdict = verdict(measured, goal, at_least);
         let _ = writeln!(out, "| {name} | {text} | {verdict} |");
     };
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
