@@ -144,7 +144,8 @@ pub struct Listen {
     pub cpu_steering: bool,
     /// Pin worker i to the i-th CPU the daemon may run on, so the scheduler moves other busy
     /// threads away from a worker rather than the worker next to them (see `muxer::affinity`);
-    /// only when every allowed CPU gets a worker. Off: workers float. Takes effect at start.
+    /// only when every allowed CPU gets a worker. Off (the default): workers float, and can leave
+    /// a CPU that a client or a backend keeps busy (docs/benchmarks.md). Takes effect at start.
     #[serde(default = "Listen::default_pin_workers")]
     pub pin_workers: bool,
 }
@@ -162,7 +163,7 @@ impl Listen {
     }
 
     fn default_pin_workers() -> bool {
-        true
+        false
     }
 
     fn default_addresses() -> Vec<SocketAddr> {
