@@ -121,11 +121,12 @@ enum Contender {
     MuxerSkLookup,
     MuxerIptables,
     MuxerInfoLog,
-    MuxerUnpinned,
+    MuxerPinned,
+    MuxerHashed,
 }
 
 impl Contender {
-    const ALL: [Contender; 13] = [
+    const ALL: [Contender; 14] = [
         Contender::Direct,
         Contender::Caddy,
         Contender::SeedSelect,
@@ -138,7 +139,8 @@ impl Contender {
         Contender::MuxerSkLookup,
         Contender::MuxerIptables,
         Contender::MuxerInfoLog,
-        Contender::MuxerUnpinned,
+        Contender::MuxerPinned,
+        Contender::MuxerHashed,
     ];
 
     /// Name for `--only`.
@@ -156,7 +158,8 @@ impl Contender {
             Contender::MuxerSkLookup => "muxer-sk-lookup",
             Contender::MuxerIptables => "muxer-iptables",
             Contender::MuxerInfoLog => "muxer-info-log",
-            Contender::MuxerUnpinned => "muxer-unpinned",
+            Contender::MuxerPinned => "muxer-pinned",
+            Contender::MuxerHashed => "muxer-hashed",
         }
     }
 
@@ -174,7 +177,8 @@ impl Contender {
             Contender::MuxerSkLookup => "muxer (sk_lookup steering)",
             Contender::MuxerIptables => "muxer off + iptables",
             Contender::MuxerInfoLog => "muxer (TC, default log level: access lines)",
-            Contender::MuxerUnpinned => "muxer (TC, workers not pinned)",
+            Contender::MuxerPinned => "muxer (TC, workers pinned)",
+            Contender::MuxerHashed => "muxer (TC, workers not pinned, no CPU claims)",
         }
     }
 
@@ -190,7 +194,8 @@ impl Contender {
             | Contender::MuxerSkLookup
             | Contender::MuxerIptables
             | Contender::MuxerInfoLog
-            | Contender::MuxerUnpinned => Some(22),
+            | Contender::MuxerPinned
+            | Contender::MuxerHashed => Some(22),
             _ => None,
         }
     }
@@ -628,13 +633,15 @@ fn haproxy_config(http: bool, fallback_port: u16, dir: &Path) -> String {
 }
 
 fn muxer_config(mode: &str, fallback_port: u16, method: &str, dir: &Path) -> String {
-    // "unpinned": copying, with the workers left to the scheduler.
-    let (method, pin) = match method {
-        "unpinned" => ("copy", false),
-        other => (other, true),
+    // "pinned": copying, each worker on a CPU of its own; "hashed": copying, and the workers
+    // claim no CPU (the kernel spreads connections by hash alone).
+    let (method, pin, claim) = match method {
+        "pinned" => ("copy", true, true),
+        "hashed" => ("copy", false, false),
+        other => (other, false, true),
     };
     format!(
-        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\npin_workers = {pin}\n\
+        "[listen]\naddresses = [\"0.0.0.0:{MUX_PORT}\"]\npin_workers = {pin}\ncpu_steering = {claim}\n\
          [splice]\nmethod = \"{method}\"\n\
          [redirect]\nmode = \"{mode}\"\ninterfaces = [\"veth-s\"]\nports = [22]\n\
          [limits]\nmax_connections = 200000\nmax_connections_per_source = 200000\n\
@@ -753,8 +760,11 @@ fn start(
             )]
         }
         Contender::MuxerInfoLog => vec![muxer(link, dir, ("tc", "copy"), fallback_port, "info")],
-        Contender::MuxerUnpinned => {
-            vec![muxer(link, dir, ("tc", "unpinned"), fallback_port, "warn")]
+        Contender::MuxerPinned => {
+            vec![muxer(link, dir, ("tc", "pinned"), fallback_port, "warn")]
+        }
+        Contender::MuxerHashed => {
+            vec![muxer(link, dir, ("tc", "hashed"), fallback_port, "warn")]
         }
         Contender::MuxerIptables => {
             iptables_redirect(&link.server);
@@ -1335,7 +1345,9 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     let _ = writeln!(out, "\n## Targets (muxer with the TC redirect)\n");
     let _ = writeln!(out, "| target | measured | met |\n|---|---|---|");
     let mut target = |name: &str, measured: Option<f64>, goal: f64, at_least: bool, unit: &str| {
-        let text = measured.map_or("not measured".into(), |m| format!("{m:.2}{unit}"));
+        // Targets against a contender left out of this run are left out.
+        let Some(m) = measured else { return };
+        let text = format!("{m:.2}{unit}");
         let verdict = verdict(measured, goal, at_least);
         let _ = writeln!(out, "| {name} | {text} | {verdict} |");
     };
@@ -1434,6 +1446,9 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
     }
     let mut comparison =
         |title: &str, column: &str, figures: &[Figure], a: Contender, b: Contender| {
+            if !(options.contenders.contains(&a) && options.contenders.contains(&b)) {
+                return;
+            }
             let _ = writeln!(out, "\n## {title}\n");
             let _ = writeln!(out, "| figure | {column} |\n|---|---|");
             for &figure in figures {
@@ -1487,6 +1502,26 @@ fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) 
             Figure::NewConnCpuUs,
         ],
         Contender::MuxerInfoLog,
+        Contender::MuxerTc,
+    );
+    let placement = [
+        Figure::NewConnRps,
+        Figure::KeepAliveRps,
+        Figure::BulkGbits,
+        Figure::CpuSecondsPerGb,
+    ];
+    comparison(
+        "pinned vs floating workers (the default), same muxer",
+        "pinned ÷ floating",
+        &placement,
+        Contender::MuxerPinned,
+        Contender::MuxerTc,
+    );
+    comparison(
+        "no CPU claims (hash spreading) vs claims (the default), same muxer",
+        "hashed ÷ claims",
+        &placement,
+        Contender::MuxerHashed,
         Contender::MuxerTc,
     );
     comparison(
