@@ -280,6 +280,10 @@ impl Daemon {
         if config.listen.pin_workers != old.config.listen.pin_workers {
             notes.push("listen.pin_workers changed: restart to apply".to_owned());
         }
+        if config.access_log != old.config.access_log || config.log_format != old.config.log_format
+        {
+            notes.push("access_log or log_format changed: restart to apply".to_owned());
+        }
         if config.control.socket != old.config.control.socket {
             notes.push("control.socket changed: restart to apply".to_owned());
         }

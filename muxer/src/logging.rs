@@ -17,9 +17,21 @@ static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard(#[allow(dead_code, reason = "held for its Drop")] WorkerGuard);
 
-/// Installs the global subscriber: `RUST_LOG` or `info`, human-readable or JSON lines on stderr.
-pub fn init(format: LogFormat) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// The filter when `RUST_LOG` is not set: `info`, with the per-request access lines only when
+/// `access_log` asks for them.
+fn default_filter(access_log: bool) -> &'static str {
+    if access_log {
+        "info"
+    } else {
+        "info,muxer::access=warn"
+    }
+}
+
+/// Installs the global subscriber: `RUST_LOG` or the default filter ([`default_filter`]),
+/// human-readable or JSON lines on stderr.
+pub fn init(format: LogFormat, access_log: bool) -> LogGuard {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_filter(access_log)));
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -41,4 +53,16 @@ pub fn lines_dropped() -> u64 {
     DROPPED
         .get()
         .map_or(0, |counter| counter.dropped_lines() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_lines_are_filtered_out_unless_asked_for() {
+        let off = EnvFilter::new(default_filter(false)).to_string();
+        assert!(off.contains("muxer::access=warn"), "{off}");
+        assert_eq!(default_filter(true), "info");
+    }
 }

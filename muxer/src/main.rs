@@ -230,7 +230,7 @@ fn main() -> ExitCode {
                 }
             };
             // Held to the end of `main`: dropping it writes the lines still queued.
-            let _log_writer = muxer::logging::init(config.log_format);
+            let _log_writer = muxer::logging::init(config.log_format, config.access_log);
             // Connections are served by the worker threads' own runtimes (see `workers`); this
             // one runs signals, reloads, the control socket and metrics.
             let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -106,6 +106,32 @@ fn as_str(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// Run as the unit runs it (no `RUST_LOG`): per-request access lines only with
+/// `access_log = true`, each connection's own line either way.
+#[test]
+fn access_lines_are_written_only_when_asked_for() {
+    if !netns_available("access_lines_are_written_only_when_asked_for") {
+        return;
+    }
+    for (top, expected) in [("", false), ("access_log = true\n", true)] {
+        let link = Link::new();
+        let _http = backends::http(&link.server, "127.0.0.1:30000".parse().unwrap(), "llm");
+        let muxer = Muxer::start_as(
+            &link.server,
+            &format!("{top}{}", config("2s", "")),
+            "127.0.0.1:2222".parse().unwrap(),
+            &["env", "-u", "RUST_LOG"],
+        );
+        let url = format!("http://{SERVER_V4}:{MUX_PORT}/v1/models");
+        link.client
+            .run_ok("curl", &["-sS", "--fail", "--max-time", "10", &url]);
+        // The connection's line comes after its requests' lines.
+        muxer.wait_for_log("http router");
+        let log = muxer.log();
+        assert_eq!(log.contains("path=/v1/models"), expected, "{top:?}: {log}");
+    }
+}
+
 #[test]
 fn curl_get_and_a_20_mib_chunked_post_reach_the_http_backend() {
     if !netns_available("curl_get_and_a_20_mib_chunked_post_reach_the_http_backend") {

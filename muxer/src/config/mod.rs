@@ -55,6 +55,11 @@ pub struct Config {
     /// `human` (default) or `json` log lines.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// One `muxer::access` line per HTTP request (off by default: each costs 5–7 µs of CPU, and
+    /// journald's rate limit drops most of them under load; docs/benchmarks.md). Each
+    /// connection's own line stays. `RUST_LOG`, when set, decides instead. Takes effect at start.
+    #[serde(default)]
+    pub access_log: bool,
     /// On SIGTERM, how long in-flight HTTP requests may take to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
