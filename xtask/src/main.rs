@@ -31,7 +31,7 @@ enum Command {
     Bench {
         /// `--quick` (one short run, under 2 minutes), `--out FILE` (default target/bench/report.md),
         /// `--only direct,seed-select,muxer` (a subset of the contenders, while tuning),
-        /// `--shape 1|2` (wrk threads and nginx workers; default 2), `--lab local|remote`
+        /// `--shape 1|2` (wrk threads and nginx workers; default: both), `--lab local|remote`
         /// (remote: load generators on CPU 0, proxy and backends on CPU 1).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
