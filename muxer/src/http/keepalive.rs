@@ -286,17 +286,17 @@ pub(crate) struct Parked<C> {
     pub stream: C,
 }
 
-/// Serves HTTP/1.1 on `parked.stream` (`parked.unread` first, already counted when `counted`)
-/// with `served`'s router, parking the connection between requests, until it closes or shutdown
+/// Serves HTTP/1.1 on `parked.stream` (`parked.unread`, the sniffed bytes, first) with
+/// `served`'s router, parking the connection between requests, until it closes or shutdown
 /// fires. A parked connection that stays silent for the idle timeout is closed, as hyper closes
 /// one whose next request does not arrive within its header read timeout; so is the
 /// longest-parked one when the process runs out of descriptors.
 ///
 /// Each round of serving (a hyper connection, its service, the upstream connections it drives)
 /// is one boxed future, freed when the connection parks: a parked connection is this function's
-/// small state, its socket and its timer (docs/benchmarks.md). So the state held across the
-/// parked wait is kept small on purpose: one `parked` reused for every round, and a hand-written
-/// wait ([`NextRequest`]), and an `async` block rather than an `async fn`, which would hold its
+/// small state, its socket and its timer (docs/http.md). So the state held across the parked
+/// wait is kept small on purpose: one `parked` reused for every round, a hand-written wait
+/// ([`NextRequest`]), and an `async` block rather than an `async fn`, which would hold its
 /// arguments twice (measured: 480 bytes against ~330).
 #[allow(
     clippy::manual_async_fn,
