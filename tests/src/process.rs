@@ -168,3 +168,35 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .sum();
     ticks / 100.0
 }
+
+/// `curl -N` in `netns` reading the event stream at `url` for at most `max_time` seconds, and the
+/// lines it prints, as they arrive.
+pub fn sse_curl(
+    netns: &crate::netns::Netns,
+    url: &str,
+    max_time: u32,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut curl = netns
+        .command("curl")
+        .args(["-sS", "-N", "--max-time", &max_time.to_string(), url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let lines = lines_of(curl.stdout.take().expect("stdout"));
+    (curl, lines)
+}
+
+/// The lines of `output`, as they arrive, read on a thread; the receiver ends with the output.
+pub fn lines_of(output: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}

@@ -594,36 +594,8 @@ fn an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish() 
 
 /// curl reading `count` SSE events (one every 50 ms) through port 22, and its lines.
 fn sse_stream(host: &PublicHost, count: u32) -> (std::process::Child, mpsc::Receiver<String>) {
-    let mut curl = host
-        .link
-        .client
-        .command("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "30",
-            &format!("http://{SERVER_V4}:22/sse?count={count}"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
-    let events = read_lines(curl.stdout.take().expect("stdout"));
-    (curl, events)
-}
-
-/// The lines of `output`, as they arrive, on a thread.
-fn read_lines(output: std::process::ChildStdout) -> mpsc::Receiver<String> {
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(output).lines() {
-            let Ok(line) = line else { return };
-            if sender.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    receiver
+    let url = format!("http://{SERVER_V4}:22/sse?count={count}");
+    muxer_tests::process::sse_curl(&host.link.client, &url, 30)
 }
 
 #[test]

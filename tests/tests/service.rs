@@ -1,10 +1,10 @@
 //! muxer as a service: the systemd unit, reloads under load, graceful SIGTERM, metrics, JSON logs,
 //! and a run with nothing but CAP_BPF and CAP_NET_ADMIN as an unprivileged user.
-use std::io::{BufRead, BufReader};
+
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use muxer_tests::backends::{self, Backend};
@@ -281,32 +281,21 @@ fn sigterm_detaches_first_and_lets_an_in_flight_stream_finish() {
         READY.parse().unwrap(),
     );
     // 40 events, one every 50 ms, through the redirected port.
-    let mut curl = server
-        .link
-        .client
-        .command("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "20",
-            &format!("http://{SERVER_V4}:22/sse?count=40"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let events = Arc::new(Mutex::new(0usize));
-    let counted = Arc::clone(&events);
-    let stdout = curl.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if line.unwrap().starts_with("data: ") {
-                *counted.lock().unwrap() += 1;
-            }
-        }
-    });
+    let (mut curl, lines) = muxer_tests::process::sse_curl(
+        &server.link.client,
+        &format!("http://{SERVER_V4}:22/sse?count=40"),
+        20,
+    );
+    let mut events = 0usize;
+    let mut count_events = |lines: &std::sync::mpsc::Receiver<String>| {
+        events += lines
+            .try_iter()
+            .filter(|line| line.starts_with("data: "))
+            .count();
+        events
+    };
     wait_for("a few events", Duration::from_secs(5), || {
-        (*events.lock().unwrap() >= 5).then_some(())
+        (count_events(&lines) >= 5).then_some(())
     });
     muxer.process.signal(rustix::process::Signal::TERM);
     let signalled = Instant::now();
@@ -322,7 +311,7 @@ fn sigterm_detaches_first_and_lets_an_in_flight_stream_finish() {
         signalled.elapsed()
     );
     assert!(
-        *events.lock().unwrap() < 40,
+        count_events(&lines) < 40,
         "the stream must still be running for this to mean anything"
     );
     // No new connections on the listen port.
@@ -335,10 +324,14 @@ fn sigterm_detaches_first_and_lets_an_in_flight_stream_finish() {
     assert!(refused.is_err(), "still accepting after SIGTERM");
 
     assert!(curl.wait().unwrap().success(), "the stream was cut");
-    reader.join().unwrap();
+    // The reader thread ends with curl's output, so every line is in the channel by then.
+    let received = count_events(&lines)
+        + lines
+            .iter()
+            .filter(|line| line.starts_with("data: "))
+            .count();
     assert_eq!(
-        *events.lock().unwrap(),
-        40,
+        received, 40,
         "every event of the in-flight response arrived"
     );
     let status = wait_for("muxer to exit", Duration::from_secs(10), || {
