@@ -17,7 +17,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -372,12 +371,7 @@ async fn serve_round<C: ClientStream>(
 ) -> Round<C> {
     let activity = Arc::new(Activity::default());
     let in_use = InUse::default();
-    let local = replayed
-        .get_ref()
-        .tcp()
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let service = served.service(local, &in_use, &activity);
+    let service = served.service(replayed.get_ref().tcp(), &in_use, &activity);
     let io = TokioIo::new(Parkable {
         inner: replayed,
         activity: Arc::clone(&activity),

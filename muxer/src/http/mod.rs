@@ -358,10 +358,11 @@ impl Served {
         }
     }
 
-    /// The request service for one hyper connection (HTTP/1 round or HTTP/2 connection).
+    /// The request service for one hyper connection (HTTP/1 round or HTTP/2 connection) on the
+    /// client socket `tcp`.
     fn service(
         &self,
-        local: SocketAddr,
+        tcp: &tokio::net::TcpStream,
         in_use: &pool::InUse,
         activity: &Arc<keepalive::Activity>,
     ) -> impl HttpService<
@@ -371,6 +372,9 @@ impl Served {
         Future: Send + 'static,
     > + Unpin
            + Send {
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let current = Arc::clone(&self.handles.current);
         let context = Arc::clone(&self.context);
         let request_client = RequestClient {
@@ -454,13 +458,9 @@ async fn serve_http2<C: ClientStream>(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .keep_alive_interval(Some(settings.ping_interval))
         .keep_alive_timeout(settings.ping_timeout);
-    let local = client
-        .tcp()
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let in_use = pool::InUse::default();
     let activity = Arc::new(keepalive::Activity::default());
-    let service = served.service(local, &in_use, &activity);
+    let service = served.service(client.tcp(), &in_use, &activity);
     let io = TokioIo::new(
         stream::Replayed::new(prefix, client, Arc::clone(&served.client.traffic))
             .with_write_timeout(settings.write_timeout),

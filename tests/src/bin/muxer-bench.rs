@@ -960,6 +960,13 @@ fn sse_ttfb(link: &Link, port: u16) -> Option<f64> {
     Some(median(&mut times))
 }
 
+/// The median of `contender`'s samples of `figure`, if it has any.
+fn median_of(samples: &Samples, figure: Figure, contender: Contender) -> Option<f64> {
+    samples
+        .get(&(figure, contender))
+        .map(|v| median(&mut v.clone()))
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -1166,11 +1173,7 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
         out,
         "| target | shape | measured | met |\n|---|---|---|---|"
     );
-    let value = |samples: &Samples, figure: Figure, contender: Contender| {
-        samples
-            .get(&(figure, contender))
-            .map(|v| median(&mut v.clone()))
-    };
+    let value = median_of;
     for (shape, samples) in by_shape {
         let ratio = |figure: Figure, other: Contender| {
             value(samples, figure, muxer)
@@ -1246,11 +1249,7 @@ fn verdict(measured: Option<f64>, goal: f64, at_least: bool) -> String {
 
 fn report(samples: &Samples, options: &Options, elapsed: Duration, quick: bool) -> String {
     use std::fmt::Write as _;
-    let value = |figure: Figure, contender: Contender| -> Option<f64> {
-        samples
-            .get(&(figure, contender))
-            .map(|v| median(&mut v.clone()))
-    };
+    let value = |figure: Figure, contender: Contender| median_of(samples, figure, contender);
     let mut out = String::new();
     let _ = writeln!(
         out,
