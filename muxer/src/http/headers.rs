@@ -82,22 +82,35 @@ pub(crate) fn last_on_connection(version: Version, headers: &HeaderMap) -> bool 
 
 /// Removes hop-by-hop headers and every header `Connection` names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names, removals only when needed.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names notes which hop-by-hop headers are there; only those are removed.
+    // Most messages carry one (`Connection`, which nginx sends on every response) or none, and
+    // each removal hashes its name again: removing all nine cost more than the rest of this.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // A nominated header is removed as soon as it is found: the option borrows from the
-    // `Connection` header, so collecting them first would copy every one (usually just "close").
-    // Each round removes a header, so this ends.
-    loop {
-        let nominated = connection_options(headers)
-            .find(|option| headers.contains_key(*option))
-            .and_then(|option| HeaderName::from_bytes(option.as_bytes()).ok());
-        let Some(nominated) = nominated else { break };
-        headers.remove(nominated);
+    // `Connection` is HOP_BY_HOP[0]: only then can headers be nominated.
+    if present & 1 != 0 {
+        // A nominated header is removed as soon as it is found: the option borrows from the
+        // `Connection` header, so collecting them first would copy every one (usually just
+        // "close"). Each round removes a header, so this ends.
+        loop {
+            let nominated = connection_options(headers)
+                .find(|option| headers.contains_key(*option))
+                .and_then(|option| HeaderName::from_bytes(option.as_bytes()).ok());
+            let Some(nominated) = nominated else { break };
+            headers.remove(nominated);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -150,6 +163,43 @@ fn replace_client_claims(headers: &mut HeaderMap, client: IpAddr) {
     }
 }
 
+/// Longest textual IP address (IPv4-mapped IPv6).
+const MAX_ADDRESS_LEN: usize = 45;
+
+/// Writes `address` as text (as its `Display` would) into `out`; returns the length. IPv4 is
+/// written digit by digit: through `Display` it took 1 000 instructions per request, a quarter of
+/// forwarding the headers (callgrind).
+fn write_address(address: IpAddr, out: &mut [u8; MAX_ADDRESS_LEN]) -> usize {
+    match address {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    out[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    out[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    out[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                out[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            let mut cursor = &mut out[..];
+            let _ = write!(cursor, "{v6}");
+            MAX_ADDRESS_LEN - cursor.len()
+        }
+    }
+}
+
 /// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
 fn append_forwarded_for(
     headers: &mut HeaderMap,
@@ -157,16 +207,10 @@ fn append_forwarded_for(
     original_host: Option<HeaderValue>,
     tls: bool,
 ) {
-    use std::io::Write as _;
     // Room for the three headers at once: inserting them one by one can grow the map twice.
     headers.reserve(3);
-    // Longest textual IP address (IPv4-mapped IPv6).
-    let mut address = [0u8; 45];
-    let address_len = {
-        let mut cursor = &mut address[..];
-        let _ = write!(cursor, "{client}");
-        45 - cursor.len()
-    };
+    let mut address = [0u8; MAX_ADDRESS_LEN];
+    let address_len = write_address(client, &mut address);
     let previous = || {
         headers
             .get_all(&X_FORWARDED_FOR)
@@ -262,6 +306,52 @@ mod tests {
             ("x-kept", "4"),
         ]);
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_without_a_connection_header() {
+        let left = left_after_strip(&[
+            ("x-kept", "1"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("trailer", "x-checksum"),
+            ("proxy-connection", "keep-alive"),
+        ]);
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let addresses = [
+            "0.0.0.0",
+            "1.2.3.4",
+            "9.10.99.100",
+            "198.18.0.1",
+            "255.255.255.255",
+            "10.0.200.7",
+            "::1",
+            "fd00::1:2",
+            "::ffff:255.255.255.255",
+            "2001:db8:85a3:8d3:1319:8a2e:370:7348",
+        ];
+        for text in addresses {
+            let address: IpAddr = text.parse().unwrap();
+            let mut out = [0u8; MAX_ADDRESS_LEN];
+            let len = write_address(address, &mut out);
+            assert_eq!(
+                std::str::from_utf8(&out[..len]).unwrap(),
+                address.to_string()
+            );
+        }
+        for octet in 0..=255u8 {
+            let address = IpAddr::from([octet, 255 - octet, octet / 3, 7]);
+            let mut out = [0u8; MAX_ADDRESS_LEN];
+            let len = write_address(address, &mut out);
+            assert_eq!(
+                std::str::from_utf8(&out[..len]).unwrap(),
+                address.to_string()
+            );
+        }
     }
 
     #[test]

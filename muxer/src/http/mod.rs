@@ -390,13 +390,16 @@ impl Served {
             activity.request_started();
             let last = last_plain_request(&request);
             let in_flight = activity.begin();
-            let handled = proxy::handle(
+            // Boxed as it is made: hyper moves the future it is handed (into its connection's
+            // slot for the request in flight), and the handler's state is 3.3 KiB. Copying it
+            // twice per request showed as 1.5 % of muxer's user time per new connection.
+            let handled = Box::pin(proxy::handle(
                 request,
                 current,
                 request_client.clone(),
                 in_use.clone(),
                 Arc::clone(&activity),
-            );
+            ));
             let last = last.then(|| Arc::clone(&activity));
             async move {
                 let response = handled.await?;
