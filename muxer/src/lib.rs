@@ -21,6 +21,7 @@ pub mod install;
 pub(crate) mod internal_ports;
 pub(crate) mod limits;
 pub(crate) mod listener;
+pub(crate) mod log_format;
 pub(crate) mod log_limit;
 pub mod logging;
 pub(crate) mod memory;

@@ -18,6 +18,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::log_format::{CachedTime, PlainFields};
 
 /// Lines the queue holds before it drops new ones.
 const MAX_QUEUED_LINES: usize = 128_000;
@@ -182,7 +183,11 @@ pub fn init(format: LogFormat, access_log: bool) -> LogGuard {
         .with_writer(QueueWriter(Arc::clone(&queue)));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Human => builder.with_ansi(ansi).init(),
+        LogFormat::Human => builder
+            .with_ansi(ansi)
+            .fmt_fields(PlainFields)
+            .with_timer(CachedTime)
+            .init(),
     }
     LogGuard(queue)
 }
