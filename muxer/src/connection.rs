@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
+use crate::address_text::SocketAddrText;
 use crate::client_source::{self, Sources, UsedSource};
 use crate::config::{Config, ProxyVersion, Target};
 use crate::handover::{ConnectionMeta, Parcel};
@@ -103,7 +104,7 @@ impl ConnectionLog {
     ) {
         let source = upstream_source.map(|source| source.describe(self.client));
         info!(
-            client = %self.client,
+            client = %SocketAddrText(self.client),
             protocol,
             backend = backend.unwrap_or("-"),
             upstream_source = source.as_deref().unwrap_or("-"),

@@ -6,6 +6,7 @@
 //! [`splice`] (layer-4 forwarding). [`daemon`] ties them together for `muxer run`.
 
 pub(crate) mod accept_errors;
+pub(crate) mod address_text;
 pub mod affinity;
 pub mod certs;
 pub(crate) mod client_source;

@@ -93,13 +93,13 @@ impl Visit for PlainVisitor<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.start(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.start(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
