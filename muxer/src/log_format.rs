@@ -53,6 +53,9 @@ impl PlainVisitor<'_> {
             return false;
         }
         self.pad();
+        if self.result.is_err() {
+            return false;
+        }
         let name = name.strip_prefix("r#").unwrap_or(name);
         self.result = self
             .writer
@@ -72,17 +75,13 @@ impl PlainVisitor<'_> {
 
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" || !needs_no_escaping(value) {
-            // As `DefaultVisitor`: the message as written, other strings in their `Debug` form.
-            if field.name() == "message" {
-                self.record_debug(field, &format_args!("{value}"));
-            } else {
-                self.record_debug(field, &value);
-            }
-            return;
-        }
-        // `Debug` of a string with nothing to escape: the string in quotes.
-        if self.start(field) {
+        // As `DefaultVisitor`: the message as written, other strings in their `Debug` form,
+        // which for a string with nothing to escape is the string in quotes.
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else if !needs_no_escaping(value) {
+            self.record_debug(field, &value);
+        } else if self.start(field) {
             self.result = self
                 .writer
                 .write_char('"')
@@ -256,14 +255,14 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::fmt::MakeWriter;
 
-    /// Collects what a subscriber writes.
+    /// Collects what a subscriber (or the log writer thread) writes.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Captured {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -283,7 +282,7 @@ mod tests {
     }
 
     impl Captured {
-        fn text(&self) -> String {
+        pub(crate) fn text(&self) -> String {
             String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
         }
     }
@@ -311,6 +310,7 @@ mod tests {
             client = %address,
             protocol = "http",
             backend = "quote\"and\\slash",
+            padded = " spaced out ",
             upstream_source = "tab\there é \u{1b}[31m",
             bytes_in = 12_u64,
             signed = -7_i64,

@@ -202,6 +202,7 @@ pub fn lines_dropped() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_format::tests::Captured;
 
     #[test]
     fn access_lines_are_filtered_out_unless_asked_for() {
@@ -214,14 +215,11 @@ mod tests {
     #[test]
     fn queued_lines_are_written_in_order_before_close_returns() {
         let queue = Arc::new(Queue::default());
-        let written = Arc::new(Mutex::new(Vec::new()));
+        let written = Captured::default();
         let writer = {
             let queue = Arc::clone(&queue);
-            let written = Arc::clone(&written);
-            std::thread::spawn(move || {
-                let mut out = SharedBuffer(written);
-                queue.write_batches(&mut out);
-            })
+            let mut out = written.clone();
+            std::thread::spawn(move || queue.write_batches(&mut out))
         };
         for n in 0..1000 {
             (&*queue)
@@ -230,7 +228,7 @@ mod tests {
         }
         queue.close();
         writer.join().unwrap();
-        let written = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let written = written.text();
         let lines: Vec<&str> = written.lines().collect();
         assert_eq!(lines.len(), 1000);
         assert!(lines
@@ -265,18 +263,5 @@ mod tests {
             waited >= FLUSH_TIMEOUT && waited < FLUSH_TIMEOUT * 10,
             "{waited:?}"
         );
-    }
-
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for SharedBuffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 }

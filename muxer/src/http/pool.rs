@@ -313,7 +313,7 @@ async fn reap(pool: Weak<Pool>, index: usize) {
 }
 
 /// The upstream connections one client connection is using, driven by that connection's task
-/// through [`InUse::poll_drive`]. Cloned into each request's handler.
+/// through [`poll_with_upstreams`]. Cloned into each request's handler.
 #[derive(Clone, Debug)]
 pub struct InUse {
     inner: Arc<InUseInner>,
