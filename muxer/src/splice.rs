@@ -16,8 +16,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Size of a copy buffer, taken from the pool only while bytes flow.
-const BUFFER_LEN: usize = 32 * 1024;
+pub(crate) use buffers::LARGE as LARGEST_BUFFER;
 
 /// How bytes move between the two sockets.
 #[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
@@ -484,12 +483,14 @@ mod pipes {
 #[derive(Default)]
 struct Direction {
     /// Held only while it has bytes not yet written; otherwise back in the pool.
-    buf: Option<Vec<u8>>,
+    buf: Option<buffers::Buffer>,
     start: usize,
     end: usize,
     read_done: bool,
     finished: bool,
     bytes: u64,
+    /// The last read found more than a small buffer holds: the next read takes a large one.
+    bulk: bool,
 }
 
 impl Direction {
@@ -508,7 +509,7 @@ impl Direction {
         }
         self.start = 0;
         self.end = bytes.len();
-        self.buf = Some(bytes);
+        self.buf = Some(buffers::Buffer::foreign(bytes));
     }
 
     /// Moves bytes `from` → `to` until it would block (`Pending`), the source ends and the FIN is
@@ -538,9 +539,8 @@ impl Direction {
                     }
                 }
             }
-            if let Some(buf) = self.buf.take() {
-                pool::give(buf);
-            }
+            // Back to the pool: an idle direction holds no buffer.
+            self.buf = None;
             if self.read_done {
                 if !self.finished {
                     // Pass the FIN on. A peer that already went away is no error here: the other
@@ -553,22 +553,17 @@ impl Direction {
             if let Err(error) = ready!(from.poll_read_ready(cx)) {
                 return Poll::Ready(Err(failure(read_side, error)));
             }
-            let mut buf = pool::take();
+            let mut buf = buffers::Buffer::take(self.bulk);
             match from.try_read(&mut buf) {
-                Ok(0) => {
-                    self.read_done = true;
-                    pool::give(buf);
-                }
+                Ok(0) => self.read_done = true,
                 Ok(read) => {
+                    self.bulk = read == buf.len() || read > buffers::SMALL;
                     self.buf = Some(buf);
                     self.start = 0;
                     self.end = read;
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => pool::give(buf),
-                Err(error) => {
-                    pool::give(buf);
-                    return Poll::Ready(Err(failure(read_side, error)));
-                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(failure(read_side, error))),
             }
         }
     }
@@ -657,38 +652,276 @@ impl std::future::Future for Copying {
     }
 }
 
-/// Copy buffers shared by the connections a worker thread serves.
-mod pool {
+/// Copy buffers, kept per thread for the connections a worker serves. Every read takes a small
+/// one; a direction whose last read found more than that (bulk) takes a large one, within a
+/// process-wide budget. Large buffers carried a single stream 1.1–1.5× as fast in the bulk labs
+/// (fewer reads, writes and wake-ups per byte; docs/benchmarks.md); small ones keep an
+/// interactive session's and a slow reader's memory low.
+mod buffers {
     use std::cell::RefCell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Buffers kept per thread; more are freed.
-    const KEEP: usize = 32;
+    /// Every direction's first buffer.
+    pub(crate) const SMALL: usize = 32 * 1024;
+    /// A bulk direction's buffer. Two of them unwritten (one each way) must fit one handover
+    /// message, also where `net.core.wmem_max` is the kernel's default (handover/wire.rs).
+    pub(crate) const LARGE: usize = 192 * 1024;
+    /// Large buffers held at once, by all threads (12 MiB); past it bulk gets small ones.
+    const LARGE_BUDGET: usize = 64;
+    /// Free buffers kept per thread; more are freed.
+    const KEEP_SMALL: usize = 32;
+    const KEEP_LARGE: usize = 4;
+
+    /// Large buffers taken and not yet returned.
+    static LARGE_TAKEN: AtomicUsize = AtomicUsize::new(0);
 
     thread_local! {
-        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static FREE_SMALL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static FREE_LARGE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A buffer of `super::BUFFER_LEN` bytes.
-    pub(crate) fn take() -> Vec<u8> {
-        FREE.with(|free| free.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; super::BUFFER_LEN])
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Class {
+        Small,
+        Large,
+        /// Bytes from elsewhere (a resumed connection's): freed, not pooled.
+        Foreign,
     }
 
-    /// Returns a buffer from [`take`] (others, such as a resumed connection's, are freed).
-    pub(crate) fn give(buf: Vec<u8>) {
-        if buf.len() != super::BUFFER_LEN {
-            return;
-        }
-        FREE.with(|free| {
-            let mut free = free.borrow_mut();
-            if free.len() < KEEP {
-                free.push(buf);
+    /// A copy buffer; dropping it returns it to its pool.
+    pub(crate) struct Buffer {
+        bytes: Vec<u8>,
+        class: Class,
+    }
+
+    impl Buffer {
+        /// A buffer from this thread's pool: large if `bulk` and the budget allows.
+        pub(crate) fn take(bulk: bool) -> Buffer {
+            let large = bulk && reserve(&LARGE_TAKEN, LARGE_BUDGET);
+            #[cfg(test)]
+            if large {
+                tests::TAKEN_HERE.with(|taken| taken.set(taken.get() + 1));
             }
-        });
+            let (pool, len, class) = if large {
+                (&FREE_LARGE, LARGE, Class::Large)
+            } else {
+                (&FREE_SMALL, SMALL, Class::Small)
+            };
+            let bytes = pool
+                .try_with(|free| free.borrow_mut().pop())
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| vec![0u8; len]);
+            Buffer { bytes, class }
+        }
+
+        /// Wraps bytes that did not come from a pool.
+        pub(crate) fn foreign(bytes: Vec<u8>) -> Buffer {
+            Buffer {
+                bytes,
+                class: Class::Foreign,
+            }
+        }
+    }
+
+    /// Counts one more of `budget` as taken, unless all are.
+    fn reserve(taken: &AtomicUsize, budget: usize) -> bool {
+        taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+                (count < budget).then_some(count + 1)
+            })
+            .is_ok()
+    }
+
+    impl std::ops::Deref for Buffer {
+        type Target = [u8];
+
+        fn deref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+
+    impl std::ops::DerefMut for Buffer {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            &mut self.bytes
+        }
+    }
+
+    impl Drop for Buffer {
+        fn drop(&mut self) {
+            let (pool, keep) = match self.class {
+                Class::Small => (&FREE_SMALL, KEEP_SMALL),
+                Class::Large => {
+                    LARGE_TAKEN.fetch_sub(1, Ordering::AcqRel);
+                    #[cfg(test)]
+                    tests::RETURNED_HERE.with(|returned| returned.set(returned.get() + 1));
+                    (&FREE_LARGE, KEEP_LARGE)
+                }
+                Class::Foreign => return,
+            };
+            let bytes = std::mem::take(&mut self.bytes);
+            // A thread already tearing down its locals just frees the buffer.
+            let _ = pool.try_with(|free| {
+                let mut free = free.borrow_mut();
+                if free.len() < keep {
+                    free.push(bytes);
+                }
+            });
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) mod tests {
+        use super::*;
+        use std::cell::Cell;
+
+        thread_local! {
+            /// Large buffers this thread took and returned (the tests' runtimes have one thread).
+            pub(crate) static TAKEN_HERE: Cell<usize> = const { Cell::new(0) };
+            pub(crate) static RETURNED_HERE: Cell<usize> = const { Cell::new(0) };
+        }
+
+        /// Large buffers this thread took, and how many of them it still holds.
+        pub(crate) fn large_here() -> (usize, usize) {
+            let taken = TAKEN_HERE.with(Cell::get);
+            (taken, taken - RETURNED_HERE.with(Cell::get))
+        }
+
+        #[test]
+        fn the_large_buffer_budget_is_never_exceeded_and_returned_ones_count_again() {
+            let taken = AtomicUsize::new(0);
+            assert!((0..5).all(|_| reserve(&taken, 5)));
+            assert!(!reserve(&taken, 5), "a sixth of five");
+            assert_eq!(taken.load(Ordering::Acquire), 5);
+            taken.fetch_sub(1, Ordering::AcqRel);
+            assert!(reserve(&taken, 5));
+            assert!(!reserve(&taken, 5));
+        }
+
+        #[test]
+        fn a_bulk_take_beyond_the_budget_gets_a_small_buffer() {
+            // Fill the process-wide budget from here (other tests may hold some: take until
+            // one comes back small, which must happen within the budget).
+            let mut held = Vec::new();
+            let small = loop {
+                let buffer = Buffer::take(true);
+                if buffer.class == Class::Small {
+                    break buffer;
+                }
+                held.push(buffer);
+                assert!(
+                    held.len() <= LARGE_BUDGET,
+                    "more large buffers than the budget"
+                );
+            };
+            assert_eq!(small.len(), SMALL);
+            assert!(held.iter().all(|buffer| buffer.len() == LARGE));
+            drop(held);
+            assert_eq!(Buffer::take(false).len(), SMALL, "small when not bulk");
+        }
     }
 }
 
 fn record(bytes: &AtomicU64, last_activity: &AtomicU64, started: Instant, count: usize) {
     bytes.fetch_add(count as u64, Ordering::Relaxed);
     last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Both ends of a loopback TCP connection.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (near, far) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (near.unwrap(), far.unwrap().0)
+    }
+
+    /// A client, a backend, and a copying splice between them: (client, backend, splice task).
+    async fn spliced() -> (TcpStream, TcpStream, tokio::task::JoinHandle<SpliceReport>) {
+        let (client, client_far) = connected().await;
+        let (upstream, backend) = connected().await;
+        let copying = splice(client_far, upstream, Duration::from_secs(30), Method::Copy);
+        (client, backend, tokio::spawn(copying))
+    }
+
+    /// `len` bytes that differ from any shifted copy of themselves.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+            .collect()
+    }
+
+    /// Sends `bytes` through `writer` while `reader` reads them back, then checks them.
+    async fn through(
+        mut writer: impl AsyncWriteExt + Unpin,
+        mut reader: impl AsyncReadExt + Unpin,
+        bytes: &[u8],
+    ) {
+        let mut received = vec![0u8; bytes.len()];
+        let (written, read) =
+            tokio::join!(writer.write_all(bytes), reader.read_exact(&mut received));
+        written.unwrap();
+        read.unwrap();
+        assert!(received == bytes, "bytes changed on the way");
+    }
+
+    #[tokio::test]
+    async fn bulk_both_ways_moves_every_byte_through_large_buffers_and_returns_them() {
+        let (mut client, mut backend, task) = spliced().await;
+        let (before, _) = buffers::tests::large_here();
+        let up = pattern(8 << 20, 1);
+        let down = pattern(8 << 20, 2);
+        {
+            let (client_read, client_write) = client.split();
+            let (backend_read, backend_write) = backend.split();
+            tokio::join!(
+                through(client_write, backend_read, &up),
+                through(backend_write, client_read, &down),
+            );
+        }
+        let (taken, _) = buffers::tests::large_here();
+        assert!(taken > before, "a bulk transfer never took a large buffer");
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        let report = task.await.unwrap();
+        assert_eq!(report.reason, CloseReason::Finished);
+        assert_eq!(report.client_to_upstream, up.len() as u64);
+        assert_eq!(report.upstream_to_client, down.len() as u64);
+        assert_eq!(buffers::tests::large_here().1, 0, "a large buffer was kept");
+    }
+
+    #[tokio::test]
+    async fn an_interactive_session_stays_on_small_buffers_also_after_a_bulk_burst() {
+        let (mut client, mut backend, task) = spliced().await;
+        let keystrokes = |round: usize| pattern(64 + round % 100, round as u8);
+        for round in 0..200 {
+            through(&mut client, &mut backend, &keystrokes(round)).await;
+            through(&mut backend, &mut client, &keystrokes(round)).await;
+        }
+        assert_eq!(
+            buffers::tests::large_here().0,
+            0,
+            "small writes took a large buffer"
+        );
+        // A burst (an scp) grows the buffers; the next small reads shrink them again.
+        through(&mut client, &mut backend, &pattern(4 << 20, 3)).await;
+        let (after_burst, _) = buffers::tests::large_here();
+        assert!(after_burst > 0, "a burst never took a large buffer");
+        for round in 0..200 {
+            through(&mut client, &mut backend, &keystrokes(round)).await;
+        }
+        let (after_typing, held) = buffers::tests::large_here();
+        assert!(
+            after_typing <= after_burst + 1,
+            "typing after a burst kept taking large buffers: {} more",
+            after_typing - after_burst
+        );
+        assert_eq!(held, 0);
+        drop((client, backend));
+        task.await.unwrap();
+    }
 }

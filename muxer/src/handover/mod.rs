@@ -435,3 +435,68 @@ fn parcel(meta: ConnectionMeta, fds: Vec<OwnedFd>, mut payload: Vec<u8>) -> Opti
         pending_down,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A paused connection with both copy buffers full and unwritten.
+    fn full_parcel() -> Parcel {
+        let (client, upstream) = std::os::unix::net::UnixStream::pair().unwrap();
+        let largest = crate::splice::LARGEST_BUFFER;
+        let pending_up: Vec<u8> = (0..largest).map(|i| (i % 251) as u8).collect();
+        let pending_down: Vec<u8> = (0..largest).map(|i| (i % 241) as u8).collect();
+        Parcel {
+            meta: ConnectionMeta {
+                client: "[fd00::1]:65535".parse().unwrap(),
+                protocol: "ssh".into(),
+                target: Target::Ssh,
+                // The longest name a backend can have.
+                backend: format!("{}.example:22", "a".repeat(240)),
+                upstream_source: None,
+                bytes: (u64::MAX, u64::MAX),
+                age_ms: u64::MAX,
+                pending: (pending_up.len(), pending_down.len()),
+                stored: Some("muxer-connection-".repeat(8)),
+            },
+            client: client.into(),
+            upstream: upstream.into(),
+            pending_up,
+            pending_down,
+        }
+    }
+
+    #[test]
+    fn a_connection_paused_with_both_buffers_full_crosses_a_channel_with_default_limits() {
+        let (sender, theirs) = Channel::pair().unwrap();
+        // The send buffer a machine with the kernel's default net.core.wmem_max grants.
+        sender.set_send_buffer(212_992).unwrap();
+        let mut receiver = Channel::from_fd(theirs).unwrap();
+        // The channel holds about one such message: the successor receives as it comes.
+        let receiving = std::thread::spawn(move || {
+            let mut received = Vec::new();
+            receive_connections(&mut receiver, |parcel| received.push(parcel));
+            received
+        });
+        let sent = full_parcel();
+        sender
+            .send(
+                &Header::Connection(sent.meta.clone()),
+                &[sent.client.as_fd(), sent.upstream.as_fd()],
+                &[&sent.pending_up, &sent.pending_down],
+            )
+            .expect("one message holds a fully paused connection");
+        sender.send(&Header::Done, &[], &[]).unwrap();
+        let received = receiving.join().unwrap();
+        let [parcel]: [Parcel; 1] = received.try_into().expect("one connection came over");
+        assert!(
+            parcel.pending_up == sent.pending_up,
+            "client → backend bytes changed"
+        );
+        assert!(
+            parcel.pending_down == sent.pending_down,
+            "backend → client bytes changed"
+        );
+        assert_eq!(parcel.meta.backend, sent.meta.backend);
+    }
+}

@@ -11,8 +11,17 @@ use nix::sys::socket::{
 use super::Header;
 
 /// Largest message: a header, and the bytes a paused connection had read but not yet written
-/// (at most one 64 KiB pipe or 32 KiB buffer each way).
+/// (at most one 64 KiB pipe or one copy buffer each way).
 const MAX_MESSAGE: usize = 512 * 1024;
+/// Room for a connection's JSON header beside its pending bytes (a few hundred bytes; the
+/// backend's name is the only long field).
+const HEADER_ROOM: usize = 8 * 1024;
+/// What one message can carry where `net.core.wmem_max` is the kernel's default (212 992): the
+/// send buffer is capped at twice that, less 32 bytes (`unix_dgram_sendmsg`).
+const DEFAULT_SENDABLE: usize = 2 * 212_992 - 32;
+// A paused connection is one message, also on a machine with default limits.
+const _: () = assert!(2 * crate::splice::LARGEST_BUFFER + HEADER_ROOM <= DEFAULT_SENDABLE);
+const _: () = assert!(DEFAULT_SENDABLE <= MAX_MESSAGE);
 /// Most descriptors in one message (listeners go one per message; connections carry two).
 const MAX_FDS: usize = 4;
 
@@ -58,6 +67,12 @@ impl Channel {
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
         rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
         Ok(Channel::new(fd))
+    }
+
+    /// Asks for a send buffer of `bytes` (the kernel grants twice that, up to wmem_max).
+    #[cfg(test)]
+    pub(crate) fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        Ok(setsockopt(&self.fd, sockopt::SndBuf, &bytes)?)
     }
 
     fn new(fd: OwnedFd) -> Channel {
