@@ -169,16 +169,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// `curl -N` in `netns` reading the event stream at `url` for at most `max_time` seconds, and the
-/// lines it prints, as they arrive.
+/// `curl -N` in `netns` (with `extra` arguments) reading the event stream at `url` for at most
+/// `max_time` seconds, and the lines it prints, as they arrive.
 pub fn sse_curl(
     netns: &crate::netns::Netns,
     url: &str,
     max_time: u32,
+    extra: &[&str],
 ) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut curl = netns
         .command("curl")
-        .args(["-sS", "-N", "--max-time", &max_time.to_string(), url])
+        .args(["-sS", "-N", "--max-time", &max_time.to_string()])
+        .args(extra)
+        .arg(url)
         .stdout(Stdio::piped())
         .spawn()
         .expect("curl");

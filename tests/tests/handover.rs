@@ -595,7 +595,7 @@ fn an_upgrade_typed_in_an_ssh_session_keeps_it_and_lets_http_in_flight_finish() 
 /// curl reading `count` SSE events (one every 50 ms) through port 22, and its lines.
 fn sse_stream(host: &PublicHost, count: u32) -> (std::process::Child, mpsc::Receiver<String>) {
     let url = format!("http://{SERVER_V4}:22/sse?count={count}");
-    muxer_tests::process::sse_curl(&host.link.client, &url, 30)
+    muxer_tests::process::sse_curl(&host.link.client, &url, 30, &[])
 }
 
 #[test]

@@ -1,9 +1,8 @@
 //! The HTTP router end to end, with real curl where it matters: routing, path canonicalisation,
 //! header hygiene, streaming (SSE latency, 100 MiB both ways), client aborts, WebSocket, h2c,
 //! failures and limits.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -107,25 +106,12 @@ impl Server {
     }
 
     /// `curl -N` reading `/sse`, and the lines it prints as they arrive.
+    /// curl reading `/sse` (with `extra` arguments), and its lines as they arrive.
     fn sse_with_curl(
         &self,
         extra: &[&str],
-    ) -> (
-        std::process::Child,
-        std::io::Lines<BufReader<std::process::ChildStdout>>,
-    ) {
-        let mut curl = self
-            .link
-            .client
-            .command("curl")
-            .args(["-sS", "-N", "--max-time", "10"])
-            .args(extra)
-            .arg(format!("{BASE}/sse"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(curl.stdout.take().unwrap()).lines();
-        (curl, lines)
+    ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+        muxer_tests::process::sse_curl(&self.link.client, &format!("{BASE}/sse"), 10, extra)
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -329,10 +315,10 @@ fn sse_events_reach_the_client_within_20_ms_of_emission() {
     let server = server();
     // Also as a connection's last request: a streamed response is never corked.
     for extra in [&[][..], &["-H", "Connection: close"][..]] {
-        let (mut curl, mut lines) = server.sse_with_curl(extra);
+        let (mut curl, lines) = server.sse_with_curl(extra);
         let mut delays = Vec::new();
         while delays.len() < 40 {
-            let line = lines.next().expect("event").unwrap();
+            let line = lines.recv().expect("event");
             let arrived = backends::now_micros();
             if let Some(emitted) = line.strip_prefix("data: ") {
                 delays.push(arrived - emitted.parse::<u64>().unwrap());
@@ -469,9 +455,9 @@ fn a_client_that_disconnects_cancels_the_upstream_within_a_second() {
         return;
     }
     let server = server();
-    let (mut curl, mut lines) = server.sse_with_curl(&[]);
+    let (mut curl, lines) = server.sse_with_curl(&[]);
     for _ in 0..6 {
-        lines.next().expect("event").unwrap();
+        lines.recv().expect("event");
     }
     curl.kill().unwrap();
     let killed = Instant::now();

@@ -285,6 +285,7 @@ fn sigterm_detaches_first_and_lets_an_in_flight_stream_finish() {
         &server.link.client,
         &format!("http://{SERVER_V4}:22/sse?count=40"),
         20,
+        &[],
     );
     let mut events = 0usize;
     let mut count_events = |lines: &std::sync::mpsc::Receiver<String>| {
