@@ -16,6 +16,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// The largest copy buffer: the most a paused connection holds unwritten in each direction.
 pub(crate) use buffers::LARGE as LARGEST_BUFFER;
 
 /// How bytes move between the two sockets.
@@ -654,7 +655,7 @@ impl std::future::Future for Copying {
 
 /// Copy buffers, kept per thread for the connections a worker serves. Every read takes a small
 /// one; a direction whose last read found more than that (bulk) takes a large one, within a
-/// process-wide budget. Large buffers carried a single stream 1.1–1.5× as fast in the bulk labs
+/// process-wide budget. Large buffers carried a single stream 1.3× as fast in both bulk labs
 /// (fewer reads, writes and wake-ups per byte; docs/benchmarks.md); small ones keep an
 /// interactive session's and a slow reader's memory low.
 mod buffers {
@@ -680,6 +681,7 @@ mod buffers {
         static FREE_LARGE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// Which pool a buffer returns to.
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum Class {
         Small,
