@@ -466,37 +466,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_connection_paused_with_both_buffers_full_crosses_a_channel_with_default_limits() {
-        let (sender, theirs) = Channel::pair().unwrap();
-        // The send buffer a machine with the kernel's default net.core.wmem_max grants.
-        sender.set_send_buffer(212_992).unwrap();
-        let mut receiver = Channel::from_fd(theirs).unwrap();
-        // The channel holds about one such message: the successor receives as it comes.
+    /// Sends two fully paused connections over `sender` and checks what `receiver` gets.
+    fn send_full_parcels(sender: Channel, mut receiver: Channel) {
+        // The channel may hold only about one such message: the successor receives as they come.
         let receiving = std::thread::spawn(move || {
             let mut received = Vec::new();
             receive_connections(&mut receiver, |parcel| received.push(parcel));
             received
         });
         let sent = full_parcel();
-        sender
-            .send(
-                &Header::Connection(sent.meta.clone()),
-                &[sent.client.as_fd(), sent.upstream.as_fd()],
-                &[&sent.pending_up, &sent.pending_down],
-            )
-            .expect("one message holds a fully paused connection");
+        for _ in 0..2 {
+            sender
+                .send(
+                    &Header::Connection(sent.meta.clone()),
+                    &[sent.client.as_fd(), sent.upstream.as_fd()],
+                    &[&sent.pending_up, &sent.pending_down],
+                )
+                .expect("one message holds a fully paused connection");
+        }
         sender.send(&Header::Done, &[], &[]).unwrap();
         let received = receiving.join().unwrap();
-        let [parcel]: [Parcel; 1] = received.try_into().expect("one connection came over");
-        assert!(
-            parcel.pending_up == sent.pending_up,
-            "client → backend bytes changed"
-        );
-        assert!(
-            parcel.pending_down == sent.pending_down,
-            "backend → client bytes changed"
-        );
-        assert_eq!(parcel.meta.backend, sent.meta.backend);
+        assert_eq!(received.len(), 2, "connections that came over");
+        for parcel in received {
+            assert!(
+                parcel.pending_up == sent.pending_up,
+                "client → backend bytes changed"
+            );
+            assert!(
+                parcel.pending_down == sent.pending_down,
+                "backend → client bytes changed"
+            );
+            assert_eq!(parcel.meta.backend, sent.meta.backend);
+        }
+    }
+
+    #[test]
+    fn connections_paused_with_both_buffers_full_cross_the_channel() {
+        let (sender, theirs) = Channel::pair().unwrap();
+        send_full_parcels(sender, Channel::from_fd(theirs).unwrap());
+    }
+
+    #[test]
+    fn connections_paused_with_both_buffers_full_cross_a_channel_with_default_limits() {
+        let (sender, theirs) = Channel::pair().unwrap();
+        // The send buffer a process without CAP_NET_ADMIN gets where net.core.wmem_max is the
+        // kernel's default.
+        sender.set_send_buffer(212_992).unwrap();
+        send_full_parcels(sender, Channel::from_fd(theirs).unwrap());
     }
 }

@@ -57,8 +57,12 @@ impl Channel {
         )?;
         rustix::io::fcntl_setfd(&ours, rustix::io::FdFlags::CLOEXEC)?;
         for end in [&ours, &theirs] {
-            // Large enough for the largest message; the kernel caps it at wmem_max otherwise.
-            let _ = setsockopt(end, sockopt::SndBuf, &(MAX_MESSAGE * 2));
+            // Large enough for the largest message. SO_SNDBUFFORCE (CAP_NET_ADMIN, which the
+            // unit grants) ignores net.core.wmem_max; without it the kernel caps SO_SNDBUF there,
+            // which still holds the largest connection at the default limit (DEFAULT_SENDABLE).
+            if setsockopt(end, sockopt::SndBufForce, &(MAX_MESSAGE * 2)).is_err() {
+                let _ = setsockopt(end, sockopt::SndBuf, &(MAX_MESSAGE * 2));
+            }
         }
         Ok((Channel::new(ours), theirs))
     }
