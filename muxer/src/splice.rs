@@ -777,6 +777,10 @@ mod buffers {
         use super::*;
         use std::cell::Cell;
 
+        /// Held by a test that fills the process-wide budget, and by the tests that expect large
+        /// buffers while they run (the tests of a crate share one process).
+        pub(crate) static WHOLE_BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
         thread_local! {
             /// Large buffers this thread took and returned (the tests' runtimes have one thread).
             pub(crate) static TAKEN_HERE: Cell<usize> = const { Cell::new(0) };
@@ -802,6 +806,7 @@ mod buffers {
 
         #[test]
         fn a_bulk_take_beyond_the_budget_gets_a_small_buffer() {
+            let _alone = WHOLE_BUDGET.blocking_lock();
             // Fill the process-wide budget from here (other tests may hold some: take until
             // one comes back small, which must happen within the budget).
             let mut held = Vec::new();
@@ -873,6 +878,7 @@ mod tests {
 
     #[tokio::test]
     async fn bulk_both_ways_moves_every_byte_through_large_buffers_and_returns_them() {
+        let _budget = buffers::tests::WHOLE_BUDGET.lock().await;
         let (mut client, mut backend, task) = spliced().await;
         let (before, _) = buffers::tests::large_here();
         let up = pattern(8 << 20, 1);
@@ -898,6 +904,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_interactive_session_stays_on_small_buffers_also_after_a_bulk_burst() {
+        let _budget = buffers::tests::WHOLE_BUDGET.lock().await;
         let (mut client, mut backend, task) = spliced().await;
         let keystrokes = |round: usize| pattern(64 + round % 100, round as u8);
         for round in 0..200 {
