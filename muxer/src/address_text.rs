@@ -12,21 +12,15 @@ pub(crate) fn write_ip(address: IpAddr, out: &mut [u8; MAX_ADDRESS_LEN]) -> usiz
     match address {
         IpAddr::V4(v4) => {
             let mut len = 0;
+            let mut digits = itoa::Buffer::new();
             for (index, octet) in v4.octets().into_iter().enumerate() {
                 if index > 0 {
                     out[len] = b'.';
                     len += 1;
                 }
-                if octet >= 100 {
-                    out[len] = b'0' + octet / 100;
-                    len += 1;
-                }
-                if octet >= 10 {
-                    out[len] = b'0' + octet / 10 % 10;
-                    len += 1;
-                }
-                out[len] = b'0' + octet % 10;
-                len += 1;
+                let octet = digits.format(octet).as_bytes();
+                out[len..len + octet.len()].copy_from_slice(octet);
+                len += octet.len();
             }
             len
         }
