@@ -214,44 +214,11 @@ impl FormatTime for CachedTime {
 
 /// `seconds` after the Unix epoch as `YYYY-MM-DDTHH:MM:SS` (UTC); `None` past year 9999.
 fn format_second(seconds: u64) -> Option<[u8; SECOND_LEN]> {
-    let days = i64::try_from(seconds / 86_400).ok()?;
-    let (year, month, day) = civil_from_days(days);
-    if year > 9999 {
-        return None;
-    }
-    let time = seconds % 86_400;
-    let mut text = [0u8; SECOND_LEN];
-    let mut cursor = &mut text[..];
-    std::io::Write::write_fmt(
-        &mut cursor,
-        format_args!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-            time / 3600,
-            time / 60 % 60,
-            time % 60
-        ),
-    )
-    .ok()?;
-    Some(text)
-}
-
-/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    let time = UNIX_EPOCH.checked_add(std::time::Duration::from_secs(seconds))?;
+    // humantime writes the same calendar with a `Z` after it, and fails past year 9999.
+    let mut text = String::with_capacity(SECOND_LEN + 1);
+    write!(text, "{}", humantime::format_rfc3339_seconds(time)).ok()?;
+    text.as_bytes().get(..SECOND_LEN)?.try_into().ok()
 }
 
 #[cfg(test)]
