@@ -208,8 +208,22 @@ impl FormatTime for CachedTime {
         }
         // Only ASCII digits and separators were written.
         let second = std::str::from_utf8(&text).map_err(|_| fmt::Error)?;
-        write!(writer, "{second}.{:06}Z", since_epoch.subsec_micros())
+        writer.write_str(second)?;
+        write_fraction(writer, since_epoch.subsec_micros())
     }
+}
+
+/// Writes `.` and the microseconds as six digits, then `Z`: worked out by hand rather than with
+/// `{:06}`, whose padding machinery cost 400 of a log line's instructions (callgrind).
+fn write_fraction(writer: &mut Writer<'_>, micros: u32) -> fmt::Result {
+    let mut text = *b".000000Z";
+    let mut rest = micros.min(999_999);
+    for digit in text[1..7].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    // Only ASCII was written.
+    writer.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
 }
 
 /// `seconds` after the Unix epoch as `YYYY-MM-DDTHH:MM:SS` (UTC); `None` past year 9999.
@@ -355,6 +369,15 @@ pub(crate) mod tests {
             assert_eq!(std::str::from_utf8(&formatted).unwrap(), text);
         }
         assert_eq!(format_second(253_402_300_800), None);
+    }
+
+    #[test]
+    fn microseconds_are_six_digits() {
+        for micros in [0, 7, 42, 999, 1_000, 65_536, 100_000, 999_999] {
+            let mut written = String::new();
+            write_fraction(&mut Writer::new(&mut written), micros).unwrap();
+            assert_eq!(written, format!(".{micros:06}Z"));
+        }
     }
 
     #[test]
