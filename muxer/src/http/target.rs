@@ -40,10 +40,14 @@ impl RouteTarget {
         // The authority of an absolute-form target or HTTP/2's `:authority` is the one routed on,
         // so it is also the one sent upstream as Host (not whatever Host the client added).
         let target_authority = uri.authority().is_some();
+        // One lookup for both the Host header and whether there is a second one.
+        let mut hosts = headers.get_all(HOST).iter();
+        let first_host = hosts.next();
+        let duplicate_host = hosts.next().is_some();
         // As a header value: forwarding it (Host, X-Forwarded-Host) is then a reference count.
         let raw_host = match uri.authority() {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => headers.get(HOST).cloned(),
+            None => first_host.cloned(),
         }
         .filter(|value| value.to_str().is_ok());
         let host = raw_host
@@ -54,7 +58,7 @@ impl RouteTarget {
             Ok(path) => (path, None),
             Err(error) => (uri.path().to_owned(), Some(Refusal::Path(error))),
         };
-        if refused.is_none() && headers.get_all(HOST).iter().nth(1).is_some() {
+        if refused.is_none() && duplicate_host {
             refused = Some(Refusal::DuplicateHost);
         }
         RouteTarget {
