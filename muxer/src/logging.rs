@@ -18,7 +18,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
-use crate::log_format::{CachedTime, PlainFields};
+use crate::log_format::{PlainEvent, PlainFields};
 
 /// Lines the queue holds before it drops new ones.
 const MAX_QUEUED_LINES: usize = 128_000;
@@ -186,7 +186,7 @@ pub fn init(format: LogFormat, access_log: bool) -> LogGuard {
         LogFormat::Human => builder
             .with_ansi(ansi)
             .fmt_fields(PlainFields)
-            .with_timer(CachedTime)
+            .event_format(PlainEvent::default())
             .init(),
     }
     LogGuard(queue)
