@@ -25,7 +25,7 @@ pub(crate) mod listener;
 pub(crate) mod log_format;
 pub(crate) mod log_limit;
 pub mod logging;
-pub(crate) mod memory;
+pub mod memory;
 pub mod metrics;
 pub(crate) mod policy_routing;
 pub mod proxy_protocol;

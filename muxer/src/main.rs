@@ -222,6 +222,9 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Cert { config } => cert(&config),
         Command::Run { config: path } => {
+            // First, before the heap grows: what is touched before this may already be in huge
+            // pages.
+            let small_pages = muxer::memory::keep_heap_in_small_pages();
             let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
@@ -231,6 +234,9 @@ fn main() -> ExitCode {
             };
             // Held to the end of `main`: dropping it writes the lines still queued.
             let _log_writer = muxer::logging::init(config.log_format, config.access_log);
+            if let Err(error) = small_pages {
+                tracing::warn!(%error, "cannot turn transparent huge pages off: idle memory may grow by megabytes in the background");
+            }
             // Connections are served by the worker threads' own runtimes (see `workers`); this
             // one runs signals, reloads, the control socket and metrics.
             let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -292,6 +292,18 @@ fn junk_reaches_the_fallback_unchanged_and_half_close_travels_both_ways() {
     assert_eq!(read_to_end(stream), junk);
 }
 
+/// Huge pages would let the kernel make a mostly idle heap resident 2 MiB at a time, in the
+/// background (docs/benchmarks.md): the daemon turns them off for itself.
+#[test]
+fn the_daemon_keeps_its_heap_out_of_huge_pages() {
+    if !netns_available("the_daemon_keeps_its_heap_out_of_huge_pages") {
+        return;
+    }
+    let server = server("2s", "");
+    let pid = server.muxer.process.pid();
+    assert_eq!(status_kib(pid, "THP_enabled"), Some(0));
+}
+
 #[test]
 fn idle_spliced_connections_cost_little_memory() {
     if !netns_available("idle_spliced_connections_cost_little_memory") {
