@@ -150,34 +150,42 @@ pub(crate) fn set_forwarded(
     if !trusted {
         // One look along the names instead of three lookups, each hashing a name, for headers
         // clients rarely send (callgrind: 400 instructions a request).
-        let (mut chain_sent, mut claims_sent) = (false, false);
+        let (mut chain_sent, mut claims_sent) = (false, ClaimsSent::default());
         for name in headers.keys() {
             chain_sent |= *name == X_FORWARDED_FOR;
-            claims_sent |= *name == FORWARDED || *name == X_REAL_IP;
+            claims_sent.forwarded |= *name == FORWARDED;
+            claims_sent.real_ip |= *name == X_REAL_IP;
         }
         if chain_sent {
             headers.remove(X_FORWARDED_FOR);
         }
-        if claims_sent {
-            replace_client_claims(headers, client);
+        if claims_sent.forwarded || claims_sent.real_ip {
+            replace_client_claims(headers, client, claims_sent);
         }
     }
     append_forwarded_for(headers, client, original_host, (trusted, tls));
 }
 
-/// Replaces a client's `Forwarded` and `X-Real-IP` with the client's real address (rare: only
-/// when a client sent one of them).
-fn replace_client_claims(headers: &mut HeaderMap, client: IpAddr) {
-    let forwarded = match client {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-    };
-    if headers.contains_key(FORWARDED) {
+/// Which of the client-address headers a client sent.
+#[derive(Clone, Copy, Default)]
+struct ClaimsSent {
+    forwarded: bool,
+    real_ip: bool,
+}
+
+/// Replaces the `Forwarded` and `X-Real-IP` a client `sent` with the client's real address
+/// (rare: only when a client sent one of them).
+fn replace_client_claims(headers: &mut HeaderMap, client: IpAddr, sent: ClaimsSent) {
+    if sent.forwarded {
+        let forwarded = match client {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
         if let Ok(value) = HeaderValue::from_str(&forwarded) {
             headers.insert(FORWARDED, value);
         }
     }
-    if headers.contains_key(X_REAL_IP) {
+    if sent.real_ip {
         if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
             headers.insert(X_REAL_IP, value);
         }
