@@ -105,7 +105,6 @@ impl Server {
         (code.trim().parse().expect("status"), body.to_owned())
     }
 
-    /// `curl -N` reading `/sse`, and the lines it prints as they arrive.
     /// curl reading `/sse` (with `extra` arguments), and its lines as they arrive.
     fn sse_with_curl(
         &self,

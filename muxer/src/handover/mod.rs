@@ -511,7 +511,7 @@ mod tests {
         let (sender, theirs) = Channel::pair().unwrap();
         // The send buffer a process without CAP_NET_ADMIN gets where net.core.wmem_max is the
         // kernel's default.
-        sender.set_send_buffer(212_992).unwrap();
+        sender.set_send_buffer(wire::DEFAULT_WMEM_MAX).unwrap();
         send_full_parcels(sender, Channel::from_fd(theirs).unwrap());
     }
 }

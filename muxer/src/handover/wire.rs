@@ -16,9 +16,11 @@ const MAX_MESSAGE: usize = 512 * 1024;
 /// Room for a connection's JSON header beside its pending bytes (a few hundred bytes; the
 /// backend's name is the only long field).
 const HEADER_ROOM: usize = 8 * 1024;
-/// What one message can carry where `net.core.wmem_max` is the kernel's default (212 992): the
-/// send buffer is capped at twice that, less 32 bytes (`unix_dgram_sendmsg`).
-const DEFAULT_SENDABLE: usize = 2 * 212_992 - 32;
+/// The kernel's default `net.core.wmem_max`: the most SO_SNDBUF asks for without CAP_NET_ADMIN.
+pub(super) const DEFAULT_WMEM_MAX: usize = 212_992;
+/// What one message can carry where `net.core.wmem_max` is the kernel's default: the send buffer
+/// is capped at twice that, less 32 bytes (`unix_dgram_sendmsg`).
+const DEFAULT_SENDABLE: usize = 2 * DEFAULT_WMEM_MAX - 32;
 // A paused connection is one message, also on a machine with default limits.
 const _: () = assert!(2 * crate::splice::LARGEST_BUFFER + HEADER_ROOM <= DEFAULT_SENDABLE);
 const _: () = assert!(DEFAULT_SENDABLE <= MAX_MESSAGE);
