@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use muxer::config::Config;
 
-// mimalloc: measured lower memory per idle connection than glibc's allocator (docs/benchmarks.md).
+// mimalloc: measured lower memory per idle connection than glibc's allocator (docs/benchmarks.md),
+// asked through its plain entry points where they give the alignment (`memory::Allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: muxer::memory::Allocator = muxer::memory::Allocator;
 
 /// Exit status for a config file that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
