@@ -619,6 +619,51 @@ fn a_slow_header_client_is_cut_at_the_header_timeout() {
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
 }
 
+/// The next request's head on a busy keep-alive connection has the same limit as the first, and
+/// trickling bytes does not extend it: the limit runs from the last response, through parking.
+#[test]
+fn a_keep_alive_client_trickling_its_next_head_is_cut_at_the_header_timeout() {
+    if !netns_available("a_keep_alive_client_trickling_its_next_head_is_cut_at_the_header_timeout")
+    {
+        return;
+    }
+    let server = server();
+    let mut stream = server.raw_connection();
+    // Back to back, so that the connection counts as busy and waits out the grace period in
+    // hyper's hands before it is parked.
+    for round in 0..3 {
+        write!(stream, "GET /busy/{round} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (head, _) = read_response(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // A bound on the wait, so that a connection never cut fails the test instead of hanging it.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(6)))
+        .unwrap();
+    let started = Instant::now();
+    let mut trickling = stream.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        for byte in b"GET /never/finished HTTP/1.1\r\nHost: t\r\n"
+            .iter()
+            .take(20)
+        {
+            if trickling.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    trickler.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2800),
+        "closed after {waited:?}"
+    );
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
 #[test]
 fn an_upstream_with_a_one_second_keep_alive_never_yields_a_502() {
     if !netns_available("an_upstream_with_a_one_second_keep_alive_never_yields_a_502") {
