@@ -385,6 +385,8 @@ async fn serve_round<C: ClientStream>(
     let mut builder = http1::Builder::new();
     builder
         .header_read_timeout(None)
+        // One buffer, not a queue of them: see `pool::Pool::connect`.
+        .writev(false)
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(true);
     let mut connection = Box::new(builder.serve_connection(io, service).with_upgrades());

@@ -244,7 +244,13 @@ impl Pool {
             authority: self.authority.clone(),
             source,
         })?;
+        // hyper copies each body chunk into its one write buffer rather than queueing it for
+        // writev, here and on the client side (`keepalive::serve_round`). Callgrind: 690 fewer
+        // instructions per keep-alive request with nginx's small responses. Downloading 1 GB
+        // through the router costs about 0.05 s more user time for the copy, and was level
+        // with writev in total CPU and in time (three runs of five 200 MB downloads each).
         let (sender, driver) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
