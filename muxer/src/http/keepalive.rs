@@ -395,12 +395,13 @@ async fn serve_round<C: ClientStream>(
         if !activity.is_idle() {
             return WhenIdle::Wait;
         }
-        let since = waiting.since(activity.started());
+        let started = activity.started();
+        let since = waiting.since(started);
         // A hyper connection is idle only after its first message: before that, a graceful
         // shutdown would not end it but turn keep-alive off (a request whose head arrives in
         // pieces would then be answered with `Connection: close`). So a connection is parked
         // only once it has served a request.
-        let parkable = activity.started() != 0 && activity.parkable() && in_use.is_empty();
+        let parkable = started != 0 && activity.parkable() && in_use.is_empty();
         if parkable && !busy {
             activity.parking.store(true, Ordering::Relaxed);
             return WhenIdle::ShutDown;

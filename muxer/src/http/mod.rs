@@ -162,7 +162,8 @@ impl Http2Idle {
     }
 }
 
-/// Which timeout ended a connection whose serving returned `result`, if one did.
+/// Which timeout ended a connection whose serving returned `result`, if one did. An HTTP/1
+/// request head's limit is not hyper's: `keepalive` keeps it and counts it where it fires.
 fn timeout_of(
     result: &Result<(), hyper::Error>,
     traffic: &stream::Traffic,
@@ -172,7 +173,6 @@ fn timeout_of(
         return Some(Timeout::WriteStalled);
     }
     match (result, version) {
-        (Err(error), HttpVersion::Http1) if error.is_timeout() => Some(Timeout::HeaderRead),
         (Err(error), HttpVersion::Http2PriorKnowledge) if error.is_timeout() => {
             Some(Timeout::Http2Ping)
         }
