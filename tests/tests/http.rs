@@ -690,6 +690,67 @@ fn an_upstream_with_a_one_second_keep_alive_never_yields_a_502() {
     );
 }
 
+#[test]
+fn a_post_on_a_pooled_connection_the_upstream_closed_is_sent_on_another_not_502() {
+    if !netns_available(
+        "a_post_on_a_pooled_connection_the_upstream_closed_is_sent_on_another_not_502",
+    ) {
+        return;
+    }
+    let link = Link::new();
+    let upstream = backends::http_with(
+        &link.server,
+        "127.0.0.1:30003".parse().unwrap(),
+        "short-keepalive",
+        HttpOptions {
+            keep_alive: Some(Duration::from_secs(1)),
+        },
+    );
+    // One worker: idle upstream connections are kept per worker, and both requests must meet
+    // the same one.
+    let _muxer = Muxer::start(
+        &link.server,
+        "[listen]\naddresses = [\"0.0.0.0:2222\"]\nworkers = 1\n[sniff]\non_timeout = \"close\"\n\
+         [http]\n[[http.route]]\nupstreams = [\"127.0.0.1:30003\"]\n",
+        "127.0.0.1:2222".parse().unwrap(),
+    );
+    let curl = |args: &[&str]| -> String {
+        let mut all = vec!["-sS", "--max-time", "30", "-o", "-", "-w", " %{http_code}"];
+        all.extend_from_slice(args);
+        link.client.run_ok("curl", &all)
+    };
+    assert_eq!(
+        curl(&[&format!("{BASE}/v1/models")]).rsplit(' ').next(),
+        Some("200")
+    );
+    // The upstream's one-second keep-alive closes the pooled connection: muxer's end of it waits
+    // in CLOSE-WAIT, unread, until it is used again.
+    wait_for(
+        "the upstream closing the pooled connection",
+        Duration::from_secs(10),
+        || {
+            let sockets = link
+                .server
+                .run_ok("ss", &["-Htn", "state", "close-wait", "( dport = :30003 )"]);
+            (!sockets.trim().is_empty()).then_some(())
+        },
+    );
+    // Not idempotent, so it could not be sent twice: it must never have reached the closed
+    // connection, and goes on a new one.
+    let data = test_data(64 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("upload.bin");
+    std::fs::write(&upload, &data).unwrap();
+    let reply = curl(&[
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("{BASE}/sha256"),
+    ]);
+    assert_eq!(reply, format!("{} {} 200", sha256_hex(&data), data.len()));
+    let connections = upstream.observed.connections.load(Ordering::Relaxed);
+    assert_eq!(connections, 2, "the POST went on a new connection");
+}
+
 /// A fresh muxer with its own `routes`, and the "llm" backend on 127.0.0.1:30000.
 fn llm_behind(routes: &str) -> (Link, Backend, Muxer) {
     let link = Link::new();
