@@ -78,6 +78,28 @@ impl Running {
         child.wait().expect("wait")
     }
 
+    /// Sends `signal` and waits up to `within` for the exit, then kills: a clean stop that
+    /// cannot hang. Returns the exit status unless the process had to be killed.
+    pub fn stop(
+        &mut self,
+        signal: rustix::process::Signal,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        if self.successor.is_some() {
+            self.signal_and_wait(signal);
+            return None;
+        }
+        self.signal(signal);
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.try_exit_status() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        None
+    }
+
     /// Returns the exit status if the process has already exited.
     pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
         self.child

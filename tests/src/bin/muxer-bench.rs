@@ -1066,7 +1066,15 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
             add(Figure::SseTtfbMs, ms);
         }
     }
-    drop(processes);
+    stop(processes);
+}
+
+/// Stops the contender's processes with SIGTERM (killed if still there after a few seconds): an
+/// instrumented muxer (`cargo xtask pgo`) writes its profile only on a clean exit.
+fn stop(processes: Vec<Running>) {
+    for mut process in processes {
+        process.stop(rustix::process::Signal::TERM, Duration::from_secs(10));
+    }
 }
 
 /// Anonymous RSS growth per connection with `options.idle_connections` idle connections open (at most
@@ -1137,6 +1145,7 @@ fn idle_memory(contender: Contender, figure: Figure, options: &Options, samples:
     } else {
         open(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n", b"HTTP/1.1 200");
     }
+    stop(processes);
 }
 
 static NOTES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
