@@ -1,4 +1,5 @@
-//! `cargo xtask build`: the release binary, with the eBPF object embedded by muxer's build.rs.
+//! `cargo xtask build`: the release binary, with the eBPF object embedded by muxer's build.rs and
+//! optimised with the committed profile of muxer under the benchmark's load (docs/pgo.md).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -11,20 +12,45 @@ pub(crate) fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds `muxer` with `profile` ("release" or "dev") and returns the binary's path.
+/// Cargo's target directory (`CARGO_TARGET_DIR` when set).
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), Into::into)
+}
+
+/// Builds `muxer` with `profile` ("release" or "dev") and returns the binary's path. Release
+/// builds use the committed PGO profile when there is one.
 pub(crate) fn muxer(profile: &str) -> Result<PathBuf> {
-    let root = workspace_root();
-    status(Command::new("cargo").current_dir(&root).args([
+    let mut command = Command::new("cargo");
+    command.current_dir(workspace_root()).args([
         "build",
         "--package",
         "muxer",
         "--profile",
         profile,
-    ]))?;
+    ]);
+    if profile == "release" {
+        crate::pgo::use_profile(&mut command);
+    }
+    status(&mut command)?;
     let dir = if profile == "dev" { "debug" } else { profile };
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    Ok(target.join(dir).join("muxer"))
+    Ok(target_dir().join(dir).join("muxer"))
+}
+
+/// Builds another release binary of the workspace with the same flags as muxer's (so the two
+/// builds share their compiled dependencies instead of rebuilding them in turn).
+pub(crate) fn release_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    let mut command = Command::new("cargo");
+    command.current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--package",
+        package,
+        "--bin",
+        bin,
+    ]);
+    crate::pgo::use_profile(&mut command);
+    status(&mut command)?;
+    Ok(target_dir().join("release").join(bin))
 }
 
 /// Builds the release binary.

@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench | fuzz`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | pgo | fuzz`.
 mod bench;
 mod build;
 mod fuzz;
+mod pgo;
 mod run;
 mod setup;
 mod test;
@@ -19,7 +20,7 @@ struct Cli {
 enum Command {
     /// Install what building and testing need (rust-src, bpf-linker, Debian packages). Idempotent.
     Setup,
-    /// Build the release binary (eBPF programs embedded).
+    /// Build the release binary (eBPF programs embedded, optimised with the committed PGO profile).
     Build,
     /// Set up, build, and run `muxer run --config muxer.toml` as root (via sudo when needed).
     Run {
@@ -36,6 +37,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Train the PGO profile release builds use: an instrumented muxer under the benchmark's
+    /// muxer loads, merged into muxer/pgo/muxer.profdata (commit it with muxer/pgo/trained-on).
+    Pgo,
     /// Run every cargo-fuzz target (or the named ones) from the committed seeds for a bounded time.
     Fuzz {
         /// `--time SECS` per target (default 30), then target names (default: all).
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::run(&args),
         Command::Bench { args } => bench::run(&args),
+        Command::Pgo => pgo::run(),
         Command::Fuzz { args } => fuzz::run(&args),
     }
 }
