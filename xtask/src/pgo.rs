@@ -105,7 +105,7 @@ pub(crate) fn run() -> Result<()> {
     let trained_on = format!(
         "sources {}\n{}training: muxer-bench {}\n",
         sources_digest(&workspace_root())?,
-        command_output(Command::new("rustc").arg("-V"))?,
+        rustc(&["-V"])?,
         TRAINING.join(" ")
     );
     std::fs::write(workspace_root().join(TRAINED_ON), trained_on)?;
@@ -144,8 +144,8 @@ fn profiles_in(dir: &Path) -> Result<usize> {
 /// The toolchain's own llvm-profdata (rustup's llvm-tools: its LLVM reads what rustc writes),
 /// installed when missing.
 fn llvm_profdata() -> Result<PathBuf> {
-    let sysroot = command_output(Command::new("rustc").args(["--print", "sysroot"]))?;
-    let version = command_output(Command::new("rustc").arg("-vV"))?;
+    let sysroot = rustc(&["--print", "sysroot"])?;
+    let version = rustc(&["-vV"])?;
     let host = version
         .lines()
         .find_map(|line| line.strip_prefix("host: "))
@@ -161,15 +161,13 @@ fn llvm_profdata() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn command_output(command: &mut Command) -> Result<String> {
-    let output = command
-        .current_dir(workspace_root())
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    if !output.status.success() {
-        bail!("{command:?} failed: {}", output.status);
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+/// `rustc ARGS` as the workspace's builds run it (its directory picks the toolchain).
+fn rustc(args: &[&str]) -> Result<String> {
+    setup::output(
+        Command::new("rustc")
+            .current_dir(workspace_root())
+            .args(args),
+    )
 }
 
 /// SHA-256 over the paths (relative to `root`) and contents of [`SOURCES`], files in sorted order.

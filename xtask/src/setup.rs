@@ -86,7 +86,8 @@ pub(crate) fn status(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn output(command: &mut Command) -> Result<String> {
+/// Runs `command` and returns its standard output, failing with its standard error.
+pub(crate) fn output(command: &mut Command) -> Result<String> {
     let output = command
         .output()
         .with_context(|| format!("cannot run {command:?}"))?;
