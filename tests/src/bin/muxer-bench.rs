@@ -382,7 +382,11 @@ fn main() {
         options.shape = shape;
         let mut samples = Samples::new();
         for run in 0..options.runs {
-            for &contender in &options.contenders {
+            // Each run starts one contender further on, so that no contender is always measured
+            // first (or last) in a run while the machine's speed drifts.
+            let count = options.contenders.len();
+            let order = options.contenders.iter().cycle().skip(run % count.max(1));
+            for &contender in order.take(count) {
                 eprintln!(
                     "bench: shape {shape}, run {}/{} — {}",
                     run + 1,
@@ -1179,7 +1183,7 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
     };
     let _ = writeln!(
         out,
-        "{} against HAProxy's HTTP router with its default thread count (one per CPU), from the same run; CPU is the proxy's own, read from /proc. Ratios of CPU per request: lower is better.\n",
+        "{} against HAProxy's HTTP router with its default thread count (one per CPU), from the same run; CPU is the proxy's own, read from /proc. Each ratio is the median of the runs' own ratios (both measured in the same run, minutes apart), their range in brackets. Ratios of CPU per request: lower is better.\n",
         muxer.label()
     );
     let _ = writeln!(
@@ -1188,11 +1192,7 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
     );
     let value = median_of;
     for (shape, samples) in by_shape {
-        let ratio = |figure: Figure, other: Contender| {
-            value(samples, figure, muxer)
-                .zip(value(samples, figure, other))
-                .map(|(a, b)| a / b)
-        };
+        let ratio = |figure: Figure, other: Contender| paired_ratio(samples, figure, muxer, other);
         let rows = [
             (
                 "CPU per keep-alive request ≤ 0.8 × HAProxy's",
@@ -1235,8 +1235,8 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
             let _ = writeln!(
                 out,
                 "| {name} | wrk -t{shape} | {} | {} |",
-                measured.map_or("not measured".into(), |m| format!("{m:.2}×")),
-                verdict(measured, goal, at_least)
+                measured.map_or("not measured".into(), |r| r.to_string()),
+                verdict(measured.map(|r| r.median), goal, at_least)
             );
         }
         if let Some(kib) = value(samples, Figure::IdleHttpKib, Contender::MuxerTc) {
@@ -1248,6 +1248,60 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
         }
     }
     out
+}
+
+/// One contender's figure over another's, from the same run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PairedRatio {
+    /// The median of the runs' ratios.
+    median: f64,
+    /// The lowest and highest of them.
+    range: (f64, f64),
+}
+
+impl std::fmt::Display for PairedRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (low, high) = self.range;
+        if low == high {
+            write!(f, "{:.2}×", self.median)
+        } else {
+            write!(f, "{:.2}× ({low:.2}–{high:.2})", self.median)
+        }
+    }
+}
+
+/// `a`'s `figure` over `b`'s, run by run: the two were measured minutes apart in each run, while
+/// this machine's speed drifts by more than the differences measured over the tens of minutes
+/// of a full run. The median of the per-run ratios, with their range; when a run is missing a
+/// sample of either, the ratio of the medians (no range).
+fn paired_ratio(
+    samples: &Samples,
+    figure: Figure,
+    a: Contender,
+    b: Contender,
+) -> Option<PairedRatio> {
+    let (ours, theirs) = (samples.get(&(figure, a))?, samples.get(&(figure, b))?);
+    let mut ratios: Vec<f64> = if ours.len() == theirs.len() {
+        ours.iter()
+            .zip(theirs)
+            .filter(|&(_, &b)| b != 0.0)
+            .map(|(a, b)| a / b)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if ratios.len() != ours.len() || ratios.is_empty() {
+        let ratio = median(&mut ours.clone()) / median(&mut theirs.clone());
+        return ratio.is_finite().then_some(PairedRatio {
+            median: ratio,
+            range: (ratio, ratio),
+        });
+    }
+    let median = median(&mut ratios);
+    Some(PairedRatio {
+        median,
+        range: (ratios[0], ratios[ratios.len() - 1]),
+    })
 }
 
 /// "yes", or by how much `measured` misses `goal`.
@@ -1585,5 +1639,29 @@ mod tests {
         assert_eq!(roomy.idle_connections_for(Figure::IdleSplicedKib), 10_000);
         assert_eq!(spliced_cap_note(&roomy), "");
         assert_eq!(spliced_cap_note(&options(None)), "");
+    }
+
+    #[test]
+    fn ratios_pair_the_samples_of_one_run() {
+        let (ours, theirs) = (Contender::MuxerDefaultLog, Contender::HaproxyHttp);
+        let figure = Figure::KeepAliveCpuUs;
+        let mut samples = Samples::new();
+        // The machine slows down over the runs: both contenders' figures double, their ratio
+        // stays 0.9 in every run but one; the ratio of the medians would say 0.6.
+        samples.insert((figure, ours), vec![9.0, 18.0, 36.0]);
+        samples.insert((figure, theirs), vec![10.0, 20.0, 30.0]);
+        let paired = paired_ratio(&samples, figure, ours, theirs).unwrap();
+        assert!((paired.median - 0.9).abs() < 1e-9);
+        assert_eq!(paired.range, (0.9, 1.2));
+        assert_eq!(paired.to_string(), "0.90× (0.90–1.20)");
+        // A run without a sample of one of them: the ratio of the medians, no range.
+        samples.insert((figure, theirs), vec![10.0, 30.0]);
+        let unpaired = paired_ratio(&samples, figure, ours, theirs).unwrap();
+        assert!((unpaired.median - 18.0 / 30.0).abs() < 1e-9);
+        assert_eq!(unpaired.to_string(), "0.60×");
+        assert_eq!(
+            paired_ratio(&samples, Figure::BulkGbits, ours, theirs),
+            None
+        );
     }
 }
