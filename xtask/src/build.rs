@@ -20,11 +20,25 @@ pub(crate) fn target_dir() -> PathBuf {
 /// Builds `muxer` with `profile` ("release" or "dev") and returns the binary's path. Release
 /// builds use the committed PGO profile when there is one.
 pub(crate) fn muxer(profile: &str) -> Result<PathBuf> {
+    binary(profile, "muxer", "muxer")
+}
+
+/// Builds another release binary of the workspace with the same flags as muxer's (so the two
+/// builds share their compiled dependencies instead of rebuilding them in turn).
+pub(crate) fn release_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    binary("release", package, bin)
+}
+
+/// Builds `package`'s binary `bin` with `profile`, with the PGO profile in release builds, and
+/// returns its path.
+fn binary(profile: &str, package: &str, bin: &str) -> Result<PathBuf> {
     let mut command = Command::new("cargo");
     command.current_dir(workspace_root()).args([
         "build",
         "--package",
-        "muxer",
+        package,
+        "--bin",
+        bin,
         "--profile",
         profile,
     ]);
@@ -33,24 +47,7 @@ pub(crate) fn muxer(profile: &str) -> Result<PathBuf> {
     }
     status(&mut command)?;
     let dir = if profile == "dev" { "debug" } else { profile };
-    Ok(target_dir().join(dir).join("muxer"))
-}
-
-/// Builds another release binary of the workspace with the same flags as muxer's (so the two
-/// builds share their compiled dependencies instead of rebuilding them in turn).
-pub(crate) fn release_bin(package: &str, bin: &str) -> Result<PathBuf> {
-    let mut command = Command::new("cargo");
-    command.current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--package",
-        package,
-        "--bin",
-        bin,
-    ]);
-    crate::pgo::use_profile(&mut command);
-    status(&mut command)?;
-    Ok(target_dir().join("release").join(bin))
+    Ok(target_dir().join(dir).join(bin))
 }
 
 /// Builds the release binary.

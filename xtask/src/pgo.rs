@@ -35,16 +35,20 @@ pub(crate) fn use_profile(command: &mut Command) {
         eprintln!("xtask: no {PROFILE}, so no PGO; `cargo xtask pgo` trains one");
         return;
     }
-    let current = sources_digest(&workspace_root()).ok();
-    let trained = std::fs::read_to_string(workspace_root().join(TRAINED_ON)).ok();
-    let fresh = matches!((&current, &trained), (Some(now), Some(recorded))
-        if recorded.lines().next() == Some(format!("sources {now}").as_str()));
-    if !fresh {
-        eprintln!(
-            "xtask: {PROFILE} was trained on other sources: what changed since builds without \
-             its guidance until `cargo xtask pgo` refreshes it"
-        );
-    }
+    // Hashing the sources once per xtask run (a bench builds two binaries) and saying so once.
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let current = sources_digest(&workspace_root()).ok();
+        let trained = std::fs::read_to_string(workspace_root().join(TRAINED_ON)).ok();
+        let fresh = matches!((&current, &trained), (Some(now), Some(recorded))
+            if recorded.lines().next() == Some(format!("sources {now}").as_str()));
+        if !fresh {
+            eprintln!(
+                "xtask: {PROFILE} was trained on other sources: what changed since builds \
+                 without its guidance until `cargo xtask pgo` refreshes it"
+            );
+        }
+    });
     let profile = profile.canonicalize().unwrap_or(profile);
     // A function whose code changed since training is compiled without profile; LLVM would warn
     // once per such function, the line above says it once.
