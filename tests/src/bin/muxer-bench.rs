@@ -512,11 +512,18 @@ fn wait_port(netns: &Netns, port: u16) {
 }
 
 fn backends(link: &Link, nginx_workers: u32) -> Backends {
+    // The wide ephemeral range holds the listening ports: a probe's source port once took
+    // 30000 (TIME_WAIT after sshd's wait_port) just before the SSE backend bound it.
+    let reserved = format!(
+        "net.ipv4.ip_local_reserved_ports={MUX_PORT},{IPERF_PORT},{ECHO_PORT},{CADDY_PORT},\
+         {NGINX_PORT},{CADDY_TLS_PORT},{HAPROXY_TLS_PORT},{SSE_PORT}"
+    );
     for netns in [&link.client, &link.server] {
         sysctl(
             netns,
             &[
                 "net.ipv4.ip_local_port_range=1024 65000",
+                &reserved,
                 "net.ipv4.tcp_tw_reuse=1",
                 "net.core.somaxconn=65535",
             ],
