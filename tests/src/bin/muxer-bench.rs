@@ -1324,22 +1324,16 @@ fn paired_ratio(
     b: Contender,
 ) -> Option<PairedRatio> {
     let (ours, theirs) = (samples.get(&(figure, a))?, samples.get(&(figure, b))?);
-    let mut ratios: Vec<f64> = if ours.len() == theirs.len() {
-        ours.iter()
-            .zip(theirs)
-            .filter(|&(_, &b)| b != 0.0)
-            .map(|(a, b)| a / b)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if ratios.len() != ours.len() || ratios.is_empty() {
-        let ratio = median(&mut ours.clone()) / median(&mut theirs.clone());
+    let paired =
+        !ours.is_empty() && ours.len() == theirs.len() && theirs.iter().all(|&value| value != 0.0);
+    if !paired {
+        let ratio = median_of(samples, figure, a)? / median_of(samples, figure, b)?;
         return ratio.is_finite().then_some(PairedRatio {
             median: ratio,
             range: (ratio, ratio),
         });
     }
+    let mut ratios: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
     let median = median(&mut ratios);
     Some(PairedRatio {
         median,
