@@ -213,6 +213,11 @@ impl Contender {
         }
     }
 
+    /// Whether it routes HTTP requests (and sets forwarding headers) rather than passing bytes.
+    fn routes_http(self) -> bool {
+        !matches!(self, Contender::Direct | Contender::Haproxy)
+    }
+
     /// Port clients use for HTTP, bulk TCP and SSE.
     fn ports(self) -> (u16, Option<u16>, Option<u16>) {
         match self {
@@ -546,7 +551,8 @@ fn backends(link: &Link, nginx_workers: u32) -> Backends {
             "daemon off; worker_processes {nginx_workers}; worker_rlimit_nofile 100000; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;\n\
              events {{ worker_connections 40000; }}\n\
              http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n\
-               server {{ listen 0.0.0.0:{NGINX_PORT} backlog=65535; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+               server {{ listen 0.0.0.0:{NGINX_PORT} backlog=65535; location / {{ return 200 \"ok\\n\"; }}\n\
+                 location = /forwarded {{ return 200 \"{FORWARDED_ECHO}\\n\"; }} }} }}\n",
             dir = dir.path().display()
         ),
     )
@@ -619,6 +625,22 @@ fn caddy(link: &Link, dir: &Path, listen: &str) -> Running {
     caddy
 }
 
+/// The forwarding headers muxer's HTTP router (and Caddy's `reverse_proxy`) set on every request,
+/// as HAProxy rules: the client's address replacing any a client sent (muxer trusts no client's
+/// own `X-Forwarded-For`, and replaces its `Forwarded` or `X-Real-IP`, unless configured to),
+/// the scheme, and the Host the client asked for. HAProxy sets none by default: without them the
+/// backend behind it parsed 87 fewer bytes a request than behind muxer, so HAProxy's HTTP router
+/// did less work than the proxies it is compared with; and a user who needs the client's address
+/// (for logs, rate limits) writes these lines.
+const HAPROXY_FORWARDING: &str = concat!(
+    "  http-request set-header forwarded for=%[src] if { req.hdr(forwarded) -m found }\n",
+    "  http-request set-header x-real-ip %[src] if { req.hdr(x-real-ip) -m found }\n",
+    "  http-request set-header x-forwarded-for %[src]\n",
+    "  http-request set-header x-forwarded-proto https if { ssl_fc }\n",
+    "  http-request set-header x-forwarded-proto http unless { ssl_fc }\n",
+    "  http-request set-header x-forwarded-host %[req.hdr(host)] if { req.hdr(host) -m found }\n",
+);
+
 /// HAProxy on the multiplexer port, sniffing like sslh (SSH by its banner, HTTP, anything else to
 /// the fallback). `http`: HTTP goes to `mode http` backends that parse every request, route `/sse`
 /// by path and reuse upstream connections — the job muxer's router does; otherwise HTTP is spliced
@@ -627,13 +649,15 @@ fn haproxy_config(http: bool, fallback_port: u16, dir: &Path) -> String {
     let (sse_rule, http_mode, sse_mode) = if http {
         (
             "  use_backend sse if HTTP { path_beg /sse }\n",
-            "  mode http\n  http-reuse always\n",
+            format!("  mode http\n  http-reuse always\n{HAPROXY_FORWARDING}"),
             // http-no-delay: forward each event at once, as SSE needs (HAProxy otherwise holds
             // small writes back and the first event arrives ~200 ms late).
-            "  mode http\n  http-reuse always\n  option http-no-delay\n",
+            format!(
+                "  mode http\n  http-reuse always\n  option http-no-delay\n{HAPROXY_FORWARDING}"
+            ),
         )
     } else {
-        ("", "  mode tcp\n", "  mode tcp\n")
+        ("", "  mode tcp\n".to_owned(), "  mode tcp\n".to_owned())
     };
     // The HTTP router also serves HTTPS, on a port of its own, with the same certificate as
     // the others.
@@ -907,15 +931,38 @@ fn wait_for_http(link: &Link, port: u16) {
     wait_for(
         &format!("HTTP through port {port}"),
         Duration::from_secs(20),
-        || {
-            let mut stream = client_connect(link, port, Duration::from_secs(2))?;
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-                .ok()?;
-            let mut head = [0u8; 5];
-            stream.read_exact(&mut head).ok()?;
-            (&head == b"HTTP/").then_some(())
-        },
+        || http_get(link, port, "/").filter(|answer| answer.starts_with("HTTP/")),
+    );
+}
+
+/// The whole answer to one `GET path` (Host `bench`, `Connection: close`) from the client
+/// namespace to `port`, if the connection opened and closed within the timeouts.
+fn http_get(link: &Link, port: u16, path: &str) -> Option<String> {
+    let mut stream = client_connect(link, port, Duration::from_secs(2))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// What the backend's `/forwarded` answers: the forwarding headers it received, `|`-separated
+/// (nginx variables; a missing header is empty).
+const FORWARDED_ECHO: &str = "$http_x_forwarded_for|$http_x_forwarded_proto|$http_x_forwarded_host";
+
+/// Whether the backend behind `contender` receives the client's address, the scheme and the
+/// original Host, as behind muxer: every HTTP router in the comparison then does the same work
+/// for each request, and the backend parses the same bytes behind each. Panics when not, before
+/// any load: such a run would compare unequal work.
+fn check_forwarding_headers(link: &Link, port: u16, contender: Contender) {
+    let answer = http_get(link, port, "/forwarded").unwrap_or_default();
+    let body = answer.rsplit("\r\n\r\n").next().unwrap_or("").trim();
+    let fields: Vec<&str> = body.split('|').collect();
+    assert!(
+        matches!(fields.as_slice(), [client, "http", "bench"] if !client.is_empty()),
+        "bench: behind {}, the backend saw X-Forwarded-For|-Proto|-Host = {body:?}, not the \
+         client's address, http and bench",
+        contender.short_name()
     );
 }
 
@@ -1022,6 +1069,9 @@ fn measure(contender: Contender, options: &Options, samples: &mut Samples) {
     }
     let (http_port, bulk_port, sse_port) = contender.ports();
     wait_for_http(&link, http_port);
+    if contender.routes_http() {
+        check_forwarding_headers(&link, http_port, contender);
+    }
     let mut add =
         |figure: Figure, value: f64| samples.entry((figure, contender)).or_default().push(value);
     let show_log_on_errors = |errors: bool| {
