@@ -33,7 +33,8 @@ enum Command {
         /// `--quick` (one short run, under 2 minutes), `--out FILE` (default target/bench/report.md),
         /// `--only direct,seed-select,muxer` (a subset of the contenders, while tuning),
         /// `--shape 1|2` (wrk threads and nginx workers; default: both), `--lab local|remote`
-        /// (remote: load generators on CPU 0, proxy and backends on CPU 1).
+        /// (remote: load generators on CPU 0, proxy and backends on CPU 1), `--runs N`
+        /// (interleaved runs per contender in full mode; default 3).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
