@@ -1271,7 +1271,12 @@ fn haproxy_targets(by_shape: &[(u32, Samples)], options: &Options) -> String {
     let _ = writeln!(
         out,
         "{} against HAProxy's HTTP router with its default thread count (one per CPU), from the same run: behind the iptables rule a one-port host needs (`iptables+HAProxy`) and, when measured, reached on its own port with nothing in front (`own port`; last, with muxer on its own port as well). CPU is the proxy's own, read from /proc. Each ratio is the median of the runs' own ratios (both measured in the same run, minutes apart), their range in brackets. Ratios of CPU per request: lower is better.\n",
-        muxer.label()
+        // A run of only the own-port contenders names the muxer it measured.
+        [muxer, Contender::MuxerOwnPort]
+            .into_iter()
+            .find(|contender| options.contenders.contains(contender))
+            .unwrap_or(muxer)
+            .label()
     );
     let _ = writeln!(
         out,
@@ -1789,6 +1794,10 @@ mod tests {
             Contender::MuxerOwnPort,
         ];
         let table = haproxy_targets(&[(1, samples.clone())], &options(both));
+        assert!(table.contains(&format!(
+            "{} against HAProxy's HTTP router",
+            Contender::MuxerDefaultLog.label()
+        )));
         assert!(table.contains(
             "| CPU per keep-alive request ≤ 0.8 × HAProxy's | iptables+HAProxy | wrk -t1 | 0.75× | yes |"
         ));
@@ -1805,7 +1814,17 @@ mod tests {
             .contains("| bulk TCP ≥ 0.95 × direct | direct | wrk -t1 | not measured | **no** |"));
         // Without the own-port contenders in the run, no rows against them.
         let one = vec![Contender::HaproxyHttp, Contender::MuxerDefaultLog];
-        let table = haproxy_targets(&[(1, samples)], &options(one));
+        let table = haproxy_targets(&[(1, samples.clone())], &options(one));
         assert!(!table.contains("own port |") && !table.contains("own port too |"));
+        // With only the own-port contenders, the table says which muxer it measured.
+        let own_ports = vec![Contender::HaproxyHttpDirect, Contender::MuxerOwnPort];
+        let table = haproxy_targets(&[(1, samples)], &options(own_ports));
+        assert!(table.contains(&format!(
+            "{} against HAProxy's HTTP router",
+            Contender::MuxerOwnPort.label()
+        )));
+        assert!(table.contains(
+            "| keep-alive requests/s ≥ 1.2 × HAProxy's | HAProxy, own port; muxer on its own port too | wrk -t1 | 1.20× | yes |"
+        ));
     }
 }
