@@ -655,14 +655,14 @@ const HAPROXY_FORWARDING: &str = concat!(
 /// as TCP.
 fn haproxy_config(http: bool, fallback_port: u16, dir: &Path) -> String {
     let (sse_rule, http_mode, sse_mode) = if http {
+        let http_mode = format!("  mode http\n  http-reuse always\n{HAPROXY_FORWARDING}");
+        // http-no-delay: forward each event at once, as SSE needs (HAProxy otherwise holds
+        // small writes back and the first event arrives ~200 ms late).
+        let sse_mode = format!("{http_mode}  option http-no-delay\n");
         (
             "  use_backend sse if HTTP { path_beg /sse }\n",
-            format!("  mode http\n  http-reuse always\n{HAPROXY_FORWARDING}"),
-            // http-no-delay: forward each event at once, as SSE needs (HAProxy otherwise holds
-            // small writes back and the first event arrives ~200 ms late).
-            format!(
-                "  mode http\n  http-reuse always\n  option http-no-delay\n{HAPROXY_FORWARDING}"
-            ),
+            http_mode,
+            sse_mode,
         )
     } else {
         ("", "  mode tcp\n".to_owned(), "  mode tcp\n".to_owned())
