@@ -3,9 +3,11 @@
 //! sniffed bytes replayed), [`path`] (one canonical path), [`router`] (route choice), [`headers`]
 //! (hop-by-hop, forwarding headers), [`proxy`] (forwarding, upgrades, errors), [`upstream`]
 //! (round robin, passive health), [`pool`] (upstream connections,
-//! driven by the client connection's task), [`body`] (streaming adapters).
+//! driven by the client connection's task; their writes [`batch`]ed per wake-up), [`body`]
+//! (streaming adapters).
 
 pub mod auth;
+pub(crate) mod batch;
 pub(crate) mod body;
 pub(crate) mod headers;
 pub(crate) mod keepalive;

@@ -18,6 +18,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::batch::BatchedWrites;
 use super::upstream::UpstreamBody;
 use crate::sockets::connect_tuned;
 
@@ -237,9 +238,11 @@ impl Pool {
         // instructions per keep-alive request with nginx's small responses. Downloading 1 GB
         // through the router costs about 0.05 s more user time for the copy, and was level
         // with writev in total CPU and in time (three runs of five 200 MB downloads each).
+        // Each write waits for the worker's other ready tasks (`batch`): the backend then gets
+        // the requests of one wake-up together instead of being woken for each.
         let (sender, driver) = http1::Builder::new()
             .writev(false)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(BatchedWrites::new(stream)))
             .await
             .map_err(|source| ConnectError::Handshake {
                 authority: self.authority.clone(),
