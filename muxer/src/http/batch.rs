@@ -6,7 +6,7 @@
 //! answered that one request; nginx was woken 0.97 times per request (bpftrace on
 //! `sched_wakeup`), against 0.69 behind HAProxy, which reads every ready client first and writes
 //! upstream after. Each wake-up is a context switch on the shared CPU. With writes held back one
-//! turn, nginx was woken 0.65 times per request, muxer and nginx together spent 1.8 µs less CPU
+//! turn, nginx was woken 0.65 times per request, muxer and nginx together spent 1.7 µs less CPU
 //! per request, and muxer served 10 % more requests per second (docs/benchmarks.md).
 use std::io;
 use std::pin::Pin;
