@@ -361,7 +361,8 @@ enum Side {
 /// from upstream wakes the server half, which is polled right after; a request queued on an
 /// upstream connection wakes the upstream half, which is polled again right after. With every
 /// wake-up sent to the task, a keep-alive request cost four polls of the whole task instead of
-/// two (counted here), each a pass over hyper's dispatchers.
+/// two (counted here), each a pass over hyper's dispatchers; three since each upstream write
+/// waits one turn of the run queue on purpose (`batch`).
 #[derive(Debug, Default)]
 struct Wakes {
     /// The task is inside [`poll_with_upstreams`].
@@ -485,9 +486,10 @@ pub fn poll_with_upstreams<T>(
     wakes.server.store(false, Ordering::SeqCst);
     let polled = poll_server(&mut Context::from_waker(&inner.server_waker));
     if polled.is_pending() && wakes.upstream.swap(false, Ordering::SeqCst) {
-        // A request was just queued (or a response body read): write it now, not after a
-        // wake-up. Once only: whatever wakes a half after this goes to the scheduler, so the
-        // task's cooperative budget still decides when it yields.
+        // A request was just queued (or a response body read): hand it to its connection now,
+        // not after a wake-up (the write itself then waits its one turn, `batch`). Once only:
+        // whatever wakes a half after this goes to the scheduler, so the task's cooperative
+        // budget still decides when it yields.
         in_use.poll_drive(&mut upstream);
     }
     wakes.polling.store(false, Ordering::SeqCst);
